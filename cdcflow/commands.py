@@ -1,0 +1,21 @@
+"""Subcommands beyond validate/local: each registrar adds its parser and handler."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def register_demo(sub, commands: dict[str, Callable]) -> None:
+    p = sub.add_parser("demo", help="run the pipeline end to end on the sample configs and print a summary")
+    p.add_argument("--workdir", default=".cdcflow/demo", help="where the demo writes its lake and checkpoints")
+
+    def run(args: argparse.Namespace) -> int:
+        from cdcflow.demo import run_demo
+
+        return run_demo(args.config, args.workdir)
+
+    commands["demo"] = run
+
+
+REGISTRARS: list[Callable] = [register_demo]

@@ -1,0 +1,148 @@
+"""The one SparkSession factory: local Spark 4 + Delta for development, or the session Glue provides.
+
+Local defaults are tuned for a 2-core machine. ANSI mode is set explicitly so that casts behave the
+same on Glue 5.1 (Spark 3.5, ANSI off by default) and locally (Spark 4, ANSI on by default): the
+pipeline detects type mismatches itself (a non-null value whose cast is null).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cdcflow.errors import UserError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Maven jars (Delta) are resolved once into this project-local Ivy cache; `make install` warms it.
+IVY_DIR = Path(os.environ.get("CDCFLOW_IVY_DIR", REPO_ROOT / ".cache" / "ivy"))
+
+_session: SparkSession | None = None
+
+
+def java_major_version() -> int | None:
+    java = shutil.which("java", path=os.path.join(os.environ["JAVA_HOME"], "bin") if "JAVA_HOME" in os.environ else None)
+    java = java or shutil.which("java")
+    if not java:
+        return None
+    out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    if not m:
+        return None
+    major = int(m.group(1))
+    return int(m.group(2)) if major == 1 and m.group(2) else major
+
+
+def check_java() -> None:
+    major = java_major_version()
+    if major is None:
+        raise UserError("Java 17 is required for Spark but `java` was not found; install OpenJDK 17 and set JAVA_HOME")
+    if major < 17:
+        raise UserError(f"Java 17 is required for Spark, found Java {major}; install OpenJDK 17 and set JAVA_HOME")
+
+
+def delta_package() -> str:
+    """The Maven coordinate of the Delta jar matching the installed delta-spark and pyspark."""
+    spark_major = int(version("pyspark").split(".")[0])
+    scala = "2.13" if spark_major >= 4 else "2.12"
+    return f"io.delta:delta-spark_{scala}:{version('delta-spark')}"
+
+
+def cached_delta_jars() -> list[str] | None:
+    """The Delta jars already resolved into the project Ivy cache, so later sessions skip Ivy entirely."""
+    _, artifact = delta_package().rsplit(":", 1)[0].split(":")
+    ver = version("delta-spark")
+    jars_dir = IVY_DIR / "jars"
+    wanted = [f"io.delta_{artifact}-{ver}.jar", f"io.delta_delta-storage-{ver}.jar"]
+    found = [jars_dir / w for w in wanted]
+    antlr = sorted(jars_dir.glob("org.antlr_antlr4-runtime-*.jar"))
+    if all(f.exists() for f in found) and antlr:
+        return [str(f) for f in found] + [str(antlr[-1])]
+    return None
+
+
+def spark_versions() -> dict[str, str]:
+    return {"pyspark": version("pyspark"), "delta-spark": version("delta-spark")}
+
+
+def local_conf(shuffle_partitions: int = 2, driver_memory: str = "2g", ui: bool = False) -> dict[str, str]:
+    jars = cached_delta_jars()
+    jar_conf = {"spark.jars": ",".join(jars)} if jars else {"spark.jars.packages": delta_package(), "spark.jars.ivy": str(IVY_DIR)}
+    return {
+        **jar_conf,
+        "spark.master": os.environ.get("CDCFLOW_SPARK_MASTER", "local[2]"),
+        "spark.driver.memory": driver_memory,
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.sql.shuffle.partitions": str(shuffle_partitions),
+        "spark.default.parallelism": "2",
+        "spark.sql.ansi.enabled": "false",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.ui.enabled": str(ui).lower(),
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.adaptive.enabled": "true",
+        "spark.sql.streaming.stopGracefullyOnShutdown": "true",
+        # Small local tables: avoid writing many tiny files and skip stats collection we never use.
+        "spark.databricks.delta.snapshotPartitions": "2",
+        "spark.databricks.delta.autoCompact.enabled": "false",
+        "spark.databricks.delta.properties.defaults.checkpointInterval": "20",
+        "spark.driver.extraJavaOptions": "-Dderby.system.home=" + str(REPO_ROOT / ".cache" / "derby"),
+        "spark.sql.warehouse.dir": str(REPO_ROOT / ".cache" / "spark-warehouse"),
+        "spark.python.worker.reuse": "true",
+    }
+
+
+def get_spark(
+    app_name: str = "cdcflow",
+    mode: str = "local",
+    shuffle_partitions: int = 2,
+    driver_memory: str = "2g",
+    extra_conf: dict[str, str] | None = None,
+) -> SparkSession:
+    """Return the process-wide SparkSession (created once; Glue mode takes the active Glue session)."""
+    global _session
+    from pyspark.sql import SparkSession
+
+    if _session is not None and not _session.sparkContext._jsc.sc().isStopped():  # type: ignore[union-attr]
+        return _session
+    if mode == "glue":
+        # Glue creates the session (with --datalake-formats delta); only pin what we rely on.
+        spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
+        spark.conf.set("spark.sql.ansi.enabled", "false")
+        spark.conf.set("spark.sql.session.timeZone", "UTC")
+        _session = spark
+        return spark
+    check_java()
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    builder = SparkSession.builder.appName(app_name)
+    conf = local_conf(shuffle_partitions, driver_memory)
+    conf.update(extra_conf or {})
+    for k, v in conf.items():
+        builder = builder.config(k, v)
+    _session = builder.getOrCreate()
+    _session.sparkContext.setLogLevel("WARN")
+    return _session
+
+
+def stop_spark() -> None:
+    global _session
+    if _session is not None:
+        _session.stop()
+        _session = None
+
+
+if __name__ == "__main__":
+    # `python -m cdcflow.runtime --warm`: check Java and resolve the Delta jars into the project cache.
+    if "--warm" in sys.argv:
+        spark = get_spark("cdcflow-warm")
+        print(f"Spark {spark.version} + Delta {version('delta-spark')} ready; jars in {IVY_DIR}")
+        stop_spark()
