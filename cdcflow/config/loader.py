@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from cdcflow.config.models import STAGES, PipelineConfig, TableConfig
+from cdcflow.config.models import RULE_TYPES, STAGES, PipelineConfig, TableConfig
 from cdcflow.errors import ConfigError, ConfigProblem
 
 try:  # the C loader is ~10x faster, which keeps 1000 table files well under the 2 s budget
@@ -142,10 +142,15 @@ def _read_yaml(path: Path, problems: list[ConfigProblem], env: dict[str, str]) -
 def _pydantic_problems(file: str, err: ValidationError) -> list[ConfigProblem]:
     out = []
     for e in err.errors(include_url=False):
-        loc = [str(p) for p in e["loc"]]
-        # Discriminated unions add the tag to the path (quality.raw_to_staging.0.not_null.columns); drop it.
-        loc = [p for p in loc if not p.startswith("function-after")]
-        path = ".".join(loc).replace("schema_", "schema")
+        path = ""
+        prev: object = None
+        for part in e["loc"]:
+            # A discriminated union adds the rule tag after the list index (raw_to_staging.0.not_null); drop it.
+            if isinstance(prev, int) and part in RULE_TYPES or str(part).startswith("function-after"):
+                continue
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+            prev = part
+        path = path.replace("schema_", "schema")
         reason = e["msg"]
         if e["type"] == "extra_forbidden":
             reason = "unknown key"
@@ -240,10 +245,14 @@ def load_project(config_dir: str | Path = DEFAULT_CONFIG_DIR, env: dict[str, str
 
     parsed: list[tuple[TableConfig, str]] = []
     seen: dict[str, str] = {}
+    declared_names: set[str] = set()  # includes tables whose file has errors, to avoid cascading reports
     for f in files:
         data = _read_yaml(f, problems, env)
         if data is None:
             continue
+        src = data.get("source")
+        if isinstance(src, dict):
+            declared_names.add(f"{src.get('schema')}.{src.get('table')}")
         try:
             t = TableConfig.model_validate(data)
         except ValidationError as e:
@@ -258,9 +267,8 @@ def load_project(config_dir: str | Path = DEFAULT_CONFIG_DIR, env: dict[str, str
         seen[t.name] = str(f)
         parsed.append((t, str(f)))
 
-    names = set(seen)
     for t, f in parsed:
-        problems.extend(_check_table(t, f, names))
+        problems.extend(_check_table(t, f, declared_names))
     if problems:
         raise ConfigError(problems)
 

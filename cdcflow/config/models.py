@@ -112,7 +112,10 @@ class RegexRule(RuleBase):
     @field_validator("pattern")
     @classmethod
     def _compiles(cls, v: str) -> str:
-        re.compile(v)
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"invalid regular expression: {e}") from None
         return v
 
     def columns_used(self) -> list[str]:
@@ -157,6 +160,11 @@ Rule = Annotated[
     | ExpressionRule,
     Field(discriminator="rule"),
 ]
+
+
+RULE_TYPES = frozenset(
+    {"not_null", "valid_date", "range", "accepted_values", "regex", "unique", "referential", "expression"}
+)
 
 
 class Quality(Strict):

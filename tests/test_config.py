@@ -1,0 +1,145 @@
+"""Config loading and validation: the shipped configs, every error path, interpolation, scale."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cdcflow.config import load_project
+from cdcflow.errors import ConfigError
+from tests.conftest import CONFIGS
+
+
+@pytest.fixture()
+def cfg_dir(tmp_path: Path) -> Path:
+    shutil.copytree(CONFIGS, tmp_path / "configs")
+    return tmp_path / "configs"
+
+
+def edit(path: Path, fn) -> None:
+    data = yaml.safe_load(path.read_text())
+    fn(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def problems(cfg_dir: Path, env=None) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        load_project(cfg_dir, env=env or {})
+    return [str(p) for p in e.value.problems]
+
+
+def test_shipped_configs_load_with_defaults_applied():
+    p = load_project(CONFIGS, env={})
+    assert set(p.tables) == {"shop.customers", "shop.products", "shop.orders", "shop.order_items"}
+    customers = p.table("shop.customers")
+    assert customers.primary_key == ["customer_id"]
+    assert customers.pii == {"email": "hash", "phone": "redact"}
+    assert p.table("shop.orders").deletes == "hard"
+    assert p.table("shop.products").ordering == ("stream_position",)
+    assert p.table("shop.order_items").ordering == ("commit_timestamp", "transaction_id", "transaction_record_id")
+    assert p.table("shop.order_items").tombstone_retention_hours == 168
+    assert p.pipeline.aws.endpoint_url == "http://127.0.0.1:5000"
+    assert p.pipeline.warehouse.schema_ == "analytics"
+    # every rule type appears in the sample configs
+    rules = {r.rule for t in p.tables.values() for s in ("raw_to_staging", "staging_to_dimension",
+             "dimension_to_fact") for r in t.cfg.quality.stage(s)}
+    assert rules == {"not_null", "valid_date", "range", "accepted_values", "regex", "unique", "referential",
+                     "expression"}
+
+
+def test_interpolation_env_default_and_empty():
+    env = {"CDCFLOW_STREAM": "prod-stream", "CDCFLOW_AWS_ENDPOINT": "", "CDCFLOW_LAKE_ROOT": ""}
+    p = load_project(CONFIGS, env=env)
+    assert p.pipeline.kinesis.stream == "prod-stream"
+    assert p.pipeline.aws.endpoint_url is None  # ${VAR-default}: set-but-empty means real AWS
+    assert p.pipeline.lake.root == ".cdcflow/lake"  # ${VAR:-default}: empty takes the default
+
+
+def test_missing_variable_without_default_names_file_and_key(cfg_dir: Path):
+    edit(cfg_dir / "pipeline.yaml", lambda d: d["kinesis"].update(stream="${NO_SUCH_VAR}"))
+    assert problems(cfg_dir) == [
+        f"{cfg_dir / 'pipeline.yaml'}: kinesis.stream: environment variable NO_SUCH_VAR is not set and has no default"
+    ]
+
+
+def test_every_problem_reported_at_once_with_file_key_and_reason(cfg_dir: Path):
+    tables = cfg_dir / "tables"
+    edit(tables / "shop.customers.yaml", lambda d: d.update(colums={}))  # unknown key (typo)
+    edit(tables / "shop.products.yaml", lambda d: d["columns"]["price"].update(type=5))  # wrong type
+    edit(tables / "shop.orders.yaml", lambda d: d["quality"]["raw_to_staging"].append(
+        {"rule": "not_null", "columns": ["no_such_col"]}))  # rule on an undeclared column
+    edit(tables / "shop.order_items.yaml", lambda d: d.pop("primary_key"))  # missing primary key
+    shutil.copy(tables / "shop.orders.yaml", tables / "shop.orders2.yaml")  # duplicate table
+    (tables / "extra.things.yaml").write_text(
+        "source: {schema: extra, table: things}\ncolumns: {id: {type: bigint}}\nprimary_key: [id]\n"
+        "quality:\n  raw_to_staging:\n    - {rule: is_fancy, column: id}\n"
+    )  # unknown rule type
+    got = problems(cfg_dir)
+    expect = [
+        (tables / "shop.customers.yaml", "colums", "unknown key"),
+        (tables / "shop.products.yaml", "columns.price.type", "string"),
+        (tables / "shop.orders.yaml", "quality.raw_to_staging[4]", "column 'no_such_col' is not declared"),
+        (tables / "shop.order_items.yaml", "primary_key", "Field required"),
+        (tables / "shop.orders2.yaml", "source", "duplicate table 'shop.orders', also defined in"),
+        (tables / "extra.things.yaml", "quality.raw_to_staging[0]", "unknown rule type 'is_fancy'"),
+    ]
+    for file, key, reason in expect:
+        assert any(p.startswith(f"{file}: {key}") and reason in p for p in got), (file, key, reason, got)
+    assert len(got) == len(expect)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key", "reason"),
+    [
+        (lambda d: d["columns"]["email"].update(type="varchar2"), "columns.email.type", "unknown column type"),
+        (lambda d: d.update(primary_key=["nope"]), "primary_key[0]", "column 'nope' is not declared"),
+        (lambda d: d["columns"]["customer_id"].update(pii="drop"), "columns.customer_id.pii", "cannot be dropped"),
+        (lambda d: d["quality"]["raw_to_staging"].append({"rule": "range", "column": "customer_id"}),
+         "quality.raw_to_staging[2]", "needs min, max or both"),
+        (lambda d: d["quality"]["raw_to_staging"].append({"rule": "regex", "column": "email", "pattern": "("}),
+         "quality.raw_to_staging[2].pattern", "missing )"),
+        (lambda d: d["warehouse"].update(tracked_columns=["ghost"]), "warehouse.tracked_columns", "'ghost'"),
+        (lambda d: d["transforms"]["raw_to_staging"].update(uses=["ghost"]), "transforms.raw_to_staging.uses",
+         "'ghost'"),
+        (lambda d: d["delta"].update(zorder_by=["ghost"]), "delta.zorder_by", "'ghost'"),
+        (lambda d: d.update(deletes="sometimes"), "deletes", "'soft' or 'hard'"),
+        (lambda d: d.update(ordering=["wall_clock"]), "ordering[0]", "commit_timestamp"),
+    ],
+)
+def test_each_error_path_names_key_and_reason(cfg_dir: Path, mutate, key, reason):
+    f = cfg_dir / "tables" / "shop.customers.yaml"
+    edit(f, mutate)
+    got = problems(cfg_dir)
+    assert any(p.startswith(f"{f}: {key}") and reason in p for p in got), got
+
+
+def test_referential_rule_must_name_a_configured_table(cfg_dir: Path):
+    f = cfg_dir / "tables" / "shop.orders.yaml"
+    edit(f, lambda d: d["quality"]["dimension_to_fact"][0].update(references="shop.nobody.id"))
+    assert any("no table 'shop.nobody.id' is configured" in p for p in problems(cfg_dir))
+
+
+def test_invalid_yaml_and_missing_pipeline(cfg_dir: Path, tmp_path: Path):
+    (cfg_dir / "tables" / "shop.orders.yaml").write_text("source: [unclosed\n")
+    assert any("shop.orders.yaml: line" in p and "invalid YAML" in p for p in problems(cfg_dir))
+    assert problems(tmp_path / "nowhere") == [f"{tmp_path / 'nowhere' / 'pipeline.yaml'}: file not found"]
+
+
+def test_thousand_tables_validate_under_two_seconds(tmp_path: Path):
+    cfg = tmp_path / "configs"
+    (cfg / "tables").mkdir(parents=True)
+    shutil.copy(CONFIGS / "pipeline.yaml", cfg / "pipeline.yaml")
+    template = (CONFIGS / "tables" / "shop.customers.yaml").read_text()
+    for i in range(1000):
+        (cfg / "tables" / f"synth.t{i:04d}.yaml").write_text(
+            template.replace("{schema: shop, table: customers}", f"{{schema: synth, table: t{i:04d}}}")
+        )
+    start = time.perf_counter()
+    p = load_project(cfg, env={})
+    took = time.perf_counter() - start
+    assert len(p.tables) == 1000
+    assert took < 2.0, f"loading 1000 table files took {took:.2f}s"

@@ -1,0 +1,118 @@
+"""CLI behaviour, docker-compose consistency, the local stack, and the Spark + Delta runtime."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from cdcflow.cli import main
+from cdcflow.config import load_project
+from tests.conftest import CONFIGS, REPO
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cdcflow.cli", *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_validate_ok_and_help():
+    r = run_cli("validate")
+    assert r.returncode == 0 and "4 tables valid" in r.stdout
+    for sub in ("validate", "local"):
+        assert run_cli(sub, "--help").returncode == 0
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path):
+    r = run_cli("--config", str(tmp_path), "validate")
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines[0].endswith("pipeline.yaml: file not found")
+
+
+def test_validate_lists_every_problem(tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(CONFIGS, tmp_path / "c")
+    (tmp_path / "c" / "tables" / "shop.orders.yaml").write_text("source: {schema: shop, table: orders}\nbogus: 1\n")
+    assert main(["--config", str(tmp_path / "c"), "validate"]) == 1
+    err = capsys.readouterr().err
+    assert "bogus: unknown key" in err and "columns: Field required" in err and "primary_key: Field required" in err
+    assert "3 problem(s) found" in err
+
+
+def test_docker_compose_matches_configs():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"localstack", "postgres"}
+    ls = services["localstack"]
+    assert "127.0.0.1:4566:4566" in ls["ports"]
+    assert set(ls["environment"]["SERVICES"].split(",")) >= {"kinesis", "s3", "dynamodb", "cloudwatch"}
+    # The warehouse URL the configs default to must reach compose's Postgres unchanged.
+    project = load_project(CONFIGS, env={})
+    url = urlparse(project.pipeline.warehouse.url)
+    pg = services["postgres"]
+    assert f"127.0.0.1:{url.port}:5432" in pg["ports"]
+    env = pg["environment"]
+    assert (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"]) == (
+        url.username, url.password, url.path.lstrip("/"))
+    # And switching the endpoint variable points the configs at LocalStack.
+    switched = load_project(CONFIGS, env={"CDCFLOW_AWS_ENDPOINT": "http://127.0.0.1:4566"})
+    assert switched.pipeline.aws.endpoint_url == "http://127.0.0.1:4566"
+
+
+@pytest.mark.stack
+def test_local_stack_kinesis_s3_postgres_for_real(stack):
+    from cdcflow.aws import client, ensure_bucket, ensure_stream
+
+    kinesis = client("kinesis", stack.aws_endpoint, "us-east-1")
+    ensure_stream(kinesis, "smoke", 1)
+    kinesis.put_record(StreamName="smoke", Data=b'{"hello": 1}', PartitionKey="k")
+    shard = kinesis.list_shards(StreamName="smoke")["Shards"][0]["ShardId"]
+    it = kinesis.get_shard_iterator(StreamName="smoke", ShardId=shard, ShardIteratorType="TRIM_HORIZON")
+    records = kinesis.get_records(ShardIterator=it["ShardIterator"])["Records"]
+    assert [r["Data"] for r in records] == [b'{"hello": 1}']
+
+    s3 = client("s3", stack.aws_endpoint, "us-east-1")
+    ensure_bucket(s3, "smoke-bucket")
+    s3.put_object(Bucket="smoke-bucket", Key="a/b.txt", Body=b"payload")
+    assert s3.get_object(Bucket="smoke-bucket", Key="a/b.txt")["Body"].read() == b"payload"
+
+    import psycopg
+
+    with psycopg.connect(stack.pg_url) as conn:
+        assert conn.execute("select 40 + 2").fetchone() == (42,)
+
+
+@pytest.mark.stack
+def test_local_stack_up_is_idempotent_and_down_leaves_nothing(tmp_path):
+    from cdcflow import localstack
+    from tests.conftest import free_port
+
+    s = localstack.StackSettings(state_dir=tmp_path / "st", moto_port=free_port(), pg_port=free_port())
+    first = localstack.up(s)
+    again = localstack.up(s)
+    assert first == again  # same PIDs: nothing restarted
+    st = localstack.status(s)
+    assert st["moto"]["running"] and st["postgres"]["running"]
+    localstack.down(s)
+    assert not localstack._alive(first["moto"]["pid"])
+    assert not localstack._alive(first["postgres"]["pid"])
+    assert not localstack._port_open(s.moto_port) and not localstack._port_open(s.pg_port)
+    assert not s.state_file.exists()
+
+
+@pytest.mark.spark
+def test_spark_delta_round_trip_on_pinned_versions(spark, tmp_path):
+    from importlib.metadata import version
+
+    from cdcflow.demo import spark_delta_smoke
+
+    assert spark.version == version("pyspark")
+    assert spark.conf.get("spark.sql.ansi.enabled") == "false"
+    assert spark_delta_smoke(str(tmp_path / "t")) == 3
+    history = spark.sql(f"describe history delta.`{tmp_path / 't'}`").collect()
+    assert [h.operation for h in sorted(history, key=lambda h: h.version)] == ["WRITE", "MERGE"]
