@@ -18,4 +18,16 @@ def register_demo(sub, commands: dict[str, Callable]) -> None:
     commands["demo"] = run
 
 
-REGISTRARS: list[Callable] = [register_demo]
+def register_simulate(sub, commands: dict[str, Callable]) -> None:
+    from cdcflow.sim.cli import register_simulate as register
+
+    register(sub, commands)
+
+
+def register_verify(sub, commands: dict[str, Callable]) -> None:
+    from cdcflow.verify import register_verify as register
+
+    register(sub, commands)
+
+
+REGISTRARS: list[Callable] = [register_demo, register_simulate, register_verify]
