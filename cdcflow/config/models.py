@@ -277,6 +277,7 @@ class KinesisSettings(Strict):
 class DmsSettings(Strict):
     raw_uri: str  # where DMS writes S3 Parquet: s3://bucket/prefix or a local directory
     archive_prefix: str = "archive"
+    before_image_field: str = "before-image"  # BeforeImageSettings.FieldName of the DMS task
 
 
 class LakeSettings(Strict):

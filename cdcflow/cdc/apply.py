@@ -1,0 +1,157 @@
+"""Apply ordered changes to a silver Delta table: the one CDC apply rule, shared by streaming and batch.
+
+1. Collapse the changes to the latest per key (by `_seq`), so MERGE never sees two source rows
+   for one target row.
+2. MERGE guarded by the stored sequence: a change is applied only if its `_seq` is newer than the
+   row's, so duplicates, replays and late events can never roll a row back.
+3. Deletes leave a tombstone (`_is_deleted`) that keeps the delete's sequence, so a late, older
+   update can't resurrect the key. Hard-delete tables null the tombstone's non-key columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from delta.tables import DeltaTable
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql.utils import AnalysisException
+
+from cdcflow.cdc.changes import TableShape
+
+SILVER_META = {
+    "_is_deleted": "boolean",
+    "_seq": "string",
+    "_op": "string",
+    "_commit_ts": "timestamp",
+    "_deleted_at": "timestamp",
+    "_ingested_at": "timestamp",
+}
+
+
+@dataclass
+class ApplyResult:
+    table: str
+    changes: int = 0  # rows given (after the batch collapse: keys touched)
+
+
+def silver_schema(shape: TableShape) -> str:
+    cols = [f"`{c}` {shape.output_type(c)}" for c in shape.output_columns]
+    return ", ".join(cols + [f"{c} {t}" for c, t in SILVER_META.items()])
+
+
+def ensure_silver(spark: SparkSession, path: str, shape: TableShape) -> DeltaTable:
+    """Create the silver table if missing; add columns that schema drift introduced."""
+    t = shape.table
+    try:
+        table = DeltaTable.forPath(spark, path)
+    except AnalysisException:
+        builder = DeltaTable.createIfNotExists(spark).location(path)
+        for c in shape.output_columns:
+            builder = builder.addColumn(c, shape.output_type(c), nullable=c not in t.primary_key)
+        for c, ty in SILVER_META.items():
+            builder = builder.addColumn(c, ty)
+        if t.cfg.delta.partition_by:
+            builder = builder.partitionedBy(*t.cfg.delta.partition_by)
+        return builder.execute()
+    existing = {f.name for f in table.toDF().schema.fields}
+    missing = [c for c in shape.output_columns if c not in existing]
+    if missing:
+        cols = ", ".join(f"`{c}` {shape.output_type(c)}" for c in missing)
+        spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS ({cols})")
+    return table
+
+
+def collapse(changes: DataFrame, shape: TableShape) -> DataFrame:
+    """The latest change per key in `_seq` order (ties: identical duplicates, any one is right).
+
+    With ignore_null_updates, a NULL in an update means "unchanged": each column takes its last
+    non-null value among the updates after the key's latest insert/load/delete in this batch.
+    """
+    t = shape.table
+    key = t.primary_key
+    by_key = Window.partitionBy(*key)
+    latest = Window.partitionBy(*key).orderBy(F.col("_seq").desc())
+    if not t.cfg.ignore_null_updates:
+        return changes.withColumn("_rn", F.row_number().over(latest)).filter("_rn = 1").drop("_rn")
+
+    # Segment start: the last non-update change of the key; only later updates merge their values.
+    seg_start = F.max(F.when(F.col("_op") != "update", F.col("_seq"))).over(by_key)
+    segment = changes.withColumn("_seg", seg_start).filter(F.col("_seg").isNull() | (F.col("_seq") >= F.col("_seg")))
+    ordered = Window.partitionBy(*key).orderBy("_seq").rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+    values = [
+        F.last(F.col(c), ignorenulls=True).over(ordered).alias(c) if c not in key else F.col(c)
+        for c in shape.output_columns
+    ]
+    merged = segment.select(*values, "_op", "_seq", "_commit_ts", "_source_position", "_seg")
+    return (
+        merged.withColumn("_rn", F.row_number().over(latest))
+        .filter("_rn = 1")
+        # a segment without insert/load/delete is a pure partial update: keep stored values for NULLs
+        .withColumn("_partial", F.col("_seg").isNull())
+        .drop("_rn", "_seg")
+    )
+
+
+def merge(spark: SparkSession, path: str, changes: DataFrame, shape: TableShape) -> None:
+    """Collapse `changes` (key, output columns, _op, _seq, _commit_ts) and MERGE them into silver."""
+    t = shape.table
+    target = ensure_silver(spark, path, shape)
+    src = collapse(changes, shape)
+    if "_partial" not in src.columns:
+        src = src.withColumn("_partial", F.lit(False))
+    key = t.primary_key
+    data_cols = [c for c in shape.output_columns if c not in key]
+    cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in key)
+    newer = "(t._seq IS NULL OR s._seq > t._seq)"
+    now = F.current_timestamp()
+
+    def value(c: str) -> str:
+        return f"CASE WHEN s._partial THEN coalesce(s.`{c}`, t.`{c}`) ELSE s.`{c}` END"
+
+    upsert = {f"`{c}`": F.expr(value(c)) for c in data_cols}
+    upsert.update(
+        {
+            "_is_deleted": F.lit(False),
+            "_seq": F.col("s._seq"),
+            "_op": F.col("s._op"),
+            "_commit_ts": F.col("s._commit_ts"),
+            "_deleted_at": F.lit(None).cast("timestamp"),
+            "_ingested_at": now,
+        }
+    )
+    tombstone = {
+        "_is_deleted": F.lit(True),
+        "_seq": F.col("s._seq"),
+        "_op": F.col("s._op"),
+        "_commit_ts": F.col("s._commit_ts"),
+        "_deleted_at": F.col("s._commit_ts"),
+        "_ingested_at": now,
+    }
+    if t.deletes == "hard":
+        tombstone.update({f"`{c}`": F.lit(None) for c in data_cols})
+    insert = {f"`{c}`": F.col(f"s.`{c}`") for c in shape.output_columns}
+    insert.update({k: v for k, v in upsert.items() if k.startswith("_")})
+    insert_tombstone = {f"`{c}`": F.col(f"s.`{c}`") for c in key}
+    if t.deletes == "soft":
+        insert_tombstone.update({f"`{c}`": F.col(f"s.`{c}`") for c in data_cols})
+    insert_tombstone.update(tombstone)
+
+    (
+        target.alias("t")
+        .merge(src.alias("s"), cond)
+        .whenMatchedUpdate(condition=f"{newer} AND s._op = 'delete'", set=tombstone)
+        .whenMatchedUpdate(condition=f"{newer} AND s._op != 'delete'", set=upsert)
+        .whenNotMatchedInsert(condition="s._op = 'delete'", values=insert_tombstone)
+        .whenNotMatchedInsert(values=insert)
+        .execute()
+    )
+
+
+def widen_columns(spark: SparkSession, path: str, columns: dict[str, str]) -> None:
+    """Widen column types in place with Delta type widening (int -> bigint, decimal precision, ...)."""
+    if not columns:
+        return
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('delta.enableTypeWidening' = 'true')")
+    for c, ty in columns.items():
+        spark.sql(f"ALTER TABLE delta.`{path}` ALTER COLUMN `{c}` TYPE {ty}")

@@ -1,0 +1,68 @@
+"""The total per-key order of changes, as one fixed-width digit string `_seq` (see docs/design.md).
+
+String order equals source order, so the same guard works in a Delta MERGE (`s._seq > t._seq`),
+in Postgres/Redshift SQL and in Python.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import Column
+from pyspark.sql import functions as F
+
+# Width of each ordering component in digits.
+WIDTHS = {
+    "commit_timestamp": 20,
+    "transaction_id": 20,
+    "transaction_record_id": 10,
+    "change_seq": 35,
+}
+STREAM_POSITION_GROUPS = 5  # PostgreSQL: 00000002/7C007178.3.00000002/7C007178
+STREAM_POSITION_WIDTH = 20
+
+
+def _digits(value: Column, width: int) -> Column:
+    """Left-pad a non-negative integer-like column to `width` digits; null stays null."""
+    return F.lpad(value.cast("decimal(38,0)").cast("string"), width, "0")
+
+
+def _stream_position(pos: Column) -> Column:
+    """Each hex group of a stream position as a 20-digit decimal; null when unparseable."""
+    groups = F.split(pos, "[/.]")
+    parts = [
+        _digits(F.conv(F.element_at(groups, i + 1), 16, 10), STREAM_POSITION_WIDTH)
+        for i in range(STREAM_POSITION_GROUPS)
+    ]
+    # A position with fewer groups than expected is padded with zeros (still ordered), none is null.
+    parts = [F.coalesce(p, F.lit("0" * STREAM_POSITION_WIDTH)) for p in parts]
+    return F.when(pos.rlike(r"^[0-9A-Fa-f]+([/.][0-9A-Fa-f]+)*$"), F.concat(*parts))
+
+
+def component(name: str, c: dict[str, Column]) -> Column:
+    """The digits of one ordering component, from the normalized change columns."""
+    if name == "commit_timestamp":
+        return _digits(F.unix_micros(c["commit_ts"]), WIDTHS[name])
+    if name == "transaction_id":
+        return _digits(c["txn_id"], WIDTHS[name])
+    if name == "transaction_record_id":
+        return _digits(c["txn_rec_id"], WIDTHS[name])
+    if name == "change_seq":
+        return F.when(c["change_seq"].rlike(r"^[0-9]{1,35}$"), F.lpad(c["change_seq"], 35, "0"))
+    if name == "stream_position":
+        return _stream_position(c["stream_pos"])
+    raise ValueError(f"unknown ordering component {name!r}")
+
+
+def width(ordering: tuple[str, ...] | list[str]) -> int:
+    return 1 + sum(
+        STREAM_POSITION_GROUPS * STREAM_POSITION_WIDTH if o == "stream_position" else WIDTHS[o] for o in ordering
+    )
+
+
+def sequence(ordering: tuple[str, ...] | list[str], is_load: Column, c: dict[str, Column]) -> Column:
+    """`_seq` for a change: '0' + zeros for full-load rows, '1' + components for CDC; null if unusable.
+
+    `concat` is null when any component is null, which is exactly "no usable order" (quarantined).
+    """
+    load_seq = F.lit("0" * width(ordering))
+    cdc_seq = F.concat(F.lit("1"), *[component(o, c) for o in ordering])
+    return F.when(is_load, load_seq).otherwise(cdc_seq)

@@ -1,0 +1,160 @@
+"""Config-driven data quality: every rule of a stage evaluated in one pass over the rows.
+
+Each rule becomes a Spark expression yielding a failure struct (rule, reason, severity) or null;
+the failures of a row are one array column `_dq`. Reasons never quote values (they may be PII).
+Nulls pass every rule but not_null, as in dbt tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from cdcflow.config.models import Rule
+from cdcflow.errors import UserError
+
+FAILURE = "struct<rule:string,reason:string,severity:string>"
+
+# (referenced "<schema>.<table>", column) -> DataFrame with that column holding the valid values
+ReferenceLookup = Callable[[str, str], DataFrame]
+
+
+class DataQualityFailure(UserError):
+    """A rule with severity=fail went over its threshold: the run stops, nothing is applied."""
+
+
+@dataclass
+class StageReport:
+    table: str
+    stage: str
+    rows: int
+    failures: dict[tuple[str, str], int] = field(default_factory=dict)  # (rule, severity) -> rows
+
+    def as_dict(self) -> dict:
+        return {
+            "table": self.table,
+            "stage": self.stage,
+            "rows": self.rows,
+            "failures": [{"rule": r, "severity": s, "rows": n} for (r, s), n in sorted(self.failures.items())],
+        }
+
+
+def _failure(rule: Rule, failed: Column, reason: Column | str) -> Column:
+    reason_col = F.lit(reason) if isinstance(reason, str) else reason
+    return F.when(
+        failed, F.struct(F.lit(rule.rule_name).alias("rule"), reason_col.alias("reason"), F.lit(rule.severity).alias("severity"))
+    )
+
+
+def _bound(value: str) -> Column:
+    """A date bound: ISO literal, or now / now+Nd / now-Nd."""
+    v = value.strip().lower()
+    if v.startswith("now"):
+        days = int(v[3:].rstrip("d") or 0) if len(v) > 3 else 0
+        return F.current_timestamp() + F.expr(f"INTERVAL {days} DAYS")
+    return F.lit(value).cast("timestamp")
+
+
+def rule_failure(rule: Rule, df: DataFrame) -> tuple[Column, DataFrame]:
+    """The failure expression of one rule (and df, extended when the rule needs a window or join)."""
+    r = rule.rule
+    if r == "not_null":
+        nulls = [F.when(F.col(c).isNull(), F.lit(c)) for c in rule.columns]
+        failed = F.concat_ws(", ", *nulls)
+        return _failure(rule, failed != "", F.concat(failed, F.lit(" is null"))), df
+    if r == "valid_date":
+        col = F.col(rule.column)
+        ts = F.to_timestamp(col, rule.format) if rule.format else col.cast("timestamp")
+        bad = col.isNotNull() & ts.isNull()
+        out = F.lit(False)
+        if rule.min:
+            out = out | (ts < _bound(rule.min))
+        if rule.max:
+            out = out | (ts > _bound(rule.max))
+        reason = F.when(bad, F.lit(f"{rule.column} is not a valid date")).otherwise(
+            F.lit(f"{rule.column} outside [{rule.min or '-inf'}, {rule.max or '+inf'}]")
+        )
+        return _failure(rule, bad | F.coalesce(out, F.lit(False)), reason), df
+    if r == "range":
+        col = F.col(rule.column)
+        out = F.lit(False)
+        if rule.min is not None:
+            out = out | (col < F.lit(rule.min))
+        if rule.max is not None:
+            out = out | (col > F.lit(rule.max))
+        lo = "-inf" if rule.min is None else f"{rule.min:g}"
+        hi = "+inf" if rule.max is None else f"{rule.max:g}"
+        return _failure(rule, F.coalesce(out, F.lit(False)), f"{rule.column} outside [{lo}, {hi}]"), df
+    if r == "accepted_values":
+        col = F.col(rule.column)
+        return _failure(rule, col.isNotNull() & ~col.cast("string").isin([str(v) for v in rule.values]),
+                        f"{rule.column} not in accepted values"), df
+    if r == "regex":
+        col = F.col(rule.column).cast("string")
+        return _failure(rule, col.isNotNull() & ~col.rlike(rule.pattern), f"{rule.column} does not match pattern"), df
+    if r == "expression":
+        return _failure(rule, ~F.coalesce(F.expr(rule.expression), F.lit(True)), f"failed: {rule.expression}"), df
+    if r == "unique":
+        flag = f"_dq_dup_{abs(hash(tuple(rule.columns))) % 10**8}"
+        w = Window.partitionBy(*rule.columns)
+        df = df.withColumn(flag, F.count(F.lit(1)).over(w) > 1)
+        all_set = F.lit(True)
+        for c in rule.columns:
+            all_set = all_set & F.col(c).isNotNull()
+        return _failure(rule, F.col(flag) & all_set, f"{', '.join(rule.columns)} not unique"), df
+    raise ValueError(f"rule {r} needs a reference lookup")
+
+
+def evaluate(df: DataFrame, rules: list[Rule], references: ReferenceLookup | None = None) -> DataFrame:
+    """Add `_dq`: the array of failures of each row over all the given rules (one pass, one select)."""
+    failures: list[Column] = []
+    helper_cols: list[str] = []
+    for rule in rules:
+        if rule.rule == "referential":
+            if references is None:
+                raise ValueError("referential rules need a reference lookup")
+            schema, table, column = rule.references.split(".")
+            flag = f"_dq_ref_{len(helper_cols)}"
+            ref = references(f"{schema}.{table}", column).select(F.col(column).alias(flag)).distinct()
+            df = df.join(F.broadcast(ref), F.col(rule.column) == F.col(flag), "left")
+            failed = F.col(rule.column).isNotNull() & F.col(flag).isNull()
+            failures.append(_failure(rule, failed, f"{rule.column} not found in {rule.references}"))
+        else:
+            expr, df = rule_failure(rule, df)
+            if rule.rule == "unique":
+                helper_cols.append(df.columns[-1])
+            failures.append(expr)
+        if rule.rule == "referential":
+            helper_cols.append(flag)
+    dq = F.filter(F.array(*failures), lambda x: x.isNotNull()) if failures else F.array().cast(f"array<{FAILURE}>")
+    return df.withColumn("_dq", dq).drop(*helper_cols)
+
+
+def split(df: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """(rows to keep, quarantine rows: one per quarantine-severity failure with rule and reason)."""
+    quarantined = F.exists("_dq", lambda x: x["severity"] == "quarantine")
+    good = df.filter(~quarantined)
+    bad = df.filter(quarantined).withColumn("_f", F.explode("_dq")).filter(F.col("_f.severity") == "quarantine")
+    bad = bad.withColumn("_rule", F.col("_f.rule")).withColumn("_reason", F.col("_f.reason")).drop("_f")
+    return good, bad
+
+
+def report(df: DataFrame, table: str, stage: str, rules: list[Rule]) -> StageReport:
+    """Count rows and failures per rule in one aggregate; raise when a fail-severity rule passes its threshold."""
+    rows = df.count()
+    counts = (
+        df.select(F.explode("_dq").alias("f")).groupBy("f.rule", "f.severity").count().collect() if rows else []
+    )
+    rep = StageReport(table, stage, rows, {(r["rule"], r["severity"]): r["count"] for r in counts})
+    for rule in rules:
+        if rule.severity == "fail":
+            n = rep.failures.get((rule.rule_name, "fail"), 0)
+            if rows and n / rows > rule.fail_threshold:
+                raise DataQualityFailure(
+                    f"{table} {stage}: rule {rule.rule_name} failed on {n} of {rows} rows "
+                    f"({n / rows:.1%} > threshold {rule.fail_threshold:.1%})"
+                )
+    return rep

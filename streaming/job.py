@@ -1,0 +1,112 @@
+"""The long-running streaming job: one Structured Streaming query for all tables, foreachBatch apply.
+
+`run_stream` is what `cdcflow stream` and the Glue entry point call; only the source differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame, SparkSession
+
+from cdcflow.config import Project, join_uri
+from cdcflow.metrics import MetricsSink
+from streaming.processor import BatchProcessor, TableOutcome
+
+log = logging.getLogger("cdcflow.stream")
+
+
+@dataclass
+class StreamSummary:
+    batches: int
+    rows_read: int
+    rows_applied: int
+    rows_quarantined: int
+    tables: dict[str, TableOutcome]
+
+
+def checkpoint_location(project: Project, name: str = "stream") -> str:
+    return join_uri(project.checkpoint_root, project.pipeline.name, name)
+
+
+def run_stream(
+    spark: SparkSession,
+    project: Project,
+    source: DataFrame,
+    *,
+    until_caught_up: bool = False,
+    available_now: bool = False,
+    trigger_seconds: int | None = None,
+    checkpoint: str | None = None,
+    metrics: MetricsSink | None = None,
+    processor: BatchProcessor | None = None,
+    idle_batches_to_stop: int = 2,
+) -> StreamSummary:
+    """Run the query. SIGTERM/SIGINT stop it gracefully after the current batch.
+
+    until_caught_up: stop once the source has no new data (file sources use Trigger.AvailableNow;
+    Kinesis stops after `idle_batches_to_stop` empty batches in a row).
+    """
+    processor = processor or BatchProcessor(spark, project, metrics)
+    totals = {"batches": 0, "read": 0, "applied": 0, "quarantined": 0}
+    tables: dict[str, TableOutcome] = {}
+
+    def on_batch(df: DataFrame, batch_id: int) -> None:
+        outcomes = processor.process(df, batch_id)
+        totals["batches"] += 1
+        for o in outcomes:
+            totals["read"] += o.read
+            totals["applied"] += o.applied
+            totals["quarantined"] += o.quarantined
+            agg = tables.setdefault(o.table, TableOutcome(o.table))
+            agg.read += o.read
+            agg.applied += o.applied
+            agg.quarantined += o.quarantined
+            agg.late += o.late
+            agg.duplicates += o.duplicates
+            agg.isolated = agg.isolated or o.isolated
+
+    writer = source.writeStream.foreachBatch(on_batch).option(
+        "checkpointLocation", checkpoint or checkpoint_location(project)
+    )
+    if available_now:
+        writer = writer.trigger(availableNow=True)
+    else:
+        secs = project.pipeline.streaming.trigger_seconds if trigger_seconds is None else trigger_seconds
+        writer = writer.trigger(processingTime=f"{secs} seconds")
+    query = writer.start()
+
+    stop_requested = threading.Event()
+
+    def request_stop(signum, _frame) -> None:
+        log.warning("signal %s: stopping after the current batch", signum)
+        stop_requested.set()
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, request_stop)
+    try:
+        idle = 0
+        last_batch = -1
+        while query.isActive:
+            if stop_requested.is_set() and not query.status["isTriggerActive"]:
+                query.stop()
+                break
+            progress = query.lastProgress
+            if until_caught_up and not available_now and progress and progress["batchId"] != last_batch:
+                last_batch = progress["batchId"]
+                idle = idle + 1 if progress["numInputRows"] == 0 else 0
+                if idle >= idle_batches_to_stop:
+                    query.stop()
+                    break
+            time.sleep(0.2)
+        query.awaitTermination()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return StreamSummary(totals["batches"], totals["read"], totals["applied"], totals["quarantined"], tables)
