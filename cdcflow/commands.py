@@ -30,4 +30,10 @@ def register_verify(sub, commands: dict[str, Callable]) -> None:
     register(sub, commands)
 
 
-REGISTRARS: list[Callable] = [register_demo, register_simulate, register_verify]
+def register_warehouse_merge(sub, commands: dict[str, Callable]) -> None:
+    from batch.warehouse.cli import register_warehouse_merge as register
+
+    register(sub, commands)
+
+
+REGISTRARS: list[Callable] = [register_demo, register_simulate, register_verify, register_warehouse_merge]
