@@ -121,7 +121,11 @@ def test_concurrent_merges_into_one_table_serialize(pg, stack, monkeypatch):
     monkeypatch.setattr(loader, "plan", logged)
     # Either order gives the same history (a late change is placed by _seq), so the oracle is order-free.
     # (Not so for a delete that arrives before its key's first version: it has nothing to close.)
-    second = [Change("U", 5, cust(1, "a2", 5)), Change("U", 6, cust(2, "b2", 6)), Change("I", 7, cust(3, "c", 7))]
+    second = [
+        Change("U", 5, cust(1, "a2", 5)),
+        Change("U", 6, cust(2, "b2", 6)),
+        Change("I", 7, cust(3, "c", 7)),
+    ]
     batches = {"t1": FIRST, "t2": second}
     errors: list[BaseException] = []
 
