@@ -30,10 +30,16 @@ def register_verify(sub, commands: dict[str, Callable]) -> None:
     register(sub, commands)
 
 
+def register_stream(sub, commands: dict[str, Callable]) -> None:
+    from streaming.cli import register_stream as register
+
+    register(sub, commands)
+
+
 def register_warehouse_merge(sub, commands: dict[str, Callable]) -> None:
     from batch.warehouse.cli import register_warehouse_merge as register
 
     register(sub, commands)
 
 
-REGISTRARS: list[Callable] = [register_demo, register_simulate, register_verify, register_warehouse_merge]
+REGISTRARS: list[Callable] = [register_demo, register_simulate, register_verify, register_stream, register_warehouse_merge]

@@ -207,8 +207,10 @@ class Actual:
 
 
 def read_actual(project: Project, spark: Any) -> Actual:
-    """Read the silver Delta tables, the warehouse SCD2 tables and the quarantine table as plain rows."""
-    raise NotImplementedError("reading Delta tables is wired by the streaming job")
+    """Read the silver Delta tables and the quarantine table as plain rows."""
+    from cdcflow.actual import read_quarantine, read_silver
+
+    return Actual(current=read_silver(spark, project), quarantine=read_quarantine(spark, project))
 
 
 def verify(project: Project, oracle: Oracle, actual: Actual) -> list[Diff]:

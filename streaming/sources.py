@@ -37,7 +37,7 @@ def from_kinesis_columns(raw: DataFrame) -> DataFrame:
     )
 
 
-def kinesis_stream(spark: SparkSession, project: Project) -> DataFrame:
+def kinesis_stream(spark: SparkSession, project: Project, checkpoint: str, metrics_path: str | None = None) -> DataFrame:
     from streaming.kinesis_source import KinesisDataSource
 
     spark.dataSource.register(KinesisDataSource)
@@ -48,7 +48,11 @@ def kinesis_stream(spark: SparkSession, project: Project) -> DataFrame:
         .option("region", project.pipeline.aws.region)
         .option("startingPosition", k.starting_position)
         .option("maxRecordsPerShard", str(k.max_records_per_shard))
+        .option("checkpointLocation", checkpoint)  # lets the reader resume from Spark's offset log
+        .option("pipeline", project.pipeline.name)
     )
+    if metrics_path:
+        reader = reader.option("metricsPath", metrics_path)
     if project.pipeline.aws.endpoint_url:
         reader = reader.option("endpointUrl", project.pipeline.aws.endpoint_url)
     if k.starting_timestamp:

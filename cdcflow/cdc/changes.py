@@ -102,17 +102,19 @@ def typed_changes(norm: DataFrame, shape: TableShape, salt: str) -> tuple[DataFr
     )
     # Data quality (raw -> staging) on rows that parsed; all rules in one pass.
     rows = quality.evaluate(rows, t.cfg.quality.raw_to_staging)
+    # A delete carries the key only (PostgreSQL): its other columns are not data to check.
+    rows = rows.withColumn("_dq", F.when(F.col("_op") == "delete", F.array().cast("array<" + quality.FAILURE + ">"))
+                           .otherwise(F.col("_dq")))
     parsed_ok = F.col("_rule").isNull()
     dq_quarantine = F.exists("_dq", lambda x: x["severity"] == "quarantine")
     good = rows.filter(parsed_ok & ~dq_quarantine)
     bad_parse = rows.filter(~parsed_ok)
+    # One quarantine row per record: the first failing rule names it, the reason lists every failure.
+    failing = F.filter("_dq", lambda x: x["severity"] == "quarantine")
     bad_dq = (
         rows.filter(parsed_ok & dq_quarantine)
-        .withColumn("_f", F.explode("_dq"))
-        .filter(F.col("_f.severity") == "quarantine")
-        .withColumn("_rule", F.col("_f.rule"))
-        .withColumn("_reason", F.col("_f.reason"))
-        .drop("_f")
+        .withColumn("_rule", failing[0]["rule"])
+        .withColumn("_reason", F.array_join(F.transform(failing, lambda x: x["reason"]), "; "))
     )
     bad = bad_parse.unionByName(bad_dq)
     bad = bad.select(
