@@ -79,6 +79,7 @@ def build(conn: psycopg.Connection, rows: int, changes: int) -> pa.Table:
         f"select b.*, updated_at, null, true, false, false, '{seq0}', null, '{seq0}' from base b"
     )
     conn.execute("create index dim_product_nk on dim_product (product_id, valid_from)")
+    conn.execute("create index dim_product_inferred on dim_product (product_id) where is_inferred")
     conn.execute(
         "create table snap_products as select b.*, md5(product_id::text || '|' || updated_at::text) as dbt_scd_id, "
         "updated_at as dbt_updated_at, updated_at as dbt_valid_from, null::timestamp as dbt_valid_to from base b"

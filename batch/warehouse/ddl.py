@@ -178,6 +178,7 @@ def dimension_ddl(m: WarehouseModel, dialect: Dialect) -> list[str]:
     if dialect == "postgres":
         keys = ", ".join(q(k) for k in m.key)
         out.append(f'create index if not exists {q(m.target_name + "_nk")} on {m.dim} ({keys}, "valid_from")')
+        out.append(f"create index if not exists {q(m.target_name + '_inferred')} on {m.dim} ({keys}) where is_inferred")
     return out
 
 

@@ -19,7 +19,8 @@ How the dimension merge works (one transaction, under a per-table lock):
    versions, and a late change (older than stored versions) lands at its place in history: the
    version before it is re-closed at the late change's time. Stored versions keep their surrogate key
    (a version whose start moved earlier keeps its key); an inferred member becomes the key's first
-   version in place, so facts attached to it stay attached.
+   version in place, so facts attached to it stay attached. A run holds at most one stored version
+   (added events can extend a run backwards but never join two runs), so no stored version is dropped.
 
 dbt's snapshot can't do (4): it compares the current source state with the current snapshot row only,
 so it sees at most one change per key per run, stamps versions in arrival order, and a late change
@@ -110,25 +111,31 @@ def dimension_merge(m: WarehouseModel, dialect: Dialect) -> list[Step]:
     steps: list[Step] = [
         _drop_temp("w_keys"),
         Step(f"create temp table w_keys as select distinct {keys} from {m.staging}"),
+        *_analyze(dialect, "w_keys"),
+        _drop_temp("w_old"),
+        # The stored versions of the affected keys, read once.
+        Step(f"create temp table w_old as select d.* from {m.dim} d where not d.is_inferred and {in_keys}"),
+        *_analyze(dialect, "w_old"),
         _drop_temp("w_ev"),
         # (1) + (2): stored versions and delete markers of the affected keys, plus the new changes.
         Step(
             f"create temp table w_ev as "
             f"select {kcols}, d._seq as w_seq, d.valid_from as w_ts, 'U' as w_op, {vsel}"
             f"d.{sk} as w_sk, d._last_seq as w_last_seq "
-            f"from {m.dim} d where not d.is_inferred and {in_keys} "
+            f"from w_old d "
             f"union all "
             f"select {kcols}, d._end_seq as w_seq, d.valid_to as w_ts, 'D' as w_op, {nsel}"
             f"cast(null as bigint) as w_sk, cast(null as {_seq_type(dialect)}) as w_last_seq "
-            f"from {m.dim} d where d.is_deleted and not d.is_inferred and {in_keys} "
+            f"from w_old d where d.is_deleted "
             f"union all "
             f"select {', '.join('s.' + q(k) for k in key)}, s._seq as w_seq, coalesce(s._commit_ts, {low}) as w_ts, "
             f"case when s._op = 'D' then 'D' else 'U' end as w_op, {s_vsel}"
             f"cast(null as bigint) as w_sk, s._seq as w_last_seq "
             f"from (select t.*, row_number() over (partition by {keys}, _seq order by _op) as rn "
             f"from {m.staging} t) s "
-            f"where s.rn = 1 and not exists (select 1 from {m.dim} d where {_on(key, 'd', 's')} "
-            f"and not d.is_inferred and (d._seq = s._seq or d._end_seq = s._seq))"
+            f"where s.rn = 1 and not exists (select 1 from w_old d where {_on(key, 'd', 's')} "
+            f"and d._seq = s._seq) and not exists (select 1 from w_old d "
+            f"where {_on(key, 'd', 's')} and d._end_seq = s._seq)"
         ),
         *_analyze(dialect, "w_ev"),
         _drop_temp("w_sig"),
@@ -163,7 +170,7 @@ def dimension_merge(m: WarehouseModel, dialect: Dialect) -> list[Step]:
         *_analyze(dialect, "w_ver"),
         *(_scd1_values(m) if m.scd1 else []),
         Step(
-            f"select count(*) from w_ver v join {m.dim} d on d.{sk} = v.w_sk "
+            f"select count(*) from w_ver v join w_old d on d.{sk} = v.w_sk "
             f"where d.valid_to is null and d.is_current and not v.is_current",
             "rows_closed",
         ),
@@ -190,12 +197,6 @@ def dimension_merge(m: WarehouseModel, dialect: Dialect) -> list[Step]:
             )
             + ")",
             "versions_updated",
-        ),
-        # A stored version that no longer starts a w_run (only if two stored versions merged into one).
-        Step(
-            f"delete from {m.dim} where not is_inferred and exists (select 1 from w_keys k where "
-            f"{_on(key, 'k', m.dim)}) and not exists (select 1 from w_ver v where v.w_sk = {m.dim}.{sk})",
-            "versions_deleted",
         ),
         Step(
             f"insert into {m.dim} ({keys}, {''.join(q(c) + ', ' for c in cols)}valid_from, valid_to, "
