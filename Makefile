@@ -15,7 +15,7 @@ $(PY):
 
 # Reinstall when the dependency list changes; then resolve the Delta jars into .cache/ivy once.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[dev,peer]'
+	$(PY) -m pip install --quiet -e '.[dev,peer,infra]'
 	$(PY) -m cdcflow.runtime --warm
 	touch $(STAMP)
 
