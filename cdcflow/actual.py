@@ -29,3 +29,37 @@ def read_quarantine(spark: SparkSession, project: Project) -> list[dict[str, Any
     except AnalysisException:
         return []
     return [r.asDict() for r in df.dropDuplicates(["table", "rule", "record_hash"]).collect()]
+
+
+def read_warehouse_scd2(project: Project, url: str | None = None) -> dict[str, list[dict[str, Any]]] | None:
+    """SCD2 dimension rows from the warehouse (Postgres / Redshift stand-in), or None when unreachable.
+
+    Full-load versions are stored with valid_from = 1900-01-01 (no source commit time); the oracle
+    calls that None. Inferred members (placeholders for facts) are not history and are skipped.
+    """
+    import psycopg
+
+    from batch.warehouse.ddl import LOW_TS
+    from cdcflow.oracle import scd2_tables
+
+    url = url or project.pipeline.warehouse.url
+    schema = project.pipeline.warehouse.schema_
+    try:
+        conn = psycopg.connect(url, connect_timeout=3)
+    except psycopg.OperationalError:
+        return None
+    out: dict[str, list[dict[str, Any]]] = {}
+    with conn:
+        for t in scd2_tables(project):
+            name = t.cfg.warehouse.table or f"dim_{t.table}"
+            exists = conn.execute("select to_regclass(%s)", (f'{schema}."{name}"',)).fetchone()[0]
+            if not exists:
+                continue
+            cur = conn.execute(f'select * from {schema}."{name}" where not coalesce(is_inferred, false)')
+            cols = [d.name for d in cur.description]
+            rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+            for r in rows:
+                if r.get("valid_from") is not None and str(r["valid_from"]).startswith(LOW_TS[:10]):
+                    r["valid_from"] = None
+            out[t.name] = rows
+    return out or None

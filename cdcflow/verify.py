@@ -206,11 +206,12 @@ class Actual:
     quarantine: list[dict[str, Any]] | None = None
 
 
-def read_actual(project: Project, spark: Any) -> Actual:
-    """Read the silver Delta tables and the quarantine table as plain rows."""
-    from cdcflow.actual import read_quarantine, read_silver
+def read_actual(project: Project, spark: Any, warehouse: bool = False) -> Actual:
+    """Read the silver Delta tables, the quarantine table and (warehouse=True) the SCD2 dimensions."""
+    from cdcflow.actual import read_quarantine, read_silver, read_warehouse_scd2
 
-    return Actual(current=read_silver(spark, project), quarantine=read_quarantine(spark, project))
+    return Actual(current=read_silver(spark, project), quarantine=read_quarantine(spark, project),
+                  scd2=read_warehouse_scd2(project) if warehouse else None)
 
 
 def verify(project: Project, oracle: Oracle, actual: Actual) -> list[Diff]:
@@ -248,6 +249,7 @@ def print_summary(diffs: list[Diff], console: Any | None = None, examples: int =
 def register_verify(sub: Any, commands: dict[str, Callable]) -> None:
     p = sub.add_parser("verify", help="compare the Delta / warehouse tables with the simulator's oracle")
     p.add_argument("--history", required=True, help="the `cdcflow simulate --out` folder")
+    p.add_argument("--warehouse", action="store_true", help="also compare the warehouse SCD2 dimensions")
     p.add_argument("--target", choices=["kinesis", "s3"], default="kinesis",
                    help="which delivered output the pipeline consumed (decides the expected quarantine)")
 
@@ -267,7 +269,7 @@ def register_verify(sub: Any, commands: dict[str, Callable]) -> None:
         try:
             from cdcflow.runtime import get_spark
 
-            actual = read_actual(project, get_spark("cdcflow-verify"))
+            actual = read_actual(project, get_spark("cdcflow-verify"), warehouse=args.warehouse)
         except NotImplementedError as e:
             raise UserError(f"cdcflow verify: {e}") from e
         diffs = verify(project, oracle, actual)
