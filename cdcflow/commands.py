@@ -42,4 +42,10 @@ def register_warehouse_merge(sub, commands: dict[str, Callable]) -> None:
     register(sub, commands)
 
 
-REGISTRARS: list[Callable] = [register_demo, register_simulate, register_verify, register_stream, register_warehouse_merge]
+def register_full_load(sub, commands: dict[str, Callable]) -> None:
+    from batch.cli import register_full_load as register
+
+    register(sub, commands)
+
+
+REGISTRARS: list[Callable] = [register_full_load, register_demo, register_simulate, register_verify, register_stream, register_warehouse_merge]

@@ -43,7 +43,7 @@ def test_simulated_history_with_every_fault_verifies_against_oracle(spark, tmp_p
     assert summary.batches == 4
     diffs = verify_against_oracle(spark, project, sim)
     bad = [d for d in diffs if not d.ok]
-    assert not bad, [(d.table, d.check, d.missing[:3], d.extra[:3], d.different[:3]) for d in bad]
+    assert not bad, [(d.table, d.kind, d.missing[:3], d.extra[:3], d.different[:3]) for d in bad]
     assert sum(t.late for t in summary.tables.values()) > 0  # late events were counted (and applied)
     assert sum(t.duplicates for t in summary.tables.values()) > 0
     # PII never appears unmasked: not in any file under the lake, not in the metrics log.
@@ -133,8 +133,8 @@ def test_hand_written_history_ordering_tombstones_drift_and_quarantine(spark, tm
     assert rows[1]["phone"] == "[REDACTED]"
     assert summary.tables["shop.customers"].late == 2
     q = spark.read.format("delta").load(project.path("quarantine")).collect()
-    got = sorted((r["table"], r["rule"]) for r in q)
-    assert got == sorted([(None, "malformed_json"), ("shop.ghosts", "unknown_table"),
+    got = sorted((r["table"] or "", r["rule"]) for r in q)
+    assert got == sorted([("", "malformed_json"), ("shop.ghosts", "unknown_table"),
                           ("shop.customers", "valid_date"), ("shop.customers", "type_mismatch")])
     ghost = next(r for r in q if r["rule"] == "unknown_table")
     assert "ghost@example.com" not in ghost["payload"]
@@ -178,7 +178,7 @@ def test_failing_table_is_isolated_without_stopping_others(spark, tmp_path: Path
     proc.retries = 1
     proc.fail_tables = {"shop.orders"}
     run_stream(spark, project, replay_stream(spark, str(replay)), available_now=True, processor=proc)
-    diffs = {d.table: d for d in verify_against_oracle(spark, project, sim) if d.check == "current"}
+    diffs = {d.table: d for d in verify_against_oracle(spark, project, sim) if d.kind == "current"}
     assert diffs["shop.customers"].ok and diffs["shop.products"].ok and diffs["shop.order_items"].ok
     q = spark.read.format("delta").load(project.path("quarantine")).filter("rule = 'table_isolated'")
     delivered = sum(1 for line in (sim / "kinesis" / "part-00000.jsonl").read_text().splitlines()

@@ -1,0 +1,195 @@
+"""`cdcflow full-load`: DMS S3 Parquet (LOAD files, then timestamp-named CDC files) -> silver Delta tables.
+
+Uses the same apply rule as the streaming job (cdcflow.cdc: type, check, mask, collapse, guarded
+MERGE). A manifest Delta table records every applied file, so a re-run or a crash never applies a
+file twice (and applying one twice would change nothing anyway: the MERGE is sequence-guarded).
+Applied raw files are moved to `<raw>/<archive_prefix>/year=YYYY/month=MM/...` so the raw prefix
+only holds work still to do. Full load -> CDC hand-over: LOAD rows carry a sequence below every
+CDC change, and CDC files are applied in name (time) order, so changes captured while the full load
+ran land after it in source order.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.utils import AnalysisException
+
+from cdcflow.cdc import apply
+from cdcflow.cdc.changes import TableShape, typed_changes
+from cdcflow.cdc.envelope import data_map
+from cdcflow.cdc.masking import pii_salt
+from cdcflow.config import Project, Table
+
+LOAD_FILE = re.compile(r"(^|/)(SEGMENT\d+_)?LOAD[0-9A-F]{8}\.parquet$")
+CDC_FILE = re.compile(r"(^|/)\d{8}-\d{9,10}\.parquet$")
+S3_ORDERING = ("commit_timestamp", "change_seq")  # S3 has no transaction details: commit time + $AR_H_CHANGE_SEQ
+CHANGE_SEQ = "$AR_H_CHANGE_SEQ"
+MANIFEST_SCHEMA = "table string, file string, kind string, rows bigint, applied_at timestamp"
+
+
+@dataclass
+class FileRef:
+    table: str
+    rel: str  # path relative to the raw root: <schema>/<table>/...
+    kind: str  # load | cdc
+
+
+@dataclass
+class LoadResult:
+    files: int = 0
+    rows: int = 0
+    quarantined: int = 0
+    skipped: int = 0
+    per_table: dict[str, int] = field(default_factory=dict)
+
+
+class RawStore:
+    """The DMS raw prefix: a local folder, or s3:// (files are staged locally to read with Spark)."""
+
+    def __init__(self, project: Project):
+        self.project = project
+        self.uri = project.pipeline.dms.raw_uri
+        self.is_s3 = self.uri.startswith(("s3://", "s3a://"))
+        self._tmp = Path(tempfile.mkdtemp(prefix="cdcflow-raw-"))
+
+    def list(self, table: Table) -> list[str]:
+        prefix = f"{table.schema}/{table.table}/"
+        if not self.is_s3:
+            root = Path(self.uri)
+            return sorted(str(p.relative_to(root)) for p in (root / prefix).rglob("*.parquet"))
+        from cdcflow.aws import project_client, split_s3
+
+        bucket, base = split_s3(self.uri)
+        s3 = project_client(self.project, "s3")
+        keys: list[str] = []
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{base.rstrip('/')}/{prefix}"):
+            keys += [o["Key"][len(base.rstrip("/")) + 1:] for o in page.get("Contents", [])]
+        return sorted(k for k in keys if k.endswith(".parquet"))
+
+    def local_path(self, rel: str) -> str:
+        if not self.is_s3:
+            return str(Path(self.uri) / rel)
+        from cdcflow.aws import project_client, split_s3
+
+        bucket, base = split_s3(self.uri)
+        dest = self._tmp / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        project_client(self.project, "s3").download_file(bucket, f"{base.rstrip('/')}/{rel}", str(dest))
+        return str(dest)
+
+    def archive(self, rel: str, when: datetime) -> None:
+        target = f"{self.project.pipeline.dms.archive_prefix}/year={when:%Y}/month={when:%m}/{rel}"
+        if not self.is_s3:
+            dest = Path(self.uri) / target
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(Path(self.uri) / rel), dest)
+            return
+        from cdcflow.aws import project_client, split_s3
+
+        bucket, base = split_s3(self.uri)
+        s3 = project_client(self.project, "s3")
+        src = f"{base.rstrip('/')}/{rel}"
+        s3.copy_object(Bucket=bucket, Key=f"{base.rstrip('/')}/{target}", CopySource={"Bucket": bucket, "Key": src})
+        s3.delete_object(Bucket=bucket, Key=src)
+
+
+def classify(table: Table, rels: list[str]) -> list[FileRef]:
+    """LOAD files first (hex counter order), then CDC files in time order; other files are ignored."""
+    loads = [FileRef(table.name, r, "load") for r in rels if LOAD_FILE.search(r)]
+    cdc = [FileRef(table.name, r, "cdc") for r in rels if CDC_FILE.search(r)]
+    return sorted(loads, key=lambda f: f.rel) + sorted(cdc, key=lambda f: Path(f.rel).name)
+
+
+def normalize_parquet(df: DataFrame, table: Table, ref: FileRef, ts_column: str) -> DataFrame:
+    """A DMS Parquet file -> the normalized change shape the shared apply logic takes."""
+    cols = [c for c in df.columns if c not in ("Op", ts_column, CHANGE_SEQ)]
+    if ref.kind == "load":
+        op = F.lit("load")
+    else:
+        op = F.upper(F.col("Op"))
+        op = F.when(op == "I", "insert").when(op == "U", "update").when(op == "D", "delete").otherwise(F.lower(op))
+    commit = F.col(ts_column).cast("timestamp") if ts_column in df.columns and ref.kind == "cdc" else F.lit(None)
+    seq = F.col(f"`{CHANGE_SEQ}`").cast("string") if CHANGE_SEQ in df.columns else F.lit(None).cast("string")
+    return df.select(
+        F.lit(table.name).alias("_table"),
+        F.lit("data").alias("_record_type"),
+        op.alias("_op"),
+        data_map(cols).alias("_data"),
+        F.lit(None).cast("map<string,string>").alias("_before"),
+        commit.cast("timestamp").alias("_commit_ts"),
+        F.lit(None).cast("string").alias("_txn_id"),
+        F.lit(None).cast("string").alias("_txn_rec_id"),
+        F.lit(None).cast("string").alias("_stream_pos"),
+        seq.alias("_change_seq"),
+        F.lit(None).cast("string").alias("_control"),
+        F.concat(F.lit(ref.rel + "#"), F.monotonically_increasing_id().cast("string")).alias("_source_position"),
+        F.current_timestamp().alias("_arrival_ts"),
+        F.lit(None).cast("string").alias("_problem"),
+        F.xxhash64(*[F.col(f"`{c}`") for c in df.columns]).cast("string").alias("_record_hash"),
+    )
+
+
+def _manifest(spark: SparkSession, path: str) -> set[tuple[str, str]]:
+    try:
+        return {(r[0], r[1]) for r in spark.read.format("delta").load(path).select("table", "file").collect()}
+    except AnalysisException:
+        return set()
+
+
+def run_full_load(spark: SparkSession, project: Project, tables: list[str] | None = None,
+                  ts_column: str = "dms_commit_ts", archive: bool = True, progress=None) -> LoadResult:
+    from dataclasses import replace
+
+    from streaming.processor import QUARANTINE_SCHEMA
+
+    store = RawStore(project)
+    salt = pii_salt(project)
+    manifest_path = project.path("_manifests/full_load")
+    done = _manifest(spark, manifest_path)
+    result = LoadResult()
+    names = tables or sorted(project.tables)
+    work = [(name, classify(project.table(name), store.list(project.table(name)))) for name in names]
+    task = progress.add_task("files", total=sum(len(f) for _, f in work)) if progress else None
+    for name, files in work:
+        table = replace(project.table(name), ordering=S3_ORDERING)
+        shape = TableShape(table)
+        path = project.path(table.delta_path)
+        for ref in files:
+            if (name, ref.rel) in done:
+                result.skipped += 1
+            else:
+                df = spark.read.parquet(store.local_path(ref.rel))
+                extra = tuple((c, df.schema[c].dataType.simpleString()) for c in df.columns
+                              if c not in table.columns and c not in ("Op", ts_column, CHANGE_SEQ))
+                shape = TableShape(table, extra)
+                norm = normalize_parquet(df, table, ref, ts_column).persist()
+                good, bad = typed_changes(norm, shape, salt)
+                bad_rows = bad.collect()
+                apply.merge(spark, path, good, shape)
+                rows = norm.count()
+                norm.unpersist()
+                now = datetime.now(UTC).replace(tzinfo=None)
+                if bad_rows:
+                    q = [(name, r["_rule"], r["_reason"], r["_source_position"], r["_payload"], r["_record_hash"],
+                          -1, now) for r in bad_rows]
+                    spark.createDataFrame(q, QUARANTINE_SCHEMA).write.format("delta").mode("append").save(
+                        project.path("quarantine"))
+                spark.createDataFrame([(name, ref.rel, ref.kind, rows, now)], MANIFEST_SCHEMA).write.format(
+                    "delta").mode("append").save(manifest_path)
+                result.files += 1
+                result.rows += rows
+                result.quarantined += len(bad_rows)
+                result.per_table[name] = result.per_table.get(name, 0) + rows
+            if archive:
+                store.archive(ref.rel, datetime.now(UTC))
+            if progress:
+                progress.advance(task)
+    return result
