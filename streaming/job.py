@@ -49,7 +49,7 @@ def run_stream(
     """Run the query. SIGTERM/SIGINT stop it gracefully after the current batch.
 
     until_caught_up: stop once the source has no new data (file sources use Trigger.AvailableNow;
-    Kinesis stops after `idle_batches_to_stop` empty batches in a row).
+    Kinesis stops after the source reported no new data for `idle_batches_to_stop` trigger intervals).
     """
     processor = processor or BatchProcessor(spark, project, metrics)
     totals = {"batches": 0, "read": 0, "applied": 0, "quarantined": 0}
@@ -90,20 +90,24 @@ def run_stream(
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             old[sig] = signal.signal(sig, request_stop)
+    secs = project.pipeline.streaming.trigger_seconds if trigger_seconds is None else trigger_seconds
+    idle_for = max(idle_batches_to_stop * secs, 3.0)
     try:
-        idle = 0
-        last_batch = -1
+        idle_since: float | None = None
         while query.isActive:
-            if stop_requested.is_set() and not query.status["isTriggerActive"]:
+            status = query.status
+            if stop_requested.is_set() and not status["isTriggerActive"]:
                 query.stop()
                 break
-            progress = query.lastProgress
-            if until_caught_up and not available_now and progress and progress["batchId"] != last_batch:
-                last_batch = progress["batchId"]
-                idle = idle + 1 if progress["numInputRows"] == 0 else 0
-                if idle >= idle_batches_to_stop:
-                    query.stop()
-                    break
+            # Caught up: no batch running and the source reports nothing new, for a few triggers.
+            if until_caught_up and not available_now and query.lastProgress is not None:
+                if not status["isTriggerActive"] and not status["isDataAvailable"]:
+                    idle_since = idle_since or time.monotonic()
+                    if time.monotonic() - idle_since >= idle_for:
+                        query.stop()
+                        break
+                else:
+                    idle_since = None
             time.sleep(0.2)
         query.awaitTermination()
     finally:

@@ -159,8 +159,9 @@ class BatchProcessor:
 
     def _schema_changes(self, controls: list) -> dict[str, list[schema.SchemaChange]]:
         out: dict[str, list[schema.SchemaChange]] = {}
-        for c in sorted(controls, key=lambda c: (c["_commit_ts"] is None, c["_commit_ts"])):
-            out.setdefault(c["_table"], []).append(schema.parse_control(c["_table"], c["_op"], c["_control"]))
+        for c in sorted(controls, key=lambda c: schema.order_key(c["_op"], c["_commit_ts"])):
+            ts = c["_commit_ts"].isoformat() if c["_commit_ts"] else None
+            out.setdefault(c["_table"], []).append(schema.parse_control(c["_table"], c["_op"], c["_control"], ts))
         return out
 
     def _shape(self, name: str, changes: list[schema.SchemaChange]) -> tuple[TableShape, str | None]:
@@ -176,8 +177,10 @@ class BatchProcessor:
         extra = {c: t for c, t in current.items() if c not in table.columns}
         problems: list[str] = []
         widen: dict[str, str] = {}
+        last_ts = apply.last_control_ts(self.spark, path) if silver is not None and changes else None
         for change in changes:
-            add, wid, unsafe = schema.plan(current, change)
+            stale = bool(last_ts and change.ts and change.ts <= last_ts)
+            add, wid, unsafe = schema.plan(current, change, stale)
             current.update(add)
             current.update(wid)
             extra.update(add)
@@ -212,6 +215,9 @@ class BatchProcessor:
                     if name in self.fail_tables:
                         raise RuntimeError(f"injected failure for {name}")
                     apply.merge(self.spark, self.project.path(table.delta_path), good, shape)
+                    newest = max((c.ts for c in changes if c.ts), default=None)
+                    if newest:
+                        apply.set_last_control_ts(self.spark, self.project.path(table.delta_path), newest)
         except Exception as e:  # noqa: BLE001 - any failure isolates this table, never the others
             log.error("table %s failed after %d attempts: %s", name, self.retries + 1, e)
             self.metrics.alert("TableIsolated", name, type(e).__name__)

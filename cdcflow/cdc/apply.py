@@ -155,3 +155,18 @@ def widen_columns(spark: SparkSession, path: str, columns: dict[str, str]) -> No
     spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('delta.enableTypeWidening' = 'true')")
     for c, ty in columns.items():
         spark.sql(f"ALTER TABLE delta.`{path}` ALTER COLUMN `{c}` TYPE {ty}")
+
+
+CONTROL_TS_PROPERTY = "cdcflow.lastControlTs"
+
+
+def last_control_ts(spark: SparkSession, path: str) -> str | None:
+    """The DMS timestamp of the newest control record applied to the table (a table property)."""
+    props = spark.sql(f"DESCRIBE DETAIL delta.`{path}`").first()["properties"] or {}
+    return props.get(CONTROL_TS_PROPERTY)
+
+
+def set_last_control_ts(spark: SparkSession, path: str, ts: str) -> None:
+    current = last_control_ts(spark, path)
+    if current is None or ts > current:
+        spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('{CONTROL_TS_PROPERTY}' = '{ts}')")

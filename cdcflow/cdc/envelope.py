@@ -58,7 +58,9 @@ def parse_kinesis_json(raw: DataFrame, known_tables: list[str], before_field: st
         F.lower(meta["operation"]).alias("_op"),
         env["data"].alias("_data"),
         env[before_field].alias("_before"),
-        meta["commit-timestamp"].cast("timestamp").alias("_commit_ts"),
+        # Control records carry no commit time; their DMS timestamp orders them among themselves.
+        F.when(record_type == "control", F.coalesce(meta["commit-timestamp"], meta["timestamp"]))
+        .otherwise(meta["commit-timestamp"]).cast("timestamp").alias("_commit_ts"),
         meta["transaction-id"].alias("_txn_id"),
         meta["transaction-record-id"].alias("_txn_rec_id"),
         meta["stream-position"].alias("_stream_pos"),

@@ -55,20 +55,34 @@ class SchemaChange:
     table: str
     op: str  # add-column | column-type-change | create-table | drop-table | ...
     columns: dict[str, str]  # column -> new Spark type (for add / type change)
+    ts: str | None = None  # DMS timestamp of the control record (ISO), orders control records
 
 
-def parse_control(table: str, op: str, control_json: str | None) -> SchemaChange:
+def parse_control(table: str, op: str, control_json: str | None, ts: str | None = None) -> SchemaChange:
     """Read the table-def of a control record into the columns it declares."""
     try:
         ctl = json.loads(control_json or "{}") or {}
     except ValueError:
         ctl = {}
     cols = (ctl.get("table-def") or {}).get("columns") or {}
-    return SchemaChange(table, op, {name: spark_type(d or {}) for name, d in cols.items()})
+    return SchemaChange(table, op, {name: spark_type(d or {}) for name, d in cols.items()}, ts)
 
 
-def plan(current: dict[str, str], change: SchemaChange) -> tuple[dict[str, str], dict[str, str], list[str]]:
-    """(columns to add, columns to widen, unsafe problems) for a control record against current types."""
+_OP_RANK = {"create-table": 0, "add-column": 1, "change-columns": 2, "column-type-change": 2}
+
+
+def order_key(op: str, ts) -> tuple:
+    """Control records in source order: by DMS timestamp, then create < add < type change."""
+    return (ts is None, ts, _OP_RANK.get(op, 3))
+
+
+def plan(current: dict[str, str], change: SchemaChange, stale: bool = False) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """(columns to add, columns to widen, unsafe problems) for a control record against current types.
+
+    A control record carries the whole table-def. create-table / add-column only add the columns not
+    present yet (the other types are a snapshot, maybe older than what we hold). A type change widens
+    or is unsafe; a `stale` record (older than the last one applied to the table) can't narrow.
+    """
     add: dict[str, str] = {}
     widen: dict[str, str] = {}
     unsafe: list[str] = []
@@ -78,9 +92,9 @@ def plan(current: dict[str, str], change: SchemaChange) -> tuple[dict[str, str],
         old = current.get(col)
         if old is None:
             add[col] = new
-        elif old != new:
+        elif old != new and change.op in ("column-type-change", "change-columns"):
             if is_widening(old, new):
                 widen[col] = new
-            elif change.op != "create-table":
+            elif not stale:
                 unsafe.append(f"{col}: {old} -> {new} is not a widening change")
     return add, widen, unsafe
