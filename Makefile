@@ -24,8 +24,10 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/cdcflow demo
 
+# The whole suite on the development runtime (Spark 4), then the Glue 5.1 tier (Spark 3.5.6 + Delta 3.3.2).
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-glue-compat
 
 # Glue 5.1 tier: the processing code on pyspark 3.5.6 + delta-spark 3.3.2 in a separate venv.
 $(GLUE_VENV)/.installed: pyproject.toml

@@ -196,14 +196,6 @@ class BatchProcessor:
     def _apply_table(self, norm: DataFrame, name: str, changes: list, batch_id: int, o: TableOutcome) -> TableOutcome:
         rows = norm.filter((F.col("_table") == name) & (F.col("_record_type") == "data") & F.col("_problem").isNull())
         table = self.project.table(name)
-        if name not in self.blocked:
-            shape, unsafe = self._shape(name, changes)
-            if unsafe:
-                self.blocked[name] = unsafe
-                self.metrics.alert("SchemaChangeUnsafe", name, unsafe)
-        if name in self.blocked:
-            return self._quarantine_table(rows, name, "schema_change_unsafe", self.blocked[name], batch_id, o)
-        good, bad = typed_changes(rows, shape, self.salt)
         try:
             for attempt in Retrying(
                 stop=stop_after_attempt(self.retries + 1),
@@ -211,6 +203,15 @@ class BatchProcessor:
                 reraise=True,
             ):
                 with attempt:
+                    if name not in self.blocked:
+                        shape, unsafe = self._shape(name, changes)
+                        if unsafe:
+                            self.blocked[name] = unsafe
+                            self.metrics.alert("SchemaChangeUnsafe", name, unsafe)
+                    if name in self.blocked:
+                        reason = self.blocked[name]
+                        return self._quarantine_table(rows, name, "schema_change_unsafe", reason, batch_id, o)
+                    good, bad = typed_changes(rows, shape, self.salt)
                     bad_rows = bad.collect()
                     if name in self.fail_tables:
                         raise RuntimeError(f"injected failure for {name}")

@@ -96,12 +96,17 @@ def collapse(changes: DataFrame, shape: TableShape) -> DataFrame:
 def merge(spark: SparkSession, path: str, changes: DataFrame, shape: TableShape) -> None:
     """Collapse `changes` (key, output columns, _op, _seq, _commit_ts) and MERGE them into silver."""
     t = shape.table
-    target = ensure_silver(spark, path, shape)
     src = collapse(changes, shape)
     if "_partial" not in src.columns:
         src = src.withColumn("_partial", F.lit(False))
     key = t.primary_key
     data_cols = [c for c in shape.output_columns if c not in key]
+    if not DeltaTable.isDeltaTable(spark, path):
+        # First batch of a table: nothing to merge with, so write the collapsed rows directly (one
+        # commit instead of create + MERGE). A crash-replay then finds the table and MERGEs, guarded.
+        _first_write(src, path, shape, data_cols)
+        return
+    target = ensure_silver(spark, path, shape)
     cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in key)
     newer = "(t._seq IS NULL OR s._seq > t._seq)"
     now = F.current_timestamp()
@@ -148,13 +153,45 @@ def merge(spark: SparkSession, path: str, changes: DataFrame, shape: TableShape)
     )
 
 
+def _first_write(src: DataFrame, path: str, shape: TableShape, data_cols: list[str]) -> None:
+    t = shape.table
+    deleted = F.col("_op") == "delete"
+    hard = t.deletes == "hard"
+    cols = [
+        (F.when(deleted, F.lit(None)).otherwise(F.col(f"`{c}`")) if hard and c in data_cols else F.col(f"`{c}`"))
+        .cast(shape.output_type(c)).alias(c)
+        for c in shape.output_columns
+    ]
+    out = src.select(
+        *cols,
+        deleted.alias("_is_deleted"),
+        F.col("_seq"),
+        F.col("_op"),
+        F.col("_commit_ts"),
+        F.when(deleted, F.col("_commit_ts")).cast("timestamp").alias("_deleted_at"),
+        F.current_timestamp().alias("_ingested_at"),
+    )
+    writer = out.write.format("delta").mode("append")
+    if t.cfg.delta.partition_by:
+        writer = writer.partitionBy(*t.cfg.delta.partition_by)
+    writer.save(path)
+
+
 def widen_columns(spark: SparkSession, path: str, columns: dict[str, str]) -> None:
     """Widen column types in place with Delta type widening (int -> bigint, decimal precision, ...)."""
     if not columns:
         return
-    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('delta.enableTypeWidening' = 'true')")
-    for c, ty in columns.items():
-        spark.sql(f"ALTER TABLE delta.`{path}` ALTER COLUMN `{c}` TYPE {ty}")
+    try:
+        spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('delta.enableTypeWidening' = 'true')")
+        for c, ty in columns.items():
+            spark.sql(f"ALTER TABLE delta.`{path}` ALTER COLUMN `{c}` TYPE {ty}")
+    except AnalysisException:
+        # Older Delta (Glue 5.1's 3.3) widens only some types in place: rewrite the table once with
+        # the wider type instead. Every old value fits the new type, so nothing changes but the schema.
+        df = spark.read.format("delta").load(path)
+        widened = df.select(*[F.col(f"`{f}`").cast(columns[f]).alias(f) if f in columns else F.col(f"`{f}`")
+                              for f in df.columns])
+        widened.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(path)
 
 
 CONTROL_TS_PROPERTY = "cdcflow.lastControlTs"
