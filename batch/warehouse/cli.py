@@ -1,7 +1,11 @@
-"""`cdcflow warehouse-merge`: merge a staging batch into the warehouse, Spark-free.
+"""`cdcflow warehouse-merge`: merge into the warehouse dimensions and facts.
 
-The batch is read from Parquet (staging shape of docs/design.md "Warehouse staging"); reading it from
-silver/bronze Delta is wired on the Spark side, which can call `merge_table` with its Arrow table.
+- default (lake mode): every table with a warehouse target (or `--table`), dimensions first, reads its
+  new changes from the bronze Delta table, runs the staging_to_dimension / dimension_to_fact quality
+  stages and transforms, and merges (batch/warehouse_job.py, Spark); prints the DQ summary and writes
+  the JSON report under `<lake>/_reports/dq/`.
+- `--staging FILE`: load a Parquet staging batch (docs/design.md "Warehouse staging") for one `--table`
+  and merge it, Spark-free.
 """
 
 from __future__ import annotations
@@ -11,28 +15,55 @@ from collections.abc import Callable
 
 
 def register_warehouse_merge(sub, commands: dict[str, Callable]) -> None:
-    p = sub.add_parser("warehouse-merge", help="load a staging batch and merge it into its dimension / fact table")
-    p.add_argument("--table", required=True, help="configured table, e.g. shop.customers")
-    p.add_argument("--staging", required=True, help="Parquet file or folder holding the staging rows")
+    p = sub.add_parser("warehouse-merge", help="merge new lake changes (or a staging file) into dimensions / facts")
+    p.add_argument("--table", action="append", help="configured table, e.g. shop.customers; repeatable")
+    p.add_argument("--staging", help="Parquet file or folder holding the staging rows of one --table (no Spark)")
     p.add_argument("--url", help="warehouse URL (default: warehouse.url from pipeline.yaml)")
     p.add_argument("--schema", help="warehouse schema (default: warehouse.schema from pipeline.yaml)")
 
     def run(args: argparse.Namespace) -> int:
-        import dataclasses
-        import json
-
-        import pyarrow.parquet as pq
-
-        from batch.warehouse import merge_table
         from cdcflow.config import load_project
+        from cdcflow.errors import UserError
 
         project = load_project(args.config)
         url = args.url or project.pipeline.warehouse.url
         if not url:
             print("no warehouse URL: pass --url or set warehouse.url")
             return 2
-        result = merge_table(url, project, args.table, pq.read_table(args.staging), schema=args.schema)
-        print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
-        return 0
+        unknown = [t for t in args.table or [] if t not in project.tables]
+        if unknown:
+            raise UserError(f"unknown table(s): {', '.join(unknown)}")
+        if args.staging:
+            return _from_staging(args, project, url)
+        return _from_lake(args, project, url)
 
     commands["warehouse-merge"] = run
+
+
+def _from_staging(args: argparse.Namespace, project, url: str) -> int:
+    import dataclasses
+    import json
+
+    import pyarrow.parquet as pq
+
+    from batch.warehouse import merge_table
+    from cdcflow.errors import UserError
+
+    if not args.table or len(args.table) != 1:
+        raise UserError("--staging needs exactly one --table")
+    result = merge_table(url, project, args.table[0], pq.read_table(args.staging), schema=args.schema)
+    print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
+    return 0
+
+
+def _from_lake(args: argparse.Namespace, project, url: str) -> int:
+    from batch.warehouse_job import merge_from_lake, summary_rows
+    from cdcflow.cli import console, print_table
+    from cdcflow.runtime import get_spark
+
+    spark = get_spark("cdcflow-warehouse-merge", shuffle_partitions=project.pipeline.spark.shuffle_partitions)
+    run = merge_from_lake(spark, project, url, tables=args.table, schema=args.schema)
+    print_table(f"data quality, run {run.run_id}", ["table", "stage", "rows", "failures (rule, severity, rows)",
+                                                    "quarantined", "merged"], summary_rows(run))
+    console.print(f"report: {run.report_path}")
+    return 0

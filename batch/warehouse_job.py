@@ -1,0 +1,281 @@
+"""`cdcflow warehouse-merge` (lake mode): bronze Delta changes -> DQ + transforms -> SCD2 dimensions and facts.
+
+For each table with a `warehouse` target, dimensions first, then facts:
+
+1. Read the table's changes that arrived since the last merged position from the bronze Delta table
+   (`record_type = 'data'`, no parse problem, `batch_id` > the table's watermark). Records the stream
+   quarantined (same table + record hash in the quarantine table) are left out, so the warehouse
+   sees exactly the changes silver applied. Bronze values are already PII-masked: not masked again.
+2. Type them per declared column (masked columns are strings), compute `_seq` from the table's
+   ordering and split primary-key changes (the shared `cdcflow.cdc.changes.typed_changes`), drop
+   identical (key, `_seq`) redeliveries, and map `_op` load/insert/update/delete -> I/I/U/D.
+3. Run the stages: `staging_to_dimension` for dimensions; `staging_to_dimension` then
+   `dimension_to_fact` for facts (batch.stages.run_stage: rules in one pass, quarantine / warn /
+   fail, then the stage's transforms). Quarantined rows never reach the warehouse.
+4. Merge the staging rows (batch/warehouse `merge_table`) and move the watermark
+   (`<schema>.cdcflow_watermarks`) in the same Postgres transaction. Re-merging a batch is a no-op
+   in the warehouse anyway, so a crash between the two on Redshift only repeats work.
+
+The watermark is a bronze position (the streaming micro-batch id), not a `_seq`: a late change
+(older `_seq`) that arrives after a merge is still picked up, and the SCD2 merge puts it at its
+place in history.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.utils import AnalysisException
+
+from batch.stages import run_stage, silver_references, write_quarantine
+from batch.warehouse.ddl import model, q
+from batch.warehouse.loader import MergeResult, merge_table
+from cdcflow.cdc.changes import TableShape, typed_changes
+from cdcflow.config import Project, Table
+from cdcflow.config.models import Column, Quality
+from cdcflow.metrics import MetricsSink
+from cdcflow.quality import StageReport
+
+OPS = {"load": "I", "insert": "I", "update": "U", "delete": "D"}
+WATERMARKS = "cdcflow_watermarks"
+
+
+@dataclass
+class TableRun:
+    table: str
+    changes: int = 0  # changes read from bronze
+    staged: int = 0
+    quarantined: int = 0
+    from_batch: int | None = None  # watermark before
+    to_batch: int | None = None  # watermark after
+    merge: MergeResult | None = None
+    stages: list[StageReport] = field(default_factory=list)
+
+
+@dataclass
+class WarehouseRun:
+    run_id: str
+    tables: list[TableRun] = field(default_factory=list)
+    report_path: str | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "error": self.error,
+            "tables": [
+                {
+                    "table": t.table, "changes": t.changes, "staged": t.staged, "quarantined": t.quarantined,
+                    "from_batch": t.from_batch, "to_batch": t.to_batch,
+                    "merge": None if t.merge is None else {k: v for k, v in vars(t.merge).items() if k != "counts"},
+                    "stages": [s.as_dict() for s in t.stages],
+                }
+                for t in self.tables
+            ],
+        }  # fmt: skip
+
+
+def warehouse_tables(project: Project, names: list[str] | None = None) -> list[Table]:
+    """Tables with a warehouse target, dimensions first (facts look their surrogate keys up)."""
+    ts = [t for t in project.tables.values() if t.cfg.warehouse and (not names or t.name in names)]
+    return sorted(ts, key=lambda t: (t.cfg.warehouse.kind != "dimension", t.name))
+
+
+def bronze_table(table: Table) -> Table:
+    """The table as its bronze rows hold it: masked columns are strings, dropped ones are absent,
+    no PII method (already applied) and no raw_to_staging rules (the stream already ran them)."""
+    cols = {
+        c: Column(type="string" if col.pii else col.type, nullable=col.nullable)
+        for c, col in table.cfg.columns.items() if col.pii != "drop"
+    }  # fmt: skip
+    cfg = table.cfg.model_copy(update={"columns": cols, "quality": Quality()})
+    return replace(table, cfg=cfg)
+
+
+def _read(spark: SparkSession, path: str) -> DataFrame | None:
+    try:
+        return spark.read.format("delta").load(path)
+    except AnalysisException:
+        return None
+
+
+def staged_changes(spark: SparkSession, project: Project, table: Table, after_batch: int) -> tuple[DataFrame, int | None]:
+    """(typed staging changes of `table` from bronze after `after_batch`, newest batch id read or None)."""
+    bronze = _read(spark, project.path("bronze"))
+    if bronze is None:
+        return spark.createDataFrame([], "x int"), None
+    rows = bronze.filter(
+        (F.col("table") == table.name) & (F.col("record_type") == "data") & F.col("problem").isNull()
+        & (F.col("batch_id") > after_batch)
+    )  # fmt: skip
+    newest = rows.agg(F.max("batch_id")).first()[0]
+    if newest is None:
+        return rows, None
+    quarantined = _read(spark, project.path("quarantine"))
+    if quarantined is not None:
+        hashes = quarantined.filter(F.col("table") == table.name).select(F.col("record_hash")).distinct()
+        rows = rows.join(F.broadcast(hashes), "record_hash", "left_anti")
+    norm = rows.select(
+        F.col("table").alias("_table"), F.col("record_type").alias("_record_type"), F.col("op").alias("_op"),
+        F.col("data").alias("_data"), F.col("before").alias("_before"), F.col("commit_ts").alias("_commit_ts"),
+        F.col("transaction_id").alias("_txn_id"), F.col("transaction_record_id").alias("_txn_rec_id"),
+        F.col("stream_position").alias("_stream_pos"), F.lit(None).cast("string").alias("_change_seq"),
+        F.col("source_position").alias("_source_position"), F.col("problem").alias("_problem"),
+        F.col("record_hash").alias("_record_hash"),
+    )  # fmt: skip
+    shape = TableShape(bronze_table(table))
+    good, _bad = typed_changes(norm, shape, salt="")  # bad rows were quarantined by the stream already
+    key = table.primary_key
+    op = F.col("_op")
+    staged = (
+        good.drop("_dq")
+        .dropDuplicates([*key, "_seq"])
+        .withColumn("_op", F.when(op == "update", "U").when(op == "delete", "D").otherwise("I"))
+    )
+    return staged, int(newest)
+
+
+def to_arrow(df: DataFrame) -> pa.Table:
+    """Spark 4 has DataFrame.toArrow; Spark 3.5 (Glue 5.1) goes through pandas."""
+    if hasattr(df, "toArrow"):
+        return df.toArrow()
+    return pa.Table.from_pandas(df.toPandas(), preserve_index=False)
+
+
+# ---------------------------------------------------------------- watermarks (in the warehouse)
+
+
+def _watermark_ddl(schema: str) -> list[str]:
+    return [
+        f"create schema if not exists {q(schema)}",
+        f"create table if not exists {q(schema)}.{WATERMARKS} (table_name varchar(256) primary key, "
+        f"last_batch_id bigint not null, updated_at timestamp)",
+    ]
+
+
+def read_watermark(conn: Any, schema: str, table: str) -> int:
+    row = conn.execute(f"select last_batch_id from {q(schema)}.{WATERMARKS} where table_name = %s", (table,)).fetchone()
+    return -1 if row is None else int(row[0])
+
+
+def _set_watermark(conn: Any, schema: str, table: str, batch_id: int) -> None:
+    conn.execute(f"delete from {q(schema)}.{WATERMARKS} where table_name = %s", (table,))
+    conn.execute(f"insert into {q(schema)}.{WATERMARKS} values (%s, %s, %s)",
+                 (table, batch_id, datetime.now(UTC).replace(tzinfo=None)))
+
+
+# ---------------------------------------------------------------- the job
+
+
+def merge_from_lake(
+    spark: SparkSession,
+    project: Project,
+    url: str,
+    *,
+    tables: list[str] | None = None,
+    schema: str | None = None,
+    run_id: str | None = None,
+    metrics: MetricsSink | None = None,
+) -> WarehouseRun:
+    """Merge every warehouse table's new bronze changes; write the DQ report (JSON) whatever happens."""
+    import psycopg
+
+    schema = schema or project.pipeline.warehouse.schema_
+    run = WarehouseRun(run_id or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6])
+    metrics = metrics or MetricsSink(project.pipeline.name)
+    references = silver_references(spark, project)
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            for s in _watermark_ddl(schema):
+                conn.execute(s)
+            for table in warehouse_tables(project, tables):
+                tr = TableRun(table.name)
+                run.tables.append(tr)
+                _merge_one(spark, project, conn, schema, table, tr, references, metrics)
+    except Exception as e:
+        run.error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        run.report_path = write_report(project, run)
+    return run
+
+
+def _merge_one(spark: SparkSession, project: Project, conn: Any, schema: str, table: Table, tr: TableRun,
+               references, metrics: MetricsSink) -> None:
+    tr.from_batch = read_watermark(conn, schema, table.name)
+    staged, newest = staged_changes(spark, project, table, tr.from_batch)
+    tr.to_batch = tr.from_batch
+    if newest is None:
+        return
+    staged = staged.persist()
+    tr.changes = staged.count()
+    kind = table.cfg.warehouse.kind
+    stages = ["staging_to_dimension"] if kind == "dimension" else ["staging_to_dimension", "dimension_to_fact"]
+    quarantine: list[tuple] = []
+    df = staged
+    for stage in stages:
+        res = run_stage(spark, project, table, df, stage, references)
+        df = res.good
+        quarantine += res.quarantine_rows
+        if res.report is not None:
+            res.report.rows = res.report.rows or tr.changes
+            tr.stages.append(res.report)
+            _emit(metrics, res.report)
+    m = model(project, table.name, schema)
+    cols = [*m.columns, "_op", "_seq", "_commit_ts"]
+    arrow = to_arrow(df.select(*cols))
+    tr.staged, tr.quarantined = arrow.num_rows, len(quarantine)
+    write_quarantine(spark, project, quarantine)
+    with conn.transaction():
+        if arrow.num_rows:
+            tr.merge = merge_table(conn, project, table.name, arrow, schema=schema)
+        _set_watermark(conn, schema, table.name, newest)
+    tr.to_batch = newest
+    staged.unpersist()
+
+
+def _emit(metrics: MetricsSink, rep: StageReport) -> None:
+    by_sev = {"quarantine": 0, "warn": 0, "fail": 0}
+    for (_, sev), n in rep.failures.items():
+        by_sev[sev] = by_sev.get(sev, 0) + n
+    metrics.emit(
+        {"DqRowsChecked": rep.rows, "DqQuarantined": by_sev["quarantine"], "DqWarnings": by_sev["warn"],
+         "DqFailures": by_sev["fail"]},
+        {"Table": rep.table, "Stage": rep.stage},
+    )  # fmt: skip
+
+
+def write_report(project: Project, run: WarehouseRun) -> str:
+    """`<lake>/_reports/dq/<run-id>.json` (local folder or s3://)."""
+    path = project.path(f"_reports/dq/{run.run_id}.json")
+    body = json.dumps(run.as_dict(), indent=2, default=str)
+    if path.startswith(("s3://", "s3a://")):
+        from cdcflow.aws import project_client, split_s3
+
+        bucket, key = split_s3(path)
+        project_client(project, "s3").put_object(Bucket=bucket, Key=key, Body=body.encode())
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(body)
+    return path
+
+
+def summary_rows(run: WarehouseRun) -> list[list[Any]]:
+    """One line per table and stage: rows checked, failures per rule and severity, merge outcome."""
+    out: list[list[Any]] = []
+    for t in run.tables:
+        merged = "-" if t.merge is None else f"{t.merge.rows_staged} staged"
+        if not t.stages:
+            out.append([t.table, "-", t.changes, "-", t.quarantined, merged])
+        for s in t.stages:
+            fails = ", ".join(f"{r} ({sev}) {n}" for (r, sev), n in sorted(s.failures.items())) or "none"
+            out.append([t.table, s.stage, s.rows, fails, t.quarantined, merged])
+    return out
