@@ -14,11 +14,11 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
@@ -108,8 +108,11 @@ def classify(table: Table, rels: list[str]) -> list[FileRef]:
     return sorted(loads, key=lambda f: f.rel) + sorted(cdc, key=lambda f: Path(f.rel).name)
 
 
-def normalize_parquet(df: DataFrame, table: Table, ref: FileRef, ts_column: str) -> DataFrame:
-    """A DMS Parquet file -> the normalized change shape the shared apply logic takes."""
+def normalize_parquet(df: DataFrame, table: Table, ref: FileRef, ts_column: str,
+                      position: Column | None = None) -> DataFrame:
+    """DMS Parquet rows -> the normalized change shape the shared apply logic takes.
+
+    `position`: the source position column when `df` spans several files (default: ref.rel + row id)."""
     cols = [c for c in df.columns if c not in ("Op", ts_column, CHANGE_SEQ)]
     if ref.kind == "load":
         op = F.lit("load")
@@ -130,7 +133,8 @@ def normalize_parquet(df: DataFrame, table: Table, ref: FileRef, ts_column: str)
         F.lit(None).cast("string").alias("_stream_pos"),
         seq.alias("_change_seq"),
         F.lit(None).cast("string").alias("_control"),
-        F.concat(F.lit(ref.rel + "#"), F.monotonically_increasing_id().cast("string")).alias("_source_position"),
+        (position if position is not None else F.concat(F.lit(ref.rel + "#"), F.monotonically_increasing_id().cast(
+            "string"))).alias("_source_position"),
         F.current_timestamp().alias("_arrival_ts"),
         F.lit(None).cast("string").alias("_problem"),
         F.xxhash64(*[F.col(f"`{c}`") for c in df.columns]).cast("string").alias("_record_hash"),
@@ -146,10 +150,9 @@ def _manifest(spark: SparkSession, path: str) -> set[tuple[str, str]]:
 
 def run_full_load(spark: SparkSession, project: Project, tables: list[str] | None = None,
                   ts_column: str = "dms_commit_ts", archive: bool = True, progress=None) -> LoadResult:
-    from dataclasses import replace
-
-    from streaming.processor import QUARANTINE_SCHEMA
-
+    """Apply every not-yet-applied raw file: a table's LOAD files in one Spark read and one apply (they
+    are one snapshot, all at sequence 0), then its CDC files one at a time in name (time) order. The
+    manifest still records every file with its row count."""
     store = RawStore(project)
     salt = pii_salt(project)
     manifest_path = project.path("_manifests/full_load")
@@ -160,36 +163,56 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
     task = progress.add_task("files", total=sum(len(f) for _, f in work)) if progress else None
     for name, files in work:
         table = replace(project.table(name), ordering=S3_ORDERING)
-        shape = TableShape(table)
         path = project.path(table.delta_path)
-        for ref in files:
-            if (name, ref.rel) in done:
-                result.skipped += 1
-            else:
-                df = spark.read.parquet(store.local_path(ref.rel))
-                extra = tuple((c, df.schema[c].dataType.simpleString()) for c in df.columns
-                              if c not in table.columns and c not in ("Op", ts_column, CHANGE_SEQ))
-                shape = TableShape(table, extra)
-                norm = normalize_parquet(df, table, ref, ts_column).persist()
-                good, bad = typed_changes(norm, shape, salt)
-                bad_rows = bad.collect()
-                apply.merge(spark, path, good, shape)
-                rows = norm.count()
-                norm.unpersist()
-                now = datetime.now(UTC).replace(tzinfo=None)
-                if bad_rows:
-                    q = [(name, r["_rule"], r["_reason"], r["_source_position"], r["_payload"], r["_record_hash"],
-                          -1, now) for r in bad_rows]
-                    spark.createDataFrame(q, QUARANTINE_SCHEMA).write.format("delta").mode("append").save(
-                        project.path("quarantine"))
-                spark.createDataFrame([(name, ref.rel, ref.kind, rows, now)], MANIFEST_SCHEMA).write.format(
-                    "delta").mode("append").save(manifest_path)
-                result.files += 1
-                result.rows += rows
-                result.quarantined += len(bad_rows)
-                result.per_table[name] = result.per_table.get(name, 0) + rows
+        todo = [ref for ref in files if (name, ref.rel) not in done]
+        result.skipped += len(files) - len(todo)
+        loads = [ref for ref in todo if ref.kind == "load"]
+        groups = ([loads] if loads else []) + [[ref] for ref in todo if ref.kind == "cdc"]
+        for group in groups:
+            local = [store.local_path(ref.rel) for ref in group]
+            df = spark.read.parquet(*local)
+            extra = tuple((c, df.schema[c].dataType.simpleString()) for c in df.columns
+                          if c not in table.columns and c not in ("Op", ts_column, CHANGE_SEQ))
+            shape = TableShape(table, extra)
+            position = None
+            if len(group) > 1:
+                folder = group[0].rel.rsplit("/", 1)[0]
+                position = F.concat(F.lit(folder + "/"), F.element_at(F.split(F.input_file_name(), "/"), -1),
+                                    F.lit("#"), F.monotonically_increasing_id().cast("string"))
+            norm = normalize_parquet(df, table, group[0], ts_column, position)
+            good, bad = typed_changes(norm, shape, salt)
+            bad_rows = bad.collect()
+            apply.merge(spark, path, good, shape)
+            counts = [_parquet_rows(p) for p in local]
+            _record(spark, project, manifest_path, name, group, counts, bad_rows)
+            result.files += len(group)
+            result.rows += sum(counts)
+            result.quarantined += len(bad_rows)
+            result.per_table[name] = result.per_table.get(name, 0) + sum(counts)
+        for _ref in files:
             if archive:
-                store.archive(ref.rel, datetime.now(UTC))
+                store.archive(_ref.rel, datetime.now(UTC))
             if progress:
                 progress.advance(task)
     return result
+
+
+def _parquet_rows(local_path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(local_path).metadata.num_rows
+
+
+def _record(spark: SparkSession, project: Project, manifest_path: str, name: str, group: list[FileRef],
+            counts: list[int], bad_rows: list) -> None:
+    """Quarantine the group's bad rows, then record its files in the manifest."""
+    from streaming.processor import QUARANTINE_SCHEMA
+
+    now = datetime.now(UTC).replace(tzinfo=None)
+    if bad_rows:
+        q = [(name, r["_rule"], r["_reason"], r["_source_position"], r["_payload"], r["_record_hash"], -1, now)
+             for r in bad_rows]
+        spark.createDataFrame(q, QUARANTINE_SCHEMA).write.format("delta").mode("append").save(
+            project.path("quarantine"))
+    rows = [(name, ref.rel, ref.kind, n, now) for ref, n in zip(group, counts, strict=True)]
+    spark.createDataFrame(rows, MANIFEST_SCHEMA).write.format("delta").mode("append").save(manifest_path)
