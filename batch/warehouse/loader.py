@@ -227,7 +227,8 @@ def _merge_redshift(
         for step in statements.post:
             cur.execute(step.sql)
             if step.name:
-                counts[step.name] = cur.fetchone()[0] if cur.description else cur.rowcount
+                n = cur.fetchone()[0] if cur.description else cur.rowcount
+                counts[step.name] = counts.get(step.name, 0) + n
         conn.commit()
     except BaseException:
         conn.rollback()

@@ -1,12 +1,17 @@
 """SQL for the SCD2 dimension merge and the fact load: one portable statement list per dialect.
 
 Every statement is plain SQL that Redshift and Postgres both run (no MERGE, DISTINCT ON, IS DISTINCT
-FROM or ON COMMIT DROP); only the lock, the staging truncate and ANALYZE differ.
+FROM or ON COMMIT DROP); only the lock, the staging truncate, ANALYZE and SET LOCAL tuning differ.
 
 How the dimension merge works (one transaction, under a per-table lock):
 
-1. The affected keys are the keys in staging. Their stored versions are turned back into change
-   events: each version is an upsert at its `_seq` / `valid_from`, and a version closed by a delete
+0. Fast path (`_fast_path`): a key with exactly one staged change, newer than everything stored for it,
+   and a current version needs no history rebuild: the current version is closed (or folded into) and
+   a new version inserted, straight from one join of staging with the current rows. This is the result
+   the steps below give for such a key; every other key goes through them.
+
+1. The affected keys are the staged keys the fast path did not take. Their stored versions are turned
+   back into change events: each version is an upsert at its `_seq` / `valid_from`, and a version closed by a delete
    also yields a delete at its `_end_seq` / `valid_to`.
 2. New staged changes are added, except a change whose (key, `_seq`) is already stored (as a version's
    opening or closing change): re-running a batch is a no-op.
@@ -109,8 +114,17 @@ def dimension_merge(m: WarehouseModel, dialect: Dialect) -> list[Step]:
         f"lag({q(c)}) over (partition by {keys} order by w_seq) as {q('p_' + c)}" for c in m.tracked
     )
     steps: list[Step] = [
+        *_tuning(dialect),
+        # SCD1 values are computed from the stored rows before any of them is rewritten.
+        *(_scd1_values(m) if m.scd1 else []),
+        *_fast_path(m, dialect),
         _drop_temp("w_keys"),
-        Step(f"create temp table w_keys as select distinct {keys} from {m.staging}"),
+        # The general path takes every other staged key: late data, several changes per key, deletes of
+        # and re-inserts after deleted keys, new keys, inferred members, re-runs.
+        Step(
+            f"create temp table w_keys as select distinct {keys} from {m.staging} s "
+            f"where not exists (select 1 from w_fast f where {_on(key, 'f', 's')})"
+        ),
         *_analyze(dialect, "w_keys"),
         _drop_temp("w_old"),
         # The stored versions of the affected keys, read once.
@@ -132,7 +146,7 @@ def dimension_merge(m: WarehouseModel, dialect: Dialect) -> list[Step]:
             f"case when s._op = 'D' then 'D' else 'U' end as w_op, {s_vsel}"
             f"cast(null as bigint) as w_sk, s._seq as w_last_seq "
             f"from (select t.*, row_number() over (partition by {keys}, _seq order by _op) as rn "
-            f"from {m.staging} t) s "
+            f"from {m.staging} t where exists (select 1 from w_keys k where {_on(key, 'k', 't')})) s "
             f"where s.rn = 1 and not exists (select 1 from w_old d where {_on(key, 'd', 's')} "
             f"and d._seq = s._seq) and not exists (select 1 from w_old d "
             f"where {_on(key, 'd', 's')} and d._end_seq = s._seq)"
@@ -168,7 +182,6 @@ def dimension_merge(m: WarehouseModel, dialect: Dialect) -> list[Step]:
             f"where o.w_op = 'U'"
         ),
         *_analyze(dialect, "w_ver"),
-        *(_scd1_values(m) if m.scd1 else []),
         Step(
             f"select count(*) from w_ver v join w_old d on d.{sk} = v.w_sk "
             f"where d.valid_to is null and d.is_current and not v.is_current",
@@ -211,6 +224,67 @@ def dimension_merge(m: WarehouseModel, dialect: Dialect) -> list[Step]:
     return steps
 
 
+def _tuning(dialect: Dialect) -> list[Step]:
+    # Postgres only, for this transaction: memory for the hash joins and sorts of the merge, and a smaller
+    # ANALYZE sample for the temp tables (their row counts matter to the planner, fine histograms don't).
+    if dialect != "postgres":
+        return []
+    return [Step("set local work_mem = '256MB'"), Step("set local default_statistics_target = 10")]
+
+
+def _fast_path(m: WarehouseModel, dialect: Dialect) -> list[Step]:
+    """The common case without a history rebuild: a key with exactly one staged change that is newer than
+    everything stored for the key (its current version's `_seq` and `_last_seq`), and a current version.
+
+    For such a key the general path (module docstring) would re-derive the stored versions unchanged and
+    then classify one event after the current version, so its result is just: a tracked change (NULL-safe)
+    closes the current version at the change (`_end_seq`, `valid_to`; `_last_seq` = the version's last
+    folded change) and opens a new current version; a delete closes the current version as deleted; any
+    other change folds into the current version (`_last_seq` = the change). `w_fast` holds these keys, and
+    the general path takes all others. SCD1 columns are handled afterwards for every staged key.
+    """
+    key = m.key
+    keys = ", ".join(q(k) for k in key)
+    cols = list(m.value_columns)
+    sk = q(m.sk)
+    low = f"cast('{LOW_TS}' as timestamp)"
+    changed = " or ".join(f"not {same('s.' + q(c), 'd.' + q(c))}" for c in m.tracked) or "false"
+    vcols = "".join(f"s.{q(c)}, " for c in cols)
+    insert_cols = f"{keys}, {''.join(q(c) + ', ' for c in cols)}"
+    return [
+        _drop_temp("w_fast"),
+        Step(
+            f"create temp table w_fast as select {', '.join('s.' + q(k) for k in key)}, {vcols}"
+            f"s._seq, coalesce(s._commit_ts, {low}) as w_ts, s._op = 'D' as w_del, "
+            f"(s._op = 'D' or {changed}) as w_close, d.{sk} as w_sk, "
+            f"coalesce(d._last_seq, d._seq) as w_prev_last "
+            f"from {m.staging} s "
+            f"join (select {keys} from {m.staging} group by {keys} having count(*) = 1) o on {_on(key, 'o', 's')} "
+            f"join {m.dim} d on {_on(key, 'd', 's')} and d.is_current and d.valid_to is null "
+            f"and not d.is_inferred "
+            f"where s._seq > d._seq and (d._last_seq is null or s._seq > d._last_seq)"
+        ),
+        *_analyze(dialect, "w_fast"),
+        Step("select count(*) from w_fast where w_close", "rows_closed"),
+        Step(
+            f"update {m.dim} set "
+            f"valid_to = case when f.w_close then f.w_ts else {m.dim}.valid_to end, "
+            f"is_current = not f.w_close, is_deleted = f.w_del, "
+            f"_end_seq = case when f.w_close then f._seq else {m.dim}._end_seq end, "
+            f"_last_seq = case when f.w_close then f.w_prev_last else f._seq end "
+            f"from w_fast f where {m.dim}.{sk} = f.w_sk",
+            "versions_updated",
+        ),
+        Step(
+            f"insert into {m.dim} ({insert_cols}valid_from, valid_to, is_current, is_deleted, is_inferred, "
+            f"_seq, _end_seq, _last_seq) "
+            f"select {insert_cols}w_ts, cast(null as timestamp), true, false, false, _seq, "
+            f"cast(null as {_seq_type(dialect)}), _seq from w_fast where w_close and not w_del",
+            "versions_inserted",
+        ),
+    ]
+
+
 def _scd1_values(m: WarehouseModel) -> list[Step]:
     """SCD1 columns: the latest change of the key by _seq (stored before this merge, or staged) wins;
     computed before the versions are written, applied to every version of the key after."""
@@ -223,7 +297,7 @@ def _scd1_values(m: WarehouseModel) -> list[Step]:
             f"create temp table w_scd1 as select {keys}, {scd1}, w_seq from ("
             f"select x.*, row_number() over (partition by {keys} order by w_seq desc) as rn from ("
             f"select {keys}, {scd1}, coalesce(_last_seq, _seq) as w_seq from {m.dim} d where not is_inferred "
-            f"and exists (select 1 from w_keys k where {_on(key, 'k', 'd')}) "
+            f"and exists (select 1 from {m.staging} k where {_on(key, 'k', 'd')}) "
             f"union all select {keys}, {scd1}, _seq as w_seq from {m.staging} where _op <> 'D') x) y "
             f"where rn = 1"
         ),
