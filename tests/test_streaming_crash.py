@@ -1,0 +1,81 @@
+"""Crash and stop behaviour of the real `cdcflow stream` process: kill -9 mid-batch, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.streaming_helpers import project_in, simulate_to, split_replay, verify_against_oracle
+
+pytestmark = [pytest.mark.spark]
+
+
+def stream_process(tmp: Path, replay: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "CDCFLOW_LAKE_ROOT": str(tmp / "lake"), "CDCFLOW_CHECKPOINT_ROOT": str(tmp / "ck")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cdcflow.cli", "stream", "--replay", str(replay), "--trigger-seconds", "1",
+         "--metrics-file", str(tmp / "metrics.jsonl"), *extra],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def wait_for(predicate, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError("condition not reached")
+
+
+def commits(table: Path) -> int:
+    return len(list((table / "_delta_log").glob("*.json"))) if table.exists() else 0
+
+
+def test_kill_9_mid_batch_then_restart_loses_and_duplicates_nothing(spark, tmp_path):
+    project = project_in(tmp_path)
+    sim = tmp_path / "sim"
+    simulate_to(project, sim, events=300, duplicate_rate=0.05, out_of_order_rate=0.1, malformed_json_rate=0.01,
+                missing_primary_key_rate=0.01)
+    replay = split_replay(sim, tmp_path / "replay", batches=4)
+    delivered = sum(len([x for x in f.read_text().splitlines() if x.strip()]) for f in replay.iterdir())
+
+    proc = stream_process(tmp_path, replay)
+    # Bronze is written first in a batch; silver MERGEs follow. Kill -9 right after bronze's second
+    # commit: batch 1 is then half applied and not checkpointed.
+    wait_for(lambda: commits(tmp_path / "lake" / "bronze") >= 2 or proc.poll() is not None)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    restarted = stream_process(tmp_path, replay, "--until-caught-up")
+    out, _ = restarted.communicate(timeout=600)
+    assert restarted.returncode == 0, out[-3000:]
+
+    bronze = spark.read.format("delta").load(project.path("bronze"))
+    assert bronze.count() == delivered  # the re-run batch was not appended twice
+    bad = [d for d in verify_against_oracle(spark, project, sim) if not d.ok]
+    assert not bad, [(d.table, d.kind, d.missing[:3], d.extra[:3], d.different[:3]) for d in bad]
+
+
+def test_sigterm_stops_after_the_current_batch(spark, tmp_path):
+    project = project_in(tmp_path)
+    sim = tmp_path / "sim"
+    simulate_to(project, sim, events=100)
+    replay = split_replay(sim, tmp_path / "replay", batches=3)
+    proc = stream_process(tmp_path, replay)  # continuous: only a signal stops it
+    wait_for(lambda: commits(tmp_path / "lake" / "bronze") >= 1 or proc.poll() is not None)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out
+    # The batch in flight finished: its checkpoint commit exists for every bronze commit.
+    ck = tmp_path / "ck" / project.pipeline.name / "replay"
+    assert len(list((ck / "commits").glob("[0-9]*"))) == commits(tmp_path / "lake" / "bronze")
