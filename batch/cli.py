@@ -39,3 +39,27 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"{result.files} files applied, {result.skipped} already applied, {result.rows} rows, "
                   f"{result.quarantined} quarantined")
     return 0
+
+
+def register_compact(sub, commands: dict[str, Callable]) -> None:
+    p = sub.add_parser("compact", help="OPTIMIZE / Z-ORDER / tombstone GC / VACUUM the Delta tables")
+    p.add_argument("--table", action="append", help="only this table (schema.table); repeatable")
+    p.add_argument("--vacuum-hours", type=int, default=168, help="VACUUM retention in hours (default 168)")
+    commands["compact"] = run_compact
+
+
+def run_compact(args: argparse.Namespace) -> int:
+    from batch.compaction import compact
+    from cdcflow.cli import print_table
+    from cdcflow.config import load_project
+    from cdcflow.errors import UserError
+    from cdcflow.runtime import get_spark
+
+    project = load_project(args.config)
+    unknown = [t for t in args.table or [] if t not in project.tables]
+    if unknown:
+        raise UserError(f"unknown table(s): {', '.join(unknown)}")
+    results = compact(get_spark("cdcflow-compact"), project, args.table, vacuum_hours=args.vacuum_hours)
+    print_table("compaction", ["table", "files before", "files after", "tombstones removed"],
+                [[r.table, r.files_before, r.files_after, r.tombstones_removed] for r in results])
+    return 0

@@ -48,4 +48,10 @@ def register_full_load(sub, commands: dict[str, Callable]) -> None:
     register(sub, commands)
 
 
-REGISTRARS: list[Callable] = [register_full_load, register_demo, register_simulate, register_verify, register_stream, register_warehouse_merge]
+def register_compact(sub, commands: dict[str, Callable]) -> None:
+    from batch.cli import register_compact as register
+
+    register(sub, commands)
+
+
+REGISTRARS: list[Callable] = [register_full_load, register_compact, register_demo, register_simulate, register_verify, register_stream, register_warehouse_merge]
