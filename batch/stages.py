@@ -19,10 +19,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
-from batch.transforms import apply_transforms
 from cdcflow import quality
 from cdcflow.config import Project, Table
 from cdcflow.quality import ReferenceLookup, StageReport
+from cdcflow.transforms import apply_transforms
 
 META_PREFIX = "_"
 

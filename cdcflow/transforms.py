@@ -3,15 +3,20 @@
 Order: `rename` (old -> new), then every `columns` expression in one projection (new or replaced
 columns, each a Spark SQL expression over the renamed row), then the `sql` statements in order, each
 over the temp view `input` holding the previous result; the last statement's result is the output.
-Stages run one after another in a job, so the session-scoped view name `input` is not shared.
+The view name is session-scoped and the streaming job transforms tables in parallel threads, so
+creating the view and analysing the statement happen under one lock (the plan is resolved by then).
 """
 
 from __future__ import annotations
+
+import threading
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from cdcflow.config.models import StageTransforms
+
+_VIEW_LOCK = threading.Lock()
 
 
 def apply_transforms(df: DataFrame, tr: StageTransforms) -> DataFrame:
@@ -22,6 +27,7 @@ def apply_transforms(df: DataFrame, tr: StageTransforms) -> DataFrame:
         added = [F.expr(e).alias(c) for c, e in tr.columns.items() if c not in df.columns]
         df = df.select(*replaced, *added)
     for statement in tr.sql:
-        df.createOrReplaceTempView("input")
-        df = df.sparkSession.sql(statement)
+        with _VIEW_LOCK:
+            df.createOrReplaceTempView("input")
+            df = df.sparkSession.sql(statement)
     return df

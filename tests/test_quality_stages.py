@@ -8,9 +8,9 @@ from datetime import datetime
 import pytest
 
 from batch.stages import run_stage, silver_references, write_quarantine
-from batch.transforms import apply_transforms
 from cdcflow.config.models import Quality, StageTransforms, Transforms
 from cdcflow.quality import DataQualityFailure
+from cdcflow.transforms import apply_transforms
 from tests.streaming_helpers import project_in
 
 pytestmark = [pytest.mark.spark, pytest.mark.glue_compat]

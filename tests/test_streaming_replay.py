@@ -115,7 +115,8 @@ def test_hand_written_history_ordering_tombstones_drift_and_quarantine(spark, tm
          control("customers", "add-column", {"loyalty": {"type": "INT4"}}, t(36)),
          record("customers", "insert", cust(5, loyalty=7), t(36), 36, 1),
          record("customers", "insert", cust(6, created_at="1999-01-01 00:00:00"), t(37), 37, 1),  # DQ fails
-         record("customers", "insert", {**cust(7), "created_at": "not a date"}, t(37), 37, 2)],  # type mismatch
+         record("customers", "insert", {**cust(7), "created_at": "not a date"}, t(37), 37, 2),  # type mismatch
+         record("customers", "insert", cust(8, country=" de "), t(38), 38, 1)],  # raw_to_staging transform
     ]
     replay = write_batches(tmp_path / "in", batches)
     for i, f in enumerate(sorted(replay.iterdir())):
@@ -126,7 +127,8 @@ def test_hand_written_history_ordering_tombstones_drift_and_quarantine(spark, tm
     assert summary.batches == 2
     rows = silver(spark, project, "shop.customers")
     live = {k: r["full_name"] for k, r in rows.items() if not r["_is_deleted"]}
-    assert live == {1: "v3", 33: "A", 4: "again", 5: "A"}
+    assert live == {1: "v3", 33: "A", 4: "again", 5: "A", 8: "A"}
+    assert rows[8]["country"] == "DE"  # upper(trim(country)) from transforms.raw_to_staging
     assert {k for k, r in rows.items() if r["_is_deleted"]} == {2, 3}
     assert rows[5]["loyalty"] == 7 and rows[1]["loyalty"] is None
     assert rows[1]["email"] != "c1@example.com" and len(rows[1]["email"]) == 64  # salted sha256

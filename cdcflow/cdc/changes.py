@@ -16,6 +16,7 @@ from cdcflow import quality
 from cdcflow.cdc.masking import mask_column
 from cdcflow.cdc.sequence import sequence
 from cdcflow.config import Table
+from cdcflow.transforms import apply_transforms
 
 META = ["_op", "_seq", "_commit_ts", "_source_position"]
 
@@ -121,6 +122,10 @@ def typed_changes(norm: DataFrame, shape: TableShape, salt: str) -> tuple[DataFr
         "_rule", "_reason", "_source_position", "_record_hash", masked_payload(shape, salt).alias("_payload")
     )
 
+    # raw -> staging transforms (standardise values) run on the real values, before masking.
+    stage = t.cfg.transforms.raw_to_staging
+    if stage.columns or stage.sql or stage.rename:
+        good = apply_transforms(good, stage)
     good = _split_key_changes(good, shape)
     out = [mask_column(F.col(c), t.pii[c], salt).alias(c) if c in t.pii else F.col(c) for c in shape.output_columns]
     return good.select(*out, *META, "_dq"), bad
