@@ -109,17 +109,16 @@ def typed_changes(norm: DataFrame, shape: TableShape, salt: str) -> tuple[DataFr
     parsed_ok = F.col("_rule").isNull()
     dq_quarantine = F.exists("_dq", lambda x: x["severity"] == "quarantine")
     good = rows.filter(parsed_ok & ~dq_quarantine)
-    bad_parse = rows.filter(~parsed_ok)
-    # One quarantine row per record: the first failing rule names it, the reason lists every failure.
+    # One quarantine row per record, in one pass: a parse problem names it, else the first failing
+    # quarantine rule does, and the reason lists every failure.
     failing = F.filter("_dq", lambda x: x["severity"] == "quarantine")
-    bad_dq = (
-        rows.filter(parsed_ok & dq_quarantine)
-        .withColumn("_rule", failing[0]["rule"])
-        .withColumn("_reason", F.array_join(F.transform(failing, lambda x: x["reason"]), "; "))
-    )
-    bad = bad_parse.unionByName(bad_dq)
-    bad = bad.select(
-        "_rule", "_reason", "_source_position", "_record_hash", masked_payload(shape, salt).alias("_payload")
+    bad = rows.filter(~parsed_ok | dq_quarantine).select(
+        F.when(parsed_ok, failing[0]["rule"]).otherwise(F.col("_rule")).alias("_rule"),
+        F.when(parsed_ok, F.array_join(F.transform(failing, lambda x: x["reason"]), "; "))
+        .otherwise(F.col("_reason")).alias("_reason"),
+        "_source_position",
+        "_record_hash",
+        masked_payload(shape, salt).alias("_payload"),
     )
 
     # raw -> staging transforms (standardise values) run on the real values, before masking.
@@ -145,7 +144,10 @@ def masked_payload(shape: TableShape, salt: str) -> Column:
 
 
 def _split_key_changes(good: DataFrame, shape: TableShape) -> DataFrame:
-    """Add a delete of the old key for every update whose before-image names a different key."""
+    """Add a delete of the old key for every update whose before-image names a different key.
+
+    (Where `_before` is a null literal, as for Parquet sources, the optimizer drops the second branch.)
+    """
     t = shape.table
     before = F.col("_before")
     old_key = {k: before[k].cast(shape.columns[k]) for k in t.primary_key}
@@ -153,16 +155,13 @@ def _split_key_changes(good: DataFrame, shape: TableShape) -> DataFrame:
     for k in t.primary_key:
         changed = changed | (old_key[k].isNotNull() & ~old_key[k].eqNullSafe(F.col(k)))
     key_moves = good.filter((F.col("_op") == "update") & before.isNotNull() & changed)
+    carried = ["_seq", "_commit_ts", "_source_position", "_record_hash", "_before", "_data", "_rule", "_reason", "_dq"]
     deletes = key_moves.select(
         *[
             old_key[c].alias(c) if c in t.primary_key else F.lit(None).cast(shape.columns[c]).alias(c)
             for c in shape.columns
         ],
         F.lit("delete").alias("_op"),
-        *[
-            F.col(c)
-            for c in ["_seq", "_commit_ts", "_source_position", "_record_hash", "_before", "_data", "_rule", "_reason",
-                      "_dq"]
-        ],
+        *[F.col(c) for c in carried],
     )
     return good.unionByName(deletes)
