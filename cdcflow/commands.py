@@ -1,9 +1,14 @@
-"""Subcommands beyond validate/local: each registrar adds its parser and handler."""
+"""Subcommands beyond validate/local: each registrar adds its parser and handler.
+
+Registrars are named "module:function"; those modules keep their heavy imports (Spark) inside the
+handlers, so building the parser stays cheap for `cdcflow validate`.
+"""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from importlib import import_module
 
 
 def register_demo(sub, commands: dict[str, Callable]) -> None:
@@ -18,40 +23,19 @@ def register_demo(sub, commands: dict[str, Callable]) -> None:
     commands["demo"] = run
 
 
-def register_simulate(sub, commands: dict[str, Callable]) -> None:
-    from cdcflow.sim.cli import register_simulate as register
-
-    register(sub, commands)
-
-
-def register_verify(sub, commands: dict[str, Callable]) -> None:
-    from cdcflow.verify import register_verify as register
-
-    register(sub, commands)
+_REGISTRAR_PATHS = [
+    "cdcflow.sim.cli:register_simulate",
+    "streaming.cli:register_stream",
+    "cdcflow.verify:register_verify",
+    "batch.cli:register_full_load",
+    "batch.warehouse.cli:register_warehouse_merge",
+    "batch.cli:register_compact",
+]
 
 
-def register_stream(sub, commands: dict[str, Callable]) -> None:
-    from streaming.cli import register_stream as register
-
-    register(sub, commands)
-
-
-def register_warehouse_merge(sub, commands: dict[str, Callable]) -> None:
-    from batch.warehouse.cli import register_warehouse_merge as register
-
-    register(sub, commands)
+def _load(path: str) -> Callable:
+    module, name = path.split(":")
+    return getattr(import_module(module), name)
 
 
-def register_full_load(sub, commands: dict[str, Callable]) -> None:
-    from batch.cli import register_full_load as register
-
-    register(sub, commands)
-
-
-def register_compact(sub, commands: dict[str, Callable]) -> None:
-    from batch.cli import register_compact as register
-
-    register(sub, commands)
-
-
-REGISTRARS: list[Callable] = [register_full_load, register_compact, register_demo, register_simulate, register_verify, register_stream, register_warehouse_merge]
+REGISTRARS: list[Callable] = [*(_load(p) for p in _REGISTRAR_PATHS), register_demo]
