@@ -141,6 +141,10 @@ class BatchProcessor:
             o.duplicates += r["n"] - r["distinct"]
             o.late += r["late"] or 0
         changes = self._schema_changes(controls)
+        for name, table_changes in changes.items():
+            # A source drop never erases the lake: silver keeps its rows; operators get an alert.
+            if any(c.op == "drop-table" for c in table_changes):
+                self.metrics.alert("SourceTableDropped", name, "DMS reported drop-table; silver kept as is")
         futures = {
             name: self.pool.submit(self._apply_table, norm, name, changes.get(name, []), batch_id, o)
             for name, o in outcomes.items()

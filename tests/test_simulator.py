@@ -286,3 +286,27 @@ def test_put_to_kinesis_and_s3(stack, tmp_path, monkeypatch):
     assert sorted(keys) == sorted(f"dms/{rel}" for rel in res.s3_files)
     body = s3.get_object(Bucket="sim-test-raw", Key="dms/shop/customers/LOAD00000001.parquet")["Body"].read()
     assert body == res.s3_files["shop/customers/LOAD00000001.parquet"]
+
+
+def test_drop_table_control_record_is_last_for_its_table(tmp_path):
+    import json
+
+    from cdcflow.config import load_project
+    from cdcflow.sim.run import SimOptions, simulate
+    from cdcflow.sim.source import GenOptions
+    from tests.conftest import CONFIGS
+
+    project = load_project(CONFIGS, env={})
+    simulate(project, tmp_path, SimOptions(seed=3, gen=GenOptions(events=60, drop_table_rate=1.0)))
+    history = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    for table in project.tables:
+        ops = [h["op"] for h in history if h["table"] == table]
+        assert ops[-1] == "drop-table" and ops.count("drop-table") == 1
+    records = [json.loads(x) for f in sorted((tmp_path / "kinesis").glob("*.jsonl"))
+               for x in f.read_text().splitlines()]
+    drops = [r for r in records if r.get("metadata", {}).get("operation") == "drop-table"]
+    assert len(drops) == len(project.tables)
+    for r in drops:
+        assert r["metadata"]["record-type"] == "control"
+        assert r["metadata"]["partition-key-type"] == "task-id"
+        assert set(r) == {"control", "metadata"} and "table-def" in r["control"]

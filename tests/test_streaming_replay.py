@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.spark, pytest.mark.glue_compat]
 ALL_FAULTS = dict(
     duplicate_rate=0.05, out_of_order_rate=0.1, late_rate=0.03, malformed_json_rate=0.01,
     missing_primary_key_rate=0.01, unknown_table_rate=0.01, type_mismatch_rate=0.01, no_ordering_rate=0.01,
-    pk_change_rate=0.03, null_update_rate=0.03, dq_failure_rate=0.02, schema_drift_rate=1.0,
+    pk_change_rate=0.03, null_update_rate=0.03, dq_failure_rate=0.02, schema_drift_rate=1.0, drop_table_rate=0.5,
 )  # fmt: skip
 
 
@@ -45,6 +45,10 @@ def test_simulated_history_with_every_fault_verifies_against_oracle(spark, tmp_p
     bad = [d for d in diffs if not d.ok]
     assert not bad, [(d.table, d.kind, d.missing[:3], d.extra[:3], d.different[:3]) for d in bad]
     assert sum(t.late for t in summary.tables.values()) > 0  # late events were counted (and applied)
+    dropped = {json.loads(x)["table"] for x in (sim / "history.jsonl").read_text().splitlines()
+               if json.loads(x)["op"] == "drop-table"}
+    alerted = {m["Table"] for m in map(json.loads, metrics.read_text().splitlines()) if "SourceTableDropped" in m}
+    assert dropped and alerted == dropped  # a source drop alerts and keeps silver (verified above)
     assert sum(t.duplicates for t in summary.tables.values()) > 0
     # PII never appears unmasked: not in any file under the lake, not in the metrics log.
     pii = set()

@@ -23,6 +23,7 @@ SOURCE_FLAGS = {  # flag -> GenOptions field: real source changes, not delivery 
     "pk-change-rate": "pk_change_rate",
     "null-update-rate": "null_update_rate",
     "dq-failure-rate": "dq_failure_rate",
+    "drop-table-rate": "drop_table_rate",
 }
 
 

@@ -53,6 +53,7 @@ class GenOptions:
     pk_change_rate: float = 0.0  # updates that change the primary key (before-image)
     dq_failure_rate: float = 0.0  # inserts/updates given a value that breaks a raw_to_staging rule
     schema_drift_rate: float = 0.0  # per table: add a column (and widen a type) mid-stream
+    drop_table_rate: float = 0.0  # per table: the source drops it after its last change (drop-table control)
 
 
 @dataclass
@@ -236,6 +237,10 @@ class SourceModel:
             self._emit(t.name, "create-table", {"columns": cols, "primary_key": t.primary_key})
         self._full_load()
         self._cdc()
+        for st in self.states.values():  # after the last change: nothing of the table follows a drop
+            if self.opts.drop_table_rate > 0 and self.rng.random() < self.opts.drop_table_rate:
+                self.now_us += 1000
+                self._emit(st.table.name, "drop-table", {}, commit_ts=iso_us(self.now_us))
         return History(self.changes, self.dq_injected)
 
     def _full_load(self) -> None:
