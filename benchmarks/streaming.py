@@ -40,7 +40,7 @@ def _simulate(project, out: Path, events: int, config_dir: Path, tables: int):
     from cdcflow.sim.run import SimOptions, simulate
     from cdcflow.sim.source import GenOptions
 
-    faults = FaultOptions(duplicate_rate=0.03, out_of_order_rate=0.1, late_rate=0.01)
+    faults = FaultOptions(duplicate_rate=0.03, out_of_order_rate=0.1, late_rate=0.05)
     return simulate(project, out, SimOptions(seed=11, gen=GenOptions(events=events), faults=faults),
                     config_dir=config_dir)
 
