@@ -90,9 +90,6 @@ class BatchProcessor:
 
     # ------------------------------------------------------------ batch
 
-    def __call__(self, raw: DataFrame, batch_id: int) -> None:
-        self.process(raw, batch_id)
-
     def process(self, raw: DataFrame, batch_id: int) -> list[TableOutcome]:
         started = time.perf_counter()
         norm = parse_kinesis_json(raw, self.known_tables, self.project.pipeline.dms.before_image_field)

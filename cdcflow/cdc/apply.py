@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -27,17 +25,6 @@ SILVER_META = {
     "_deleted_at": "timestamp",
     "_ingested_at": "timestamp",
 }
-
-
-@dataclass
-class ApplyResult:
-    table: str
-    changes: int = 0  # rows given (after the batch collapse: keys touched)
-
-
-def silver_schema(shape: TableShape) -> str:
-    cols = [f"`{c}` {shape.output_type(c)}" for c in shape.output_columns]
-    return ", ".join(cols + [f"{c} {t}" for c, t in SILVER_META.items()])
 
 
 def ensure_silver(spark: SparkSession, path: str, shape: TableShape) -> DeltaTable:
