@@ -19,11 +19,15 @@ from typing import TYPE_CHECKING
 from cdcflow.errors import UserError
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Maven jars (Delta) are resolved once into this project-local Ivy cache; `make install` warms it.
 IVY_DIR = Path(os.environ.get("CDCFLOW_IVY_DIR", REPO_ROOT / ".cache" / "ivy"))
+
+# Local file system without `chmod`/`readlink` processes (see cdcflow/java); built by `--warm`.
+LOCALFS_SOURCES = Path(__file__).resolve().parent / "java"
+LOCALFS_JAR = REPO_ROOT / ".cache" / "jars" / "cdcflow-localfs.jar"
 
 _session: SparkSession | None = None
 
@@ -69,6 +73,43 @@ def cached_delta_jars() -> list[str] | None:
     return None
 
 
+def build_localfs_jar() -> Path | None:
+    """Compile the java.nio local file system (two small classes) against pyspark's Hadoop jar.
+
+    Optional: without a JDK compiler, local runs use Hadoop's default local file system (slower:
+    it starts a `chmod` process for every file and folder it writes).
+    """
+    import pyspark
+
+    javac = shutil.which("javac", path=os.path.join(os.environ["JAVA_HOME"], "bin") if "JAVA_HOME" in os.environ else None)
+    javac = javac or shutil.which("javac")
+    hadoop = sorted((Path(pyspark.__file__).parent / "jars").glob("hadoop-client-api-*.jar"))
+    if not javac or not hadoop:
+        return None
+    build = LOCALFS_JAR.parent / "localfs-classes"
+    shutil.rmtree(build, ignore_errors=True)
+    sources = [str(p) for p in sorted(LOCALFS_SOURCES.rglob("*.java"))]
+    subprocess.run([javac, "--release", "8", "-nowarn", "-cp", str(hadoop[-1]), "-d", str(build), *sources], check=True)
+    jar = shutil.which("jar", path=os.path.dirname(javac))
+    if jar:
+        subprocess.run([jar, "cf", str(LOCALFS_JAR), "-C", str(build), "."], check=True)
+    else:
+        shutil.make_archive(str(LOCALFS_JAR.with_suffix("")), "zip", build)
+        LOCALFS_JAR.with_suffix(".zip").replace(LOCALFS_JAR)
+    shutil.rmtree(build, ignore_errors=True)
+    return LOCALFS_JAR
+
+
+def localfs_conf() -> dict[str, str]:
+    if not LOCALFS_JAR.exists():
+        return {}
+    return {
+        "spark.driver.extraClassPath": str(LOCALFS_JAR),
+        "spark.hadoop.fs.file.impl": "cdcflow.fs.NioLocalFileSystem",
+        "spark.hadoop.fs.AbstractFileSystem.file.impl": "cdcflow.fs.NioLocalFs",
+    }
+
+
 def spark_versions() -> dict[str, str]:
     return {"pyspark": version("pyspark"), "delta-spark": version("delta-spark")}
 
@@ -78,6 +119,7 @@ def local_conf(shuffle_partitions: int = 2, driver_memory: str = "2g", ui: bool 
     jar_conf = {"spark.jars": ",".join(jars)} if jars else {"spark.jars.packages": delta_package(), "spark.jars.ivy": str(IVY_DIR)}
     return {
         **jar_conf,
+        **localfs_conf(),
         "spark.master": os.environ.get("CDCFLOW_SPARK_MASTER", "local[2]"),
         "spark.driver.memory": driver_memory,
         "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
@@ -100,6 +142,9 @@ def local_conf(shuffle_partitions: int = 2, driver_memory: str = "2g", ui: bool 
         "spark.driver.extraJavaOptions": "-Dderby.system.home=" + str(REPO_ROOT / ".cache" / "derby"),
         "spark.sql.warehouse.dir": str(REPO_ROOT / ".cache" / "spark-warehouse"),
         "spark.python.worker.reuse": "true",
+        # PySpark 4 records the Python call site of every DataFrame/Column call (several JVM round
+        # trips each); plan building for many tables is dominated by it. Errors still name the query.
+        "spark.python.sql.dataFrameDebugging.enabled": "false",
     }
 
 
@@ -136,6 +181,22 @@ def get_spark(
     return _session
 
 
+def materialize(df: DataFrame) -> DataFrame:
+    """Compute `df` once and keep the rows (local checkpoint), cutting its lineage.
+
+    Unlike persist(), the rows are used by every later plan, including the source of a Delta MERGE
+    (which, when given a persisted DataFrame, recomputes the plan from scratch). Release with `release`.
+    """
+    return df.localCheckpoint(eager=True)
+
+
+def release(df: DataFrame) -> None:
+    """Free the rows kept by `materialize` now instead of at the next JVM garbage collection."""
+    plan = df._jdf.queryExecution().analyzed()
+    if plan.getClass().getSimpleName() == "LogicalRDD":
+        plan.rdd().unpersist(False)
+
+
 def stop_spark() -> None:
     global _session
     if _session is not None:
@@ -146,6 +207,9 @@ def stop_spark() -> None:
 if __name__ == "__main__":
     # `python -m cdcflow.runtime --warm`: check Java and resolve the Delta jars into the project cache.
     if "--warm" in sys.argv:
+        LOCALFS_JAR.parent.mkdir(parents=True, exist_ok=True)
+        built = build_localfs_jar()
+        print(f"local file system: {built or 'Hadoop default (no javac found)'}")
         spark = get_spark("cdcflow-warm")
         print(f"Spark {spark.version} + Delta {version('delta-spark')} ready; jars in {IVY_DIR}")
         stop_spark()

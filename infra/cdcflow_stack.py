@@ -229,16 +229,16 @@ class CdcflowStack(Stack):
 
         full_load_role = self._job_role("full-load", raw=True, lake_write=True)
         self.pii_salt.grant_read(full_load_role)
-        self._job("full-load", full_load_role, command="glueetl", script="scripts/full_load.py",
+        self._job("full-load", full_load_role, command="glueetl", script="scripts/glue_full_load.py",
                   workers=cfg.batch_workers, env=env, args={"--pii-salt-secret-id": self.pii_salt.secret_arn})
 
         merge_role = self._job_role("warehouse-merge", lake_write=False)
         self.redshift_secret.grant_read(merge_role)
-        self._job("warehouse-merge", merge_role, command="glueetl", script="scripts/warehouse_merge.py",
+        self._job("warehouse-merge", merge_role, command="glueetl", script="scripts/glue_warehouse_merge.py",
                   workers=cfg.batch_workers, env=env, args={"--redshift-secret-id": self.redshift_secret.secret_arn})
 
         compaction_role = self._job_role("compaction", lake_write=True)
-        self._job("compaction", compaction_role, command="glueetl", script="scripts/compaction.py",
+        self._job("compaction", compaction_role, command="glueetl", script="scripts/glue_compaction.py",
                   workers=cfg.batch_workers, env=env)
 
         for job, schedule in (("warehouse-merge", cfg.warehouse_merge_schedule), ("compaction", cfg.compaction_schedule)):

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
@@ -27,6 +28,7 @@ from cdcflow.cdc.envelope import parse_kinesis_json
 from cdcflow.cdc.masking import REDACTED, masked_data_map, pii_salt
 from cdcflow.config import Project
 from cdcflow.metrics import MetricsSink
+from cdcflow.runtime import materialize, release
 
 log = logging.getLogger("cdcflow.stream")
 
@@ -66,6 +68,8 @@ class BatchProcessor:
         self.app_id = f"cdcflow-{project.pipeline.name}"
         self.max_commit_ts: datetime | None = self._recover_watermark()
         self.blocked: dict[str, str] = self._recover_blocked()  # table -> unsafe schema change
+        self._silver_cols: dict[str, dict[str, str]] = {}  # table -> silver data columns (cache)
+        self._control_ts: dict[str, str | None] = {}  # table -> newest type change applied (cache)
         self.fail_tables: set[str] = set()  # tables whose apply is made to fail (tests, chaos drills)
         self.last_outcomes: list[TableOutcome] = []
 
@@ -93,11 +97,11 @@ class BatchProcessor:
     def process(self, raw: DataFrame, batch_id: int) -> list[TableOutcome]:
         started = time.perf_counter()
         norm = parse_kinesis_json(raw, self.known_tables, self.project.pipeline.dms.before_image_field)
-        norm = norm.persist()
+        norm = materialize(norm)
         try:
             outcomes = self._process(norm, batch_id)
         finally:
-            norm.unpersist()
+            release(norm)
         self._emit_metrics(outcomes, batch_id, time.perf_counter() - started)
         self.last_outcomes = outcomes
         return outcomes
@@ -165,34 +169,58 @@ class BatchProcessor:
             out.setdefault(c["_table"], []).append(schema.parse_control(c["_table"], c["_op"], c["_control"], ts))
         return out
 
+    def _silver_columns(self, name: str, path: str) -> dict[str, str] | None:
+        """Silver's data columns and types, or None before its first write.
+
+        Cached across batches (this job is the table's only writer); dropped when an apply fails.
+        """
+        if name not in self._silver_cols:
+            if not DeltaTable.isDeltaTable(self.spark, path):
+                return None
+            fields = self.spark.read.format("delta").load(path).schema.fields
+            self._silver_cols[name] = {f.name: f.dataType.simpleString() for f in fields if not f.name.startswith("_")}
+        return self._silver_cols[name]
+
+    def _last_type_change_ts(self, name: str, path: str) -> str | None:
+        if name not in self._control_ts:
+            self._control_ts[name] = apply.last_control_ts(self.spark, path)
+        return self._control_ts[name]
+
     def _shape(self, name: str, changes: list[schema.SchemaChange]) -> tuple[TableShape, str | None]:
         """The table's columns now (declared + drift stored in silver + this batch's control records)."""
         table = self.project.table(name)
         path = self.project.path(table.delta_path)
         current = dict(table.columns)
-        silver = self._read_delta(path)
-        if silver is not None:
-            for f in silver.schema.fields:
-                if f.name not in current and not f.name.startswith("_"):
-                    current[f.name] = f.dataType.simpleString()
-        extra = {c: t for c, t in current.items() if c not in table.columns}
+        silver = self._silver_columns(name, path)
+        for col, ty in (silver or {}).items():
+            if col in table.pii:
+                continue  # stored masked, as text
+            if col not in current or (ty != current[col] and schema.is_widening(current[col], ty)):
+                current[col] = ty  # added or widened by earlier drift
         problems: list[str] = []
         widen: dict[str, str] = {}
-        last_ts = apply.last_control_ts(self.spark, path) if silver is not None and changes else None
+        type_changes = [c for c in changes if c.op in schema.TYPE_CHANGE_OPS]
+        last_ts = self._last_type_change_ts(name, path) if silver is not None and type_changes else None
         for change in changes:
             stale = bool(last_ts and change.ts and change.ts <= last_ts)
             add, wid, unsafe = schema.plan(current, change, stale)
             current.update(add)
             current.update(wid)
-            extra.update(add)
             widen.update(wid)
             problems += unsafe
+        shape = TableShape(table, tuple((c, t) for c, t in current.items() if table.columns.get(c) != t))
         if problems:
-            return TableShape(table, tuple(extra.items())), "; ".join(problems)
-        shape = TableShape(table, tuple(extra.items()))
+            return shape, "; ".join(problems)
         if widen and silver is not None:
             apply.widen_columns(self.spark, path, {c: t for c, t in widen.items() if c not in table.pii})
         return shape, None
+
+    def _remember_type_changes(self, name: str, changes: list[schema.SchemaChange]) -> None:
+        """Keep the newest applied type change's time, so a replayed older one is stale (never "narrowing")."""
+        newest = max((c.ts for c in changes if c.op in schema.TYPE_CHANGE_OPS and c.ts), default=None)
+        if newest and (self._control_ts.get(name) is None or newest > self._control_ts[name]):
+            apply.set_last_control_ts(self.spark, self.project.path(self.project.table(name).delta_path), newest)
+            self._control_ts[name] = newest
 
     def _apply_table(self, norm: DataFrame, name: str, changes: list, batch_id: int, o: TableOutcome) -> TableOutcome:
         rows = norm.filter((F.col("_table") == name) & (F.col("_record_type") == "data") & F.col("_problem").isNull())
@@ -216,10 +244,14 @@ class BatchProcessor:
                     bad_rows = bad.collect()
                     if name in self.fail_tables:
                         raise RuntimeError(f"injected failure for {name}")
-                    apply.merge(self.spark, self.project.path(table.delta_path), good, shape)
-                    newest = max((c.ts for c in changes if c.ts), default=None)
-                    if newest:
-                        apply.set_last_control_ts(self.spark, self.project.path(table.delta_path), newest)
+                    try:
+                        apply.merge(self.spark, self.project.path(table.delta_path), good, shape)
+                    except Exception:
+                        self._silver_cols.pop(name, None)  # re-read what silver holds on the retry
+                        self._control_ts.pop(name, None)
+                        raise
+                    self._silver_cols[name] = {c: shape.output_type(c) for c in shape.output_columns}
+                    self._remember_type_changes(name, changes)
         except Exception as e:  # noqa: BLE001 - any failure isolates this table, never the others
             log.error("table %s failed after %d attempts: %s", name, self.retries + 1, e)
             self.metrics.alert("TableIsolated", name, type(e).__name__)
@@ -292,7 +324,9 @@ class BatchProcessor:
             F.lit(batch_id).cast("bigint").alias("batch_id"),
         )
         (
-            bronze.write.format("delta").mode("append").partitionBy("table", "date")
+            # one file per table and date per batch, not one per task
+            bronze.repartition("table", "date")
+            .write.format("delta").mode("append").partitionBy("table", "date")
             .option("txnAppId", f"{self.app_id}-bronze").option("txnVersion", batch_id)
             .save(self.bronze_path)
         )  # fmt: skip

@@ -115,6 +115,18 @@ def test_glue_jobs_run_glue_5_1_with_delta(template):
     }  # fmt: skip
 
 
+def test_glue_job_scripts_are_the_entry_scripts_in_the_repo(template):
+    """infra/README.md uploads each script under its own file name to s3://<artifacts>/scripts/."""
+    scripts = {"stream": "streaming/glue_job.py", "full-load": "batch/glue_full_load.py",
+               "warehouse-merge": "batch/glue_warehouse_merge.py", "compaction": "batch/glue_compaction.py"}  # fmt: skip
+    jobs = {j["Properties"]["Name"]: j["Properties"] for j in _resources(template, "AWS::Glue::Job").values()}
+    for job, path in scripts.items():
+        location = jobs[f"cdcflow-shop-{job}"]["Command"]["ScriptLocation"]
+        parts = location["Fn::Join"][1] if isinstance(location, dict) else [location]
+        assert "".join(p for p in parts if isinstance(p, str)).endswith(f"/scripts/{Path(path).name}"), location
+        assert (INFRA.parent / path).is_file(), path
+
+
 def test_kinesis_permissions_name_only_the_stream(template):
     stream_arn = {"Fn::GetAtt": [_logical_id(template, "AWS::Kinesis::Stream"), "Arn"]}
     kinesis = [s for s in _iam_statements(template) if any(a.startswith("kinesis:") for a in _as_list(s["Action"]))]

@@ -186,8 +186,9 @@ def _result(m: WarehouseModel, staged: int, counts: dict[str, int], tries: int) 
 
 
 def redshift_connect(url: str) -> Any:  # pragma: no cover - needs a Redshift cluster
-    """redshift://user:password@host:5439/db, or redshift://host:5439/db?iam=true (IAM credentials)."""
-    from urllib.parse import parse_qs, urlparse
+    """redshift://user:password@host:5439/db, or redshift://host:5439/db?iam=true (IAM credentials).
+    User and password are percent-decoded (cdcflow.glue.redshift_url encodes them)."""
+    from urllib.parse import parse_qs, unquote, urlparse
 
     import redshift_connector
 
@@ -197,8 +198,8 @@ def redshift_connect(url: str) -> Any:  # pragma: no cover - needs a Redshift cl
         host=u.hostname,
         port=u.port or 5439,
         database=u.path.lstrip("/"),
-        user=u.username or "",
-        password=u.password or "",
+        user=unquote(u.username or ""),
+        password=unquote(u.password or ""),
         iam=opts.get("iam", ["false"])[0] == "true",
     )
 

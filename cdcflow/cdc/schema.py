@@ -68,6 +68,7 @@ def parse_control(table: str, op: str, control_json: str | None, ts: str | None 
     return SchemaChange(table, op, {name: spark_type(d or {}) for name, d in cols.items()}, ts)
 
 
+TYPE_CHANGE_OPS = ("column-type-change", "change-columns")
 _OP_RANK = {"create-table": 0, "add-column": 1, "change-columns": 2, "column-type-change": 2}
 
 
@@ -92,7 +93,7 @@ def plan(current: dict[str, str], change: SchemaChange, stale: bool = False) -> 
         old = current.get(col)
         if old is None:
             add[col] = new
-        elif old != new and change.op in ("column-type-change", "change-columns"):
+        elif old != new and change.op in TYPE_CHANGE_OPS:
             if is_widening(old, new):
                 widen[col] = new
             elif not stale:

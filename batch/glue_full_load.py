@@ -1,0 +1,31 @@
+"""AWS Glue entry point of the `<pipeline>-full-load` job: `cdcflow full-load` inside Glue.
+
+Uploaded as s3://<artifacts>/scripts/glue_full_load.py (infra/README.md). Applies the DMS S3 Parquet
+under dms.raw_uri (LOAD files, then CDC files in time order) to silver with `batch.full_load.run_full_load`,
+the function the CLI calls, with the CLI's defaults (every table, archive applied files). Any error
+propagates, so Glue marks the run FAILED.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    from awsglue.context import GlueContext
+    from pyspark.context import SparkContext
+
+    from batch.full_load import run_full_load
+    from cdcflow.glue import glue_project, print_rows
+    from cdcflow.runtime import get_spark
+
+    GlueContext(SparkContext.getOrCreate())  # Glue's session, with --datalake-formats delta
+    project = glue_project(sys.argv if argv is None else argv)
+    result = run_full_load(get_spark(mode="glue"), project, progress=None)
+    print_rows("full load", ["table", "rows"], [[t, n] for t, n in sorted(result.per_table.items())])
+    print(f"{result.files} files applied, {result.skipped} already applied, {result.rows} rows, "
+          f"{result.quarantined} quarantined")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
