@@ -232,7 +232,8 @@ class CdcflowStack(Stack):
         self._job("full-load", full_load_role, command="glueetl", script="scripts/glue_full_load.py",
                   workers=cfg.batch_workers, env=env, args={"--pii-salt-secret-id": self.pii_salt.secret_arn})
 
-        merge_role = self._job_role("warehouse-merge", lake_write=False)
+        # Reads the lake; writes only its DQ quarantine rows and run reports.
+        merge_role = self._job_role("warehouse-merge", lake_write=False, lake_write_paths=("quarantine", "_reports"))
         self.redshift_secret.grant_read(merge_role)
         self._job("warehouse-merge", merge_role, command="glueetl", script="scripts/glue_warehouse_merge.py",
                   workers=cfg.batch_workers, env=env, args={"--redshift-secret-id": self.redshift_secret.secret_arn})
@@ -371,7 +372,7 @@ class CdcflowStack(Stack):
                     {"StringLike": {"s3:prefix": allowed}})
 
     def _job_role(self, job: str, *, raw: bool = False, lake_write: bool, checkpoints: bool = False,
-                  kinesis_read: bool = False) -> iam.Role:
+                  kinesis_read: bool = False, lake_write_paths: tuple[str, ...] = ()) -> iam.Role:
         cfg = self.settings
         name = _camel(job)
         role = iam.Role(
@@ -395,6 +396,10 @@ class CdcflowStack(Stack):
             self._list(role, "ListRaw", self.raw_bucket, cfg.raw_prefix)
         lake = self.lake_bucket.arn_for_objects(f"{cfg.lake_prefix.strip('/')}/*")
         self._allow(role, "Lake", S3_WRITE if lake_write else S3_READ, [lake])
+        if lake_write_paths and not lake_write:
+            base = cfg.lake_prefix.strip("/")
+            self._allow(role, "LakeWrite", S3_WRITE,
+                        [self.lake_bucket.arn_for_objects(f"{base}/{p}/*") for p in lake_write_paths])
         self._list(role, "ListLake", self.lake_bucket, cfg.lake_prefix)
         if kinesis_read:
             self._allow(role, "ReadStream", KINESIS_READ_ACTIONS, [self.stream.stream_arn])

@@ -176,3 +176,13 @@ def test_alarms_on_the_pipeline_metrics(template):
         if name in ("TableIsolated", "SchemaChangeUnsafe"):
             assert a["Threshold"] == 1 and a["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
     template.resource_count_is("AWS::SNS::Topic", 1)
+
+
+def test_warehouse_merge_writes_only_quarantine_and_reports_in_the_lake(template):
+    merge = [p for p in _resources(template, "AWS::IAM::Policy").values() if p["Properties"]["Roles"][0]["Ref"].startswith("JobRoleWarehouseMerge")]
+    assert len(merge) == 1
+    writes = [s for s in merge[0]["Properties"]["PolicyDocument"]["Statement"]
+              if "s3:PutObject" in _as_list(s["Action"])]
+    texts = ["".join(x for x in r["Fn::Join"][1] if isinstance(x, str)) for s in writes for r in _as_list(s["Resource"])]
+    lake_writes = sorted(t for t in texts if "/tmp/" not in t)
+    assert lake_writes == ["/lake/_reports/*", "/lake/quarantine/*"], texts
