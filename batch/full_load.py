@@ -27,7 +27,6 @@ from cdcflow.cdc.changes import TableShape, typed_changes
 from cdcflow.cdc.envelope import data_map
 from cdcflow.cdc.masking import pii_salt
 from cdcflow.config import Project, Table
-from cdcflow.runtime import materialize, release
 
 LOAD_FILE = re.compile(r"(^|/)(SEGMENT\d+_)?LOAD[0-9A-F]{8}\.parquet$")
 CDC_FILE = re.compile(r"(^|/)\d{8}-\d{9,10}\.parquet$")
@@ -180,14 +179,10 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
                 folder = group[0].rel.rsplit("/", 1)[0]
                 position = F.concat(F.lit(folder + "/"), F.element_at(F.split(F.input_file_name(), "/"), -1),
                                     F.lit("#"), F.monotonically_increasing_id().cast("string"))
-            # Read the files once: both the quarantine collect and the apply scan the kept rows.
-            norm = materialize(normalize_parquet(df, table, group[0], ts_column, position))
-            try:
-                good, bad = typed_changes(norm, shape, salt)
-                bad_rows = bad.collect()
-                apply.merge(spark, path, good, shape)
-            finally:
-                release(norm)
+            norm = normalize_parquet(df, table, group[0], ts_column, position)
+            good, bad = typed_changes(norm, shape, salt)
+            bad_rows = bad.collect()
+            apply.merge(spark, path, good, shape)
             counts = [_parquet_rows(p) for p in local]
             _record(spark, project, manifest_path, name, group, counts, bad_rows)
             result.files += len(group)
