@@ -32,8 +32,8 @@ def test_thousand_table_replay_completes_and_verifies(spark, tmp_path: Path):
     assert len(summary.tables) == 1004  # every table was touched (each has at least its full-load rows)
     assert not [t for t, o in summary.tables.items() if o.isolated]
     assert sum(o.duplicates for o in summary.tables.values()) > 0
-    # Reading 1004 silver tables back in a 2 GB test session ran out of Spark memory once (Delta keeps
-    # a cached snapshot state per table): drop those caches first.
+    # Known failure (open): after streaming 1004 tables, reading them back in the 2 GB test session runs
+    # out of Java heap, with or without these cache clears. Next step: a heap dump to find what is kept.
     spark._jvm.org.apache.spark.sql.delta.DeltaLog.clearCache()
     spark.catalog.clearCache()
     diffs = verify_against_oracle(spark, project, sim)
