@@ -16,7 +16,7 @@ $(PY):
 # Reinstall when the dependency list changes; then resolve the Delta jars into .cache/ivy once and
 # build the small local file system jar (cdcflow/java) into .cache/jars.
 $(STAMP): pyproject.toml $(wildcard cdcflow/java/cdcflow/fs/*.java) | $(PY)
-	$(PY) -m pip install --quiet -e '.[dev,peer,infra]'
+	$(PY) -m pip install --quiet -e '.[dev,peer,infra,redshift]'
 	$(PY) -m cdcflow.runtime --warm
 	touch $(STAMP)
 

@@ -3,8 +3,9 @@
 Uploaded as s3://<artifacts>/scripts/glue_warehouse_merge.py (infra/README.md). Merges every warehouse
 table's new bronze changes (dimensions first) with `batch.warehouse_job.merge_from_lake`, the function
 the CLI's lake mode calls, and prints the same DQ summary. The warehouse URL is `warehouse.url`, which
-`--redshift-secret-id` fills through CDCFLOW_WAREHOUSE_URL. Any error propagates, so Glue marks the run
-FAILED.
+`--redshift-secret-id` fills through CDCFLOW_WAREHOUSE_URL (a redshift:// URL: redshift_connector, with
+staging COPYed from `warehouse.s3_staging`); a postgresql:// URL works too. Any error propagates, so
+Glue marks the run FAILED.
 """
 
 from __future__ import annotations
@@ -15,20 +16,17 @@ from urllib.parse import urlsplit
 from cdcflow.config import Project
 from cdcflow.errors import UserError
 
-# merge_from_lake connects with psycopg, which takes only these URLs; a redshift:// URL is for
-# redshift_connector (batch.warehouse.loader.merge_table), which the lake mode doesn't use.
-LAKE_MODE_SCHEMES = ("postgresql", "postgres")
+SCHEMES = ("redshift", "postgresql", "postgres")  # batch.warehouse.connection.connect
 
 
 def warehouse_url(project: Project) -> str:
-    """The URL merge_from_lake can use; fail early, naming only the scheme (the URL holds the password)."""
+    """The warehouse URL; fail early, naming only the scheme (the URL holds the password)."""
     url = project.pipeline.warehouse.url
     if not url:
         raise UserError("no warehouse URL: set warehouse.url (CDCFLOW_WAREHOUSE_URL or --redshift-secret-id)")
     scheme = urlsplit(url).scheme
-    if "://" in url and scheme not in LAKE_MODE_SCHEMES:  # (a key=value conninfo string is fine too)
-        raise UserError(f"warehouse-merge from the lake connects with psycopg and needs a postgresql:// URL, "
-                        f"not {scheme}://; merging from the lake into Redshift is not implemented yet")
+    if scheme not in SCHEMES:
+        raise UserError(f"warehouse.url must be a redshift:// or postgresql:// URL, not {scheme or 'no'}://")
     return url
 
 

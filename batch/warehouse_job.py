@@ -13,8 +13,7 @@ For each table with a `warehouse` target, dimensions first, then facts:
    `dimension_to_fact` for facts (batch.stages.run_stage: rules in one pass, quarantine / warn /
    fail, then the stage's transforms). Quarantined rows never reach the warehouse.
 4. Merge the staging rows (batch/warehouse `merge_table`) and move the watermark
-   (`<schema>.cdcflow_watermarks`) in the same Postgres transaction. Re-merging a batch is a no-op
-   in the warehouse anyway, so a crash between the two on Redshift only repeats work.
+   (`<schema>.cdcflow_watermarks`) in the same warehouse transaction (Postgres or Redshift).
 
 The watermark is a bronze position (the streaming micro-batch id), not a `_seq`: a late change
 (older `_seq`) that arrives after a merge is still picked up, and the SCD2 merge puts it at its
@@ -25,6 +24,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +36,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
 from batch.stages import run_stage, silver_references, write_quarantine
+from batch.warehouse.connection import Warehouse, connect
 from batch.warehouse.ddl import model, q
 from batch.warehouse.loader import MergeResult, merge_table
 from cdcflow.cdc.changes import TableShape, typed_changes
@@ -161,15 +162,16 @@ def _watermark_ddl(schema: str) -> list[str]:
     ]
 
 
-def read_watermark(conn: Any, schema: str, table: str) -> int:
-    row = conn.execute(f"select last_batch_id from {q(schema)}.{WATERMARKS} where table_name = %s", (table,)).fetchone()
+def read_watermark(wh: Warehouse, schema: str, table: str) -> int:
+    sql = f"select last_batch_id from {q(schema)}.{WATERMARKS} where table_name = %s"
+    row = wh.execute(sql, (table,)).fetchone()
     return -1 if row is None else int(row[0])
 
 
-def _set_watermark(conn: Any, schema: str, table: str, batch_id: int) -> None:
-    conn.execute(f"delete from {q(schema)}.{WATERMARKS} where table_name = %s", (table,))
-    conn.execute(f"insert into {q(schema)}.{WATERMARKS} values (%s, %s, %s)",
-                 (table, batch_id, datetime.now(UTC).replace(tzinfo=None)))
+def _set_watermark(wh: Warehouse, schema: str, table: str, batch_id: int) -> None:
+    wh.execute(f"delete from {q(schema)}.{WATERMARKS} where table_name = %s", (table,))
+    wh.execute(f"insert into {q(schema)}.{WATERMARKS} values (%s, %s, %s)",
+               (table, batch_id, datetime.now(UTC).replace(tzinfo=None)))
 
 
 # ---------------------------------------------------------------- the job
@@ -178,28 +180,29 @@ def _set_watermark(conn: Any, schema: str, table: str, batch_id: int) -> None:
 def merge_from_lake(
     spark: SparkSession,
     project: Project,
-    url: str,
+    url: str | Warehouse,
     *,
     tables: list[str] | None = None,
     schema: str | None = None,
     run_id: str | None = None,
     metrics: MetricsSink | None = None,
 ) -> WarehouseRun:
-    """Merge every warehouse table's new bronze changes; write the DQ report (JSON) whatever happens."""
-    import psycopg
+    """Merge every warehouse table's new bronze changes; write the DQ report (JSON) whatever happens.
 
+    `url`: postgresql:// or redshift:// (batch/warehouse/connection.py), or an open `Warehouse`."""
     schema = schema or project.pipeline.warehouse.schema_
     run = WarehouseRun(run_id or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6])
     metrics = metrics or MetricsSink(project.pipeline.name)
     references = silver_references(spark, project)
     try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            for s in _watermark_ddl(schema):
-                conn.execute(s)
+        with connect(project, url) if isinstance(url, str) else nullcontext(url) as wh:
+            with wh.transaction():
+                for s in _watermark_ddl(schema):
+                    wh.execute(s)
             for table in warehouse_tables(project, tables):
                 tr = TableRun(table.name)
                 run.tables.append(tr)
-                _merge_one(spark, project, conn, schema, table, tr, references, metrics)
+                _merge_one(spark, project, wh, schema, table, tr, references, metrics)
     except Exception as e:
         run.error = f"{type(e).__name__}: {e}"
         raise
@@ -208,9 +211,10 @@ def merge_from_lake(
     return run
 
 
-def _merge_one(spark: SparkSession, project: Project, conn: Any, schema: str, table: Table, tr: TableRun,
+def _merge_one(spark: SparkSession, project: Project, wh: Warehouse, schema: str, table: Table, tr: TableRun,
                references, metrics: MetricsSink) -> None:
-    tr.from_batch = read_watermark(conn, schema, table.name)
+    with wh.transaction():
+        tr.from_batch = read_watermark(wh, schema, table.name)
     staged, newest = staged_changes(spark, project, table, tr.from_batch)
     tr.to_batch = tr.from_batch
     if newest is None:
@@ -234,10 +238,14 @@ def _merge_one(spark: SparkSession, project: Project, conn: Any, schema: str, ta
     arrow = to_arrow(df.select(*cols))
     tr.staged, tr.quarantined = arrow.num_rows, len(quarantine)
     write_quarantine(spark, project, quarantine)
-    with conn.transaction():
-        if arrow.num_rows:
-            tr.merge = merge_table(conn, project, table.name, arrow, schema=schema)
-        _set_watermark(conn, schema, table.name, newest)
+    def move_watermark(w: Warehouse) -> None:
+        _set_watermark(w, schema, table.name, newest)
+
+    if arrow.num_rows:  # the watermark moves in the merge's transaction
+        tr.merge = merge_table(wh, project, table.name, arrow, schema=schema, also=move_watermark)
+    else:
+        with wh.transaction():
+            move_watermark(wh)
     tr.to_batch = newest
     staged.unpersist()
 

@@ -35,7 +35,9 @@ def read_quarantine(spark: SparkSession, project: Project) -> list[dict[str, Any
     return [r.asDict() for r in df.filter(later).dropDuplicates(["table", "rule", "record_hash"]).collect()]
 
 
-def read_warehouse_scd2(project: Project, url: str | None = None) -> dict[str, list[dict[str, Any]]] | None:
+def read_warehouse_scd2(
+    project: Project, url: str | None = None, schema: str | None = None
+) -> dict[str, list[dict[str, Any]]] | None:
     """SCD2 dimension rows from the warehouse (Postgres / Redshift stand-in), or None when unreachable.
 
     Full-load versions are stored with valid_from = 1900-01-01 (no source commit time); the oracle
@@ -47,7 +49,7 @@ def read_warehouse_scd2(project: Project, url: str | None = None) -> dict[str, l
     from cdcflow.oracle import scd2_tables
 
     url = url or project.pipeline.warehouse.url
-    schema = project.pipeline.warehouse.schema_
+    schema = schema or project.pipeline.warehouse.schema_
     try:
         conn = psycopg.connect(url, connect_timeout=3)
     except psycopg.OperationalError:

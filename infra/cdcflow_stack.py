@@ -9,6 +9,7 @@ What is here (one stack):
 - the Glue 5.1 streaming job and three Glue batch jobs (full load, warehouse merge, compaction), each
   with its own role; warehouse merge and compaction run on Glue schedule triggers;
 - Secrets Manager secrets for the PII salt and the Redshift credentials;
+- the IAM role Redshift assumes to COPY the warehouse merge's staging files (read-only, that prefix);
 - CloudWatch alarms on the job's EMF metrics (namespace "cdcflow") plus Glue job failures -> SNS.
 
 DMS endpoints/tasks, Redshift and networking are out of scope.
@@ -44,6 +45,9 @@ KINESIS_READ_ACTIONS = [
     "kinesis:GetShardIterator",
     "kinesis:ListShards",
 ]
+PYTHON_MODULES = "pydantic>=2.6,tenacity>=8.2,rich>=13.7,sqlglot>=25"
+WAREHOUSE_MODULES = "redshift_connector>=2.1,psycopg[binary]>=3.1"  # warehouse merge: Redshift or Postgres
+WAREHOUSE_STAGING = "warehouse-staging"  # artifacts bucket prefix (warehouse.s3_staging)
 S3_READ = ["s3:GetObject"]
 S3_WRITE = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"]
 KMS_USE = ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey", "kms:DescribeKey"]
@@ -137,11 +141,16 @@ class CdcflowStack(Stack):
                 s3.LifecycleRule(id="abort-incomplete-uploads", abort_incomplete_multipart_upload_after=Duration.days(7))
             ],
         )
-        # scripts/, configs/, dist/ (read-only for jobs), checkpoints/ (streaming), tmp/ (Glue temp dir).
+        # scripts/, configs/, dist/ (read-only for jobs), checkpoints/ (streaming), tmp/ (Glue temp dir),
+        # warehouse-staging/ (Parquet the warehouse merge COPYs into Redshift; deleted after each merge).
         self.artifacts_bucket = self._bucket(
             "ArtifactsBucket",
             versioned=True,
-            lifecycle_rules=[s3.LifecycleRule(id="expire-tmp", prefix="tmp/", expiration=Duration.days(7))],
+            lifecycle_rules=[
+                s3.LifecycleRule(id="expire-tmp", prefix="tmp/", expiration=Duration.days(7)),
+                s3.LifecycleRule(id="expire-warehouse-staging", prefix=f"{WAREHOUSE_STAGING}/",
+                                 expiration=Duration.days(1), noncurrent_version_expiration=Duration.days(1)),
+            ],
         )
 
         # ------------------------------------------------------------ Kinesis stream
@@ -232,11 +241,31 @@ class CdcflowStack(Stack):
         self._job("full-load", full_load_role, command="glueetl", script="scripts/glue_full_load.py",
                   workers=cfg.batch_workers, env=env, args={"--pii-salt-secret-id": self.pii_salt.secret_arn})
 
-        # Reads the lake; writes only its DQ quarantine rows and run reports.
+        # Reads the lake; writes only its DQ quarantine rows and run reports, and the staging files
+        # Redshift COPYs (with its own role, which may only read them).
         merge_role = self._job_role("warehouse-merge", lake_write=False, lake_write_paths=("quarantine", "_reports"))
         self.redshift_secret.grant_read(merge_role)
+        staging_objects = self.artifacts_bucket.arn_for_objects(f"{WAREHOUSE_STAGING}/*")
+        self._allow(merge_role, "WarehouseStaging", S3_WRITE, [staging_objects])
+        self.redshift_copy_role = iam.Role(
+            self,
+            "RedshiftCopyRole",
+            description=f"cdcflow {cfg.pipeline}: associate with the Redshift cluster; COPY reads the merge's staging files",
+            assumed_by=iam.ServicePrincipal(
+                "redshift.amazonaws.com", conditions={"StringEquals": {"aws:SourceAccount": self.account}}
+            ),
+        )
+        self._allow(self.redshift_copy_role, "ReadWarehouseStaging", S3_READ, [staging_objects])
+        self._list(self.redshift_copy_role, "ListWarehouseStaging", self.artifacts_bucket, WAREHOUSE_STAGING)
+        self._allow(self.redshift_copy_role, "DecryptStaging", ["kms:Decrypt", "kms:DescribeKey"], [self.key.key_arn])
+        merge_env = {
+            **env,
+            "CDCFLOW_WAREHOUSE_S3_STAGING": f"s3://{self.artifacts_bucket.bucket_name}/{WAREHOUSE_STAGING}",
+            "CDCFLOW_WAREHOUSE_IAM_ROLE": self.redshift_copy_role.role_arn,
+        }
         self._job("warehouse-merge", merge_role, command="glueetl", script="scripts/glue_warehouse_merge.py",
-                  workers=cfg.batch_workers, env=env, args={"--redshift-secret-id": self.redshift_secret.secret_arn})
+                  workers=cfg.batch_workers, env=merge_env, modules=WAREHOUSE_MODULES,
+                  args={"--redshift-secret-id": self.redshift_secret.secret_arn})
 
         compaction_role = self._job_role("compaction", lake_write=True)
         self._job("compaction", compaction_role, command="glueetl", script="scripts/glue_compaction.py",
@@ -330,6 +359,8 @@ class CdcflowStack(Stack):
                   description="DMS S3 target setting ExpectedBucketOwner")
         CfnOutput(self, "AlarmTopicArn", value=self.topic.topic_arn)
         CfnOutput(self, "StreamingJobName", value=self.jobs["stream"].ref)
+        CfnOutput(self, "RedshiftCopyRoleArn", value=self.redshift_copy_role.role_arn,
+                  description="Associate this IAM role with the Redshift cluster (the merge's COPY uses it)")
 
     # ================================================================ helpers
 
@@ -417,7 +448,7 @@ class CdcflowStack(Stack):
         return role
 
     def _job(self, job: str, role: iam.Role, *, command: str, script: str, workers: int, env: dict[str, str],
-             args: dict[str, str] | None = None) -> glue.CfnJob:
+             args: dict[str, str] | None = None, modules: str = "") -> glue.CfnJob:
         cfg = self.settings
         art = self.artifacts_bucket.bucket_name
         default_arguments = {
@@ -428,7 +459,7 @@ class CdcflowStack(Stack):
             # The cdcflow packages as a zip (not the wheel: its pyspark/delta-spark pins are for local runs;
             # Glue 5.1 brings Spark 3.5 + Delta 3.3) and the pure-Python dependencies Glue lacks.
             "--extra-py-files": f"s3://{art}/dist/cdcflow.zip",
-            "--additional-python-modules": "pydantic>=2.6,tenacity>=8.2,rich>=13.7,sqlglot>=25",
+            "--additional-python-modules": ",".join(m for m in (PYTHON_MODULES, modules) if m),
             "--TempDir": f"s3://{art}/tmp/{job}/",
             "--enable-metrics": "true",
             "--enable-continuous-cloudwatch-log": "true",

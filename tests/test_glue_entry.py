@@ -333,12 +333,14 @@ def test_warehouse_merge_main_runs_the_cli_function(fake_glue, capsys):
     assert "report: s3://lake/_reports/dq/r1.json" in out
 
 
-def test_warehouse_merge_refuses_a_redshift_url_without_showing_it():
+def test_warehouse_merge_takes_redshift_and_postgres_urls_and_refuses_others_without_showing_them():
     from batch.glue_warehouse_merge import warehouse_url
 
     secret_url = glue.redshift_url(REDSHIFT_SECRET)
-    with pytest.raises(UserError, match="redshift://") as err:
-        warehouse_url(load_project(CONFIGS, env={"CDCFLOW_WAREHOUSE_URL": secret_url}))
-    assert PASSWORD not in str(err.value) and secret_url not in str(err.value)
+    assert warehouse_url(load_project(CONFIGS, env={"CDCFLOW_WAREHOUSE_URL": secret_url})) == secret_url
     pg = "postgresql://u:p@h:5432/db"
     assert warehouse_url(load_project(CONFIGS, env={"CDCFLOW_WAREHOUSE_URL": pg})) == pg
+    other = f"mysql://cdcflow:{PASSWORD}@h:3306/db"
+    with pytest.raises(UserError, match="mysql://") as err:
+        warehouse_url(load_project(CONFIGS, env={"CDCFLOW_WAREHOUSE_URL": other}))
+    assert PASSWORD not in str(err.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -178,11 +179,46 @@ def test_alarms_on_the_pipeline_metrics(template):
     template.resource_count_is("AWS::SNS::Topic", 1)
 
 
-def test_warehouse_merge_writes_only_quarantine_and_reports_in_the_lake(template):
-    merge = [p for p in _resources(template, "AWS::IAM::Policy").values() if p["Properties"]["Roles"][0]["Ref"].startswith("JobRoleWarehouseMerge")]
-    assert len(merge) == 1
-    writes = [s for s in merge[0]["Properties"]["PolicyDocument"]["Statement"]
-              if "s3:PutObject" in _as_list(s["Action"])]
-    texts = ["".join(x for x in r["Fn::Join"][1] if isinstance(x, str)) for s in writes for r in _as_list(s["Resource"])]
-    lake_writes = sorted(t for t in texts if "/tmp/" not in t)
-    assert lake_writes == ["/lake/_reports/*", "/lake/quarantine/*"], texts
+def _s3_object_resources(statement: dict) -> list[tuple[str, str]]:
+    """(bucket logical id without its hash, object path pattern) of each resource of an S3 statement."""
+    out = []
+    for r in _as_list(statement["Resource"]):
+        parts = r["Fn::Join"][1]
+        bucket = next(x["Fn::GetAtt"][0] for x in parts if isinstance(x, dict) and "Fn::GetAtt" in x)
+        out.append((bucket.rstrip("0123456789ABCDEF"), "".join(x for x in parts if isinstance(x, str))))
+    return out
+
+
+def _role_statements(template, role_prefix: str) -> list[dict]:
+    pols = [p for p in _resources(template, "AWS::IAM::Policy").values()
+            if p["Properties"]["Roles"][0]["Ref"].startswith(role_prefix)]  # fmt: skip
+    assert len(pols) == 1, role_prefix
+    return pols[0]["Properties"]["PolicyDocument"]["Statement"]
+
+
+def test_warehouse_merge_writes_only_quarantine_reports_and_its_staging_files(template):
+    writes = [s for s in _role_statements(template, "JobRoleWarehouseMerge") if "s3:PutObject" in _as_list(s["Action"])]
+    written = sorted(r for s in writes for r in _s3_object_resources(s) if "/tmp/" not in r[1])
+    assert written == [("ArtifactsBucket", "/warehouse-staging/*"), ("LakeBucket", "/lake/_reports/*"),
+                       ("LakeBucket", "/lake/quarantine/*")], written  # fmt: skip
+    job = next(j["Properties"] for j in _resources(template, "AWS::Glue::Job").values()
+               if j["Properties"]["Name"].endswith("warehouse-merge"))  # fmt: skip
+    modules = job["DefaultArguments"]["--additional-python-modules"]
+    assert "redshift_connector" in modules and "psycopg[binary]" in modules
+    env = json.dumps(job["DefaultArguments"]["--cdcflow-env"])
+    assert "CDCFLOW_WAREHOUSE_S3_STAGING" in env and "CDCFLOW_WAREHOUSE_IAM_ROLE" in env
+
+
+def test_redshift_copy_role_only_reads_the_staging_prefix(template):
+    roles = {lid: r for lid, r in _resources(template, "AWS::IAM::Role").items() if lid.startswith("RedshiftCopyRole")}
+    (role,) = roles.values()
+    (principal,) = [s["Principal"]["Service"] for s in role["Properties"]["AssumeRolePolicyDocument"]["Statement"]]
+    assert principal == "redshift.amazonaws.com"
+    statements = _role_statements(template, "RedshiftCopyRole")
+    actions = sorted(a for s in statements for a in _as_list(s["Action"]))
+    assert actions == ["kms:Decrypt", "kms:DescribeKey", "s3:GetBucketLocation", "s3:GetObject", "s3:ListBucket"]
+    reads = [s for s in statements if "s3:GetObject" in _as_list(s["Action"])]
+    assert [r for s in reads for r in _s3_object_resources(s)] == [("ArtifactsBucket", "/warehouse-staging/*")]
+    rules = next(b["Properties"]["LifecycleConfiguration"]["Rules"] for lid, b in
+                 _resources(template, "AWS::S3::Bucket").items() if lid.startswith("ArtifactsBucket"))  # fmt: skip
+    assert any(r.get("Prefix") == "warehouse-staging/" and r["ExpirationInDays"] == 1 for r in rules)

@@ -14,12 +14,14 @@ import pytest
 
 from batch.warehouse_job import merge_from_lake
 from cdcflow.actual import read_warehouse_scd2
+from cdcflow.aws import client
 from cdcflow.oracle import build_oracle, load_history, resolve_salt, scd2_tables
 from cdcflow.verify import compare_scd2
 from streaming.job import run_stream
 from streaming.sources import replay_stream
 from tests.conftest import CONFIGS
 from tests.streaming_helpers import project_in, simulate_to, split_replay
+from tests.warehouse_helpers import redshift_on_postgres
 
 pytestmark = [pytest.mark.spark, pytest.mark.stack, pytest.mark.glue_compat]
 
@@ -97,6 +99,21 @@ def test_warehouse_merge_from_lake_matches_oracle_incrementally_and_reruns_are_n
         conn.execute(f"delete from {schema}.cdcflow_watermarks")
     merge_from_lake(spark, project, stack.pg_url)
     assert snapshot(stack.pg_url, schema) == before
+
+    # The Redshift code path (flat DB-API transactions, staging COPYed from S3 Parquet) into a fresh
+    # schema, on the embedded Postgres + moto (tests/warehouse_helpers.py): the same history.
+    rs_schema = f"{schema}_rs"
+    s3 = client("s3", stack.aws_endpoint, "us-east-1")
+    bucket = f"stg-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    with redshift_on_postgres(stack.pg_url, s3, f"s3://{bucket}/warehouse-staging") as wh:
+        rs_run = merge_from_lake(spark, project, wh, schema=rs_schema)
+        assert rs_run.error is None and len(wh.copies) == sum(1 for t in rs_run.tables if t.staged)
+    rs_actual = read_warehouse_scd2(project, stack.pg_url, schema=rs_schema)
+    for t in scd2_tables(project):
+        diff = compare_scd2(oracle.scd2[t.name], rs_actual[t.name], t)
+        assert diff.ok, ("redshift path", t.name, diff.missing[:3], diff.extra[:3], diff.different[:3])
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
 
 
 def test_warehouse_merge_cli_reads_the_lake(spark, stack, tmp_path, capsys, monkeypatch):

@@ -162,3 +162,40 @@ def dump_schema(conn, schema: str) -> dict[str, list[tuple]]:
 
 def current_schema(conn) -> str:
     return conn.execute("select current_schema()").fetchone()[0]
+
+
+def redshift_on_postgres(url: str, s3: Any = None, s3_staging: str | None = None):
+    """A `RedshiftWarehouse` (the Redshift code path: DB-API, flat transactions, staging by S3 COPY)
+    on the embedded Postgres, driven by psycopg with autocommit off. Postgres has no COPY FROM S3, so
+    that one statement is done here as Redshift does it: it must parse as Redshift SQL, and the
+    Parquet object it names is read from S3 (moto) and loaded by column position."""
+    import io
+
+    import psycopg
+    import pyarrow.parquet as pq
+    import sqlglot
+    from sqlglot import exp
+
+    from batch.warehouse.connection import RedshiftWarehouse
+    from cdcflow.aws import split_s3
+
+    class RedshiftOnPostgres(RedshiftWarehouse):
+        copies: list[str] = []
+
+        def execute(self, sql: str, params: tuple | None = None) -> Any:
+            if not sql.startswith("copy ") or " from 's3://" not in sql:
+                return super().execute(sql, params)
+            tree = sqlglot.parse_one(sql, read="redshift", error_level=sqlglot.ErrorLevel.RAISE)
+            assert isinstance(tree, exp.Copy) and tree.find(exp.Credentials) is not None, sql
+            self.copies.append(sql)
+            bucket, key = split_s3(tree.args["files"][0].name)
+            rows = pq.read_table(io.BytesIO(self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()))
+            target = tree.this.sql("postgres")
+            marks = ", ".join(["%s"] * rows.num_columns)
+            cur = self.conn.cursor()
+            cur.executemany(f"insert into {target} values ({marks})", [tuple(r.values()) for r in rows.to_pylist()])
+            return cur
+
+    iam_role = "arn:aws:iam::123456789012:role/cdcflow-redshift-copy" if s3_staging else None
+    return RedshiftOnPostgres(psycopg.connect(url), dialect="postgres", s3_staging=s3_staging,
+                              iam_role=iam_role, s3=s3)  # fmt: skip

@@ -8,25 +8,26 @@ truncate (as the Glue Redshift connector's `preactions`), the staging COPY, and 
 transient errors (serialization failure, deadlock, lost connection, lock timeout) are retried with
 exponential backoff on a fresh transaction (a fresh connection when a URL was given).
 
-Postgres (embedded locally and in tests) runs through psycopg with COPY FROM STDIN. Redshift runs the
-same statements through redshift_connector (`redshift_connect`); staging then comes from S3 COPY in
-production (the Glue connection with preactions / postactions, or the Data API). That path is thin and
-has not been run here: there is no AWS in this environment.
+The connection (batch/warehouse/connection.py) says how: Postgres (embedded locally and in tests)
+through psycopg with COPY FROM STDIN; Redshift through redshift_connector with staging from S3 COPY
+(Parquet), in one explicit transaction, so a caller's extra statement (the lake job's watermark) commits
+with the merge. `redshift_statements().glue_options()` gives the same statements as preactions /
+postactions for users who load staging with the Glue Redshift connector instead.
 """
 
 from __future__ import annotations
 
-import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from batch.warehouse import scd2
+from batch.warehouse.connection import PostgresWarehouse, Warehouse, connect
 from batch.warehouse.ddl import Dialect, WarehouseModel, model, table_ddl
 from cdcflow.config.loader import Project
 
@@ -88,12 +89,6 @@ def staging_arrow(m: WarehouseModel, staging: pa.Table) -> pa.Table:
     return t
 
 
-def _csv(t: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pacsv.write_csv(t, buf, pacsv.WriteOptions(include_header=False))  # strings quoted, nulls empty
-    return buf.getvalue()
-
-
 # ---------------------------------------------------------------- transient errors
 
 
@@ -108,25 +103,34 @@ def _transient(exc: BaseException) -> bool:
     return type(exc).__name__ in {"OperationalError", "InterfaceError"} and "redshift" in type(exc).__module__
 
 
-# ---------------------------------------------------------------- Postgres (psycopg)
+# ---------------------------------------------------------------- the merge transaction
 
 
-def _run_postgres(conn: Any, m: WarehouseModel, p: Plan, locks: list[str], t: pa.Table) -> dict:
+def _run(wh: Warehouse, m: WarehouseModel, p: Plan, locks: list[str], t: pa.Table,
+         also: Callable[[Warehouse], None] | None) -> dict:
+    """Locks, DDL, staging truncate + load (the `preactions`), merge (the `postactions`), and `also`,
+    in one transaction."""
     counts: dict[str, int] = {}
-    with conn.transaction():
-        for s in [*scd2.lock_sql(locks, "postgres"), *p.ddl]:
-            conn.execute(s)
-        conn.execute(scd2.truncate_sql(m, "postgres"))
-        cols = ", ".join(f'"{c}"' for c in t.column_names)
-        with conn.cursor() as cur:
-            with cur.copy(f"copy {m.staging} ({cols}) from stdin with (format csv)") as cp:
-                cp.write(_csv(t))
-            for step in p.merge:
-                cur.execute(step.sql)
-                if step.name:
-                    n = cur.fetchone()[0] if cur.description else cur.rowcount
-                    counts[step.name] = counts.get(step.name, 0) + n
+    with wh.transaction():
+        for s in pre_statements(m, p, locks, wh.dialect):
+            wh.execute(s)
+        wh.load_staging(m, t)
+        for step in p.merge:
+            cur = wh.execute(step.sql)
+            if step.name:
+                n = cur.fetchone()[0] if cur.description else cur.rowcount
+                counts[step.name] = counts.get(step.name, 0) + n
+        if also is not None:
+            also(wh)
     return counts
+
+
+def pre_statements(m: WarehouseModel, p: Plan, locks: list[str], dialect: Dialect) -> list[str]:
+    """Lock, create, truncate. Postgres takes its advisory locks first (they need no table), so
+    concurrent first merges don't race on CREATE; Redshift's LOCK needs the tables to exist."""
+    lock = scd2.lock_sql(locks, dialect)
+    ordered = [*lock, *p.ddl] if dialect == "postgres" else [*p.ddl, *lock]
+    return [*ordered, scd2.truncate_sql(m, dialect)]
 
 
 def merge_table(
@@ -138,16 +142,15 @@ def merge_table(
     schema: str | None = None,
     attempts: int = 5,
     wait_max: float = 8.0,
+    also: Callable[[Warehouse], None] | None = None,
 ) -> MergeResult:
     """Load `staging` (rows per docs/design.md "Warehouse staging") and merge it into the table's
-    dimension (SCD2) or fact table, atomically. `conn_or_url`: a psycopg connection or a postgresql://
-    URL (Postgres / embedded), or a redshift:// URL (redshift_connector; not exercised here)."""
+    dimension (SCD2) or fact table, atomically; `also(wh)` runs last in the same transaction.
+
+    `conn_or_url`: a warehouse URL (postgresql:// or redshift://; each attempt gets a fresh
+    connection), a `Warehouse`, or a psycopg connection."""
     m = model(project, table_name, schema)
     t = staging_arrow(m, staging)
-    if isinstance(conn_or_url, str) and conn_or_url.startswith("redshift://"):
-        return _merge_redshift(conn_or_url, project, table_name, t, schema)
-    p = plan(project, table_name, "postgres", schema)
-    locks = lock_names(project, table_name, schema)
     tries = 0
 
     @retry(
@@ -163,13 +166,16 @@ def merge_table(
         nonlocal tries
         tries += 1
         if isinstance(conn_or_url, str):
-            import psycopg
-
-            with psycopg.connect(conn_or_url, autocommit=True) as conn:
-                return _run_postgres(conn, m, p, locks, t)
-        if conn_or_url.closed:
+            with connect(project, conn_or_url) as wh:
+                return _execute(wh)
+        wh = conn_or_url if isinstance(conn_or_url, Warehouse) else PostgresWarehouse(conn_or_url)
+        if wh.closed:
             raise RuntimeError("the warehouse connection is closed; pass a URL to reconnect on retries")
-        return _run_postgres(conn_or_url, m, p, locks, t)
+        return _execute(wh)
+
+    def _execute(wh: Warehouse) -> dict:
+        p = plan(project, table_name, wh.dialect, schema)
+        return _run(wh, m, p, lock_names(project, table_name, schema), t, also)
 
     counts = attempt()
     return _result(m, t.num_rows, counts, tries)
@@ -180,63 +186,6 @@ def _result(m: WarehouseModel, staged: int, counts: dict[str, int], tries: int) 
     return MergeResult(
         table=m.table.name, kind=m.kind, rows_staged=staged, attempts=tries, counts=counts, **known
     )
-
-
-# ---------------------------------------------------------------- Redshift (thin, untested here)
-
-
-def redshift_connect(url: str) -> Any:  # pragma: no cover - needs a Redshift cluster
-    """redshift://user:password@host:5439/db, or redshift://host:5439/db?iam=true (IAM credentials).
-    User and password are percent-decoded (cdcflow.glue.redshift_url encodes them)."""
-    from urllib.parse import parse_qs, unquote, urlparse
-
-    import redshift_connector
-
-    u = urlparse(url)
-    opts = parse_qs(u.query)
-    return redshift_connector.connect(
-        host=u.hostname,
-        port=u.port or 5439,
-        database=u.path.lstrip("/"),
-        user=unquote(u.username or ""),
-        password=unquote(u.password or ""),
-        iam=opts.get("iam", ["false"])[0] == "true",
-    )
-
-
-def _merge_redshift(
-    url: str, project: Project, table_name: str, t: pa.Table, schema: str | None
-) -> MergeResult:  # pragma: no cover - needs a Redshift cluster
-    """Same transaction shape on Redshift. Staging rows go in by multi-row INSERT, fine for small
-    batches; large batches belong in S3 + COPY (the Glue connector does that with preactions)."""
-    m = model(project, table_name, schema)
-    statements = redshift_statements(project, table_name, schema)
-    conn = redshift_connect(url)
-    counts: dict[str, int] = {}
-    try:
-        cur = conn.cursor()
-        for s in statements.pre:
-            cur.execute(s)
-        rows = t.to_pylist()
-        cols = ", ".join(f'"{c}"' for c in t.column_names)
-        marks = ", ".join(["%s"] * len(t.column_names))
-        for i in range(0, len(rows), 1000):
-            chunk = rows[i : i + 1000]
-            cur.executemany(
-                f"insert into {m.staging} ({cols}) values ({marks})", [tuple(r.values()) for r in chunk]
-            )
-        for step in statements.post:
-            cur.execute(step.sql)
-            if step.name:
-                n = cur.fetchone()[0] if cur.description else cur.rowcount
-                counts[step.name] = counts.get(step.name, 0) + n
-        conn.commit()
-    except BaseException:
-        conn.rollback()
-        raise
-    finally:
-        conn.close()
-    return _result(m, t.num_rows, counts, 1)
 
 
 @dataclass(frozen=True)
@@ -257,5 +206,5 @@ class RedshiftStatements:
 def redshift_statements(project: Project, table_name: str, schema: str | None = None) -> RedshiftStatements:
     m = model(project, table_name, schema)
     p = plan(project, table_name, "redshift", schema)
-    locks = scd2.lock_sql(lock_names(project, table_name, schema), "redshift")
-    return RedshiftStatements(pre=[*p.ddl, *locks, scd2.truncate_sql(m, "redshift")], post=p.merge)
+    return RedshiftStatements(pre=pre_statements(m, p, lock_names(project, table_name, schema), "redshift"),
+                              post=p.merge)

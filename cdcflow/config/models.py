@@ -292,7 +292,24 @@ class WarehouseSettings(Strict):
     kind: Literal["embedded", "postgres", "redshift"] = "embedded"
     url: str | None = None  # postgresql://... ; for redshift a redshift:// URL or empty + IAM
     schema_: str = Field(default="analytics", alias="schema")
+    # Redshift staging loads: rows go to this S3 prefix as Parquet and Redshift COPYs them with this
+    # role (it needs s3:GetObject there). Unset: multi-row INSERTs, for small batches only.
+    s3_staging: str | None = None
+    iam_role: str | None = None
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("s3_staging", "iam_role")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+    @model_validator(mode="after")
+    def _s3_staging_needs_role(self) -> WarehouseSettings:
+        if self.s3_staging and not self.s3_staging.startswith("s3://"):
+            raise ValueError("s3_staging must be an s3:// prefix")
+        if self.s3_staging and not self.iam_role:
+            raise ValueError("s3_staging needs iam_role (the role Redshift assumes to read the staging files)")
+        return self
 
 
 class StreamingSettings(Strict):
