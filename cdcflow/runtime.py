@@ -194,7 +194,9 @@ def release(df: DataFrame) -> None:
     """Free the rows kept by `materialize` now instead of at the next JVM garbage collection."""
     plan = df._jdf.queryExecution().analyzed()
     if plan.getClass().getSimpleName() == "LogicalRDD":
-        plan.rdd().unpersist(False)
+        # SparkContext.unpersistRDD (what RDD.unpersist calls), without RDD.unpersist's warning
+        # that a locally checkpointed RDD can't be recomputed: it is never used again.
+        df.sparkSession.sparkContext._jsc.sc().unpersistRDD(plan.rdd().id(), False)
 
 
 def stop_spark() -> None:

@@ -116,3 +116,17 @@ def test_spark_delta_round_trip_on_pinned_versions(spark, tmp_path):
     assert spark_delta_smoke(str(tmp_path / "t")) == 3
     history = spark.sql(f"describe history delta.`{tmp_path / 't'}`").collect()
     assert [h.operation for h in sorted(history, key=lambda h: h.version)] == ["WRITE", "MERGE"]
+
+
+@pytest.mark.spark
+@pytest.mark.glue_compat
+def test_materialize_keeps_rows_once_and_release_frees_them(spark):
+    from cdcflow.runtime import materialize, release
+
+    sc = spark.sparkContext._jsc.sc()
+    before = sc.getPersistentRDDs().size()
+    df = materialize(spark.range(100).selectExpr("id", "rand() AS r"))  # non-deterministic: kept rows only
+    assert sc.getPersistentRDDs().size() == before + 1
+    assert df.collect() == df.collect()  # the same rows each time, not recomputed
+    release(df)
+    assert sc.getPersistentRDDs().size() == before

@@ -19,6 +19,8 @@ from cdcflow.config import Table
 from cdcflow.transforms import apply_transforms
 
 META = ["_op", "_seq", "_commit_ts", "_source_position"]
+# Optional struct column of a typed source's values (Parquet); `_data` holds them as text either way.
+VALUES = "_values"
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,13 @@ def typed_changes(norm: DataFrame, shape: TableShape, salt: str) -> tuple[DataFr
     t = shape.table
     cols = shape.columns
     data = F.col("_data")
-    typed = {c: data[c].cast(ty) for c, ty in cols.items()}
+    raw = {c: data[c] for c in cols}
+    if VALUES in norm.columns:
+        # Typed sources (DMS Parquet) carry their values as they are: casting them directly skips a
+        # round trip through text, and `_data` is then only built for quarantined rows.
+        present = set(norm.schema[VALUES].dataType.fieldNames())
+        raw = {c: F.col(VALUES)[c] if c in present else F.lit(None) for c in cols}
+    typed = {c: raw[c].cast(ty) for c, ty in cols.items()}
     is_load = F.col("_op") == "load"
     seq = sequence(
         t.ordering,
@@ -77,7 +85,7 @@ def typed_changes(norm: DataFrame, shape: TableShape, salt: str) -> tuple[DataFr
     missing_key = F.lit(False)
     for k in t.primary_key:
         missing_key = missing_key | typed[k].isNull()
-    mismatched = [F.when(data[c].isNotNull() & typed[c].isNull(), F.lit(c)) for c in cols]
+    mismatched = [F.when(raw[c].isNotNull() & typed[c].isNull(), F.lit(c)) for c in cols]
     mismatch_cols = F.concat_ws(", ", *mismatched)
     bad_op = ~F.col("_op").isin("load", "insert", "update", "delete")
     rule, reason = _first_problem(
