@@ -24,7 +24,6 @@ from pyspark.sql.utils import AnalysisException
 
 from cdcflow.cdc import apply
 from cdcflow.cdc.changes import VALUES, TableShape, typed_changes
-from cdcflow.cdc.envelope import data_map
 from cdcflow.cdc.masking import pii_salt
 from cdcflow.config import Project, Table
 
@@ -125,8 +124,7 @@ def normalize_parquet(df: DataFrame, table: Table, ref: FileRef, ts_column: str,
         F.lit(table.name).alias("_table"),
         F.lit("data").alias("_record_type"),
         op.alias("_op"),
-        data_map(cols).alias("_data"),
-        F.struct(*[F.col(f"`{c}`") for c in cols]).alias(VALUES),
+        F.struct(*[F.col(f"`{c}`") for c in cols]).alias(VALUES),  # typed values (no `_data` text map)
         F.lit(None).cast("map<string,string>").alias("_before"),
         commit.cast("timestamp").alias("_commit_ts"),
         F.lit(None).cast("string").alias("_txn_id"),

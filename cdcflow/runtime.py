@@ -178,6 +178,12 @@ def get_spark(
         builder = builder.config(k, v)
     _session = builder.getOrCreate()
     _session.sparkContext.setLogLevel("WARN")
+    # Delta MERGE keeps its source with a local checkpoint and unpersists it when done; each time the
+    # RDD logs a WARN that the rows can't be recomputed, which is intended there. Not worth a line per MERGE.
+    jvm = _session.sparkContext._jvm
+    jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(
+        "org.apache.spark.rdd.MapPartitionsRDD", jvm.org.apache.logging.log4j.Level.ERROR
+    )
     return _session
 
 

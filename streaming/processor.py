@@ -269,7 +269,7 @@ class BatchProcessor:
         shape = TableShape(self.project.table(name))
         from cdcflow.cdc.changes import masked_payload
 
-        got = rows.select("_source_position", "_record_hash", masked_payload(shape, self.salt).alias("p")).collect()
+        got = rows.select("_source_position", "_record_hash", masked_payload(shape, self.salt, rows).alias("p")).collect()
         o.quarantine_rows = [(name, rule, reason, r[0], r[2], r[1]) for r in got]
         o.quarantined, o.applied, o.isolated = len(got), 0, True
         return o

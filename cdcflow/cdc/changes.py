@@ -19,7 +19,7 @@ from cdcflow.config import Table
 from cdcflow.transforms import apply_transforms
 
 META = ["_op", "_seq", "_commit_ts", "_source_position"]
-# Optional struct column of a typed source's values (Parquet); `_data` holds them as text either way.
+# A typed source (DMS Parquet) gives its values in this struct column instead of the `_data` text map.
 VALUES = "_values"
 
 
@@ -62,13 +62,8 @@ def typed_changes(norm: DataFrame, shape: TableShape, salt: str) -> tuple[DataFr
     """
     t = shape.table
     cols = shape.columns
-    data = F.col("_data")
-    raw = {c: data[c] for c in cols}
-    if VALUES in norm.columns:
-        # Typed sources (DMS Parquet) carry their values as they are: casting them directly skips a
-        # round trip through text, and `_data` is then only built for quarantined rows.
-        present = set(norm.schema[VALUES].dataType.fieldNames())
-        raw = {c: F.col(VALUES)[c] if c in present else F.lit(None) for c in cols}
+    source = VALUES if VALUES in norm.columns else "_data"
+    raw = source_values(norm, cols)
     typed = {c: raw[c].cast(ty) for c, ty in cols.items()}
     is_load = F.col("_op") == "load"
     seq = sequence(
@@ -105,7 +100,7 @@ def typed_changes(norm: DataFrame, shape: TableShape, salt: str) -> tuple[DataFr
         F.col("_source_position"),
         F.col("_record_hash"),
         F.col("_before"),
-        F.col("_data"),
+        F.col(source),
         F.coalesce(F.col("_problem"), rule).alias("_rule"),
         reason.alias("_reason"),
     )
@@ -126,7 +121,7 @@ def typed_changes(norm: DataFrame, shape: TableShape, salt: str) -> tuple[DataFr
         .otherwise(F.col("_reason")).alias("_reason"),
         "_source_position",
         "_record_hash",
-        masked_payload(shape, salt).alias("_payload"),
+        masked_payload(shape, salt, rows).alias("_payload"),
     )
 
     # raw -> staging transforms (standardise values) run on the real values, before masking.
@@ -138,15 +133,25 @@ def typed_changes(norm: DataFrame, shape: TableShape, salt: str) -> tuple[DataFr
     return good.select(*out, *META, "_dq"), bad
 
 
-def masked_payload(shape: TableShape, salt: str) -> Column:
-    """The record's data as JSON with PII masked (drop columns removed), for quarantine rows."""
+def source_values(df: DataFrame, columns: dict[str, str]) -> dict[str, Column]:
+    """Each column's value as the source gave it: from `_values` for typed sources (DMS Parquet: no
+    round trip through text), else the text in `_data`. A column the source lacks is null."""
+    if VALUES not in df.columns:
+        return {c: F.col("_data")[c] for c in columns}
+    present = set(df.schema[VALUES].dataType.fieldNames())
+    return {c: F.col(VALUES)[c] if c in present else F.lit(None) for c in columns}
+
+
+def masked_payload(shape: TableShape, salt: str, df: DataFrame) -> Column:
+    """The record's data (of `df`) as JSON with PII masked (drop columns removed), for quarantine rows."""
     pii = shape.table.pii
+    values = source_values(df, shape.columns)
     entries = []
     for c in shape.columns:
         method = pii.get(c)
         if method == "drop":
             continue
-        v = F.col("_data")[c]
+        v = values[c].cast("string")
         entries += [F.lit(c), mask_column(v, method, salt) if method else v]
     return F.to_json(F.create_map(*entries)) if entries else F.lit("{}")
 
@@ -163,7 +168,8 @@ def _split_key_changes(good: DataFrame, shape: TableShape) -> DataFrame:
     for k in t.primary_key:
         changed = changed | (old_key[k].isNotNull() & ~old_key[k].eqNullSafe(F.col(k)))
     key_moves = good.filter((F.col("_op") == "update") & before.isNotNull() & changed)
-    carried = ["_seq", "_commit_ts", "_source_position", "_record_hash", "_before", "_data", "_rule", "_reason", "_dq"]
+    source = VALUES if VALUES in good.columns else "_data"
+    carried = ["_seq", "_commit_ts", "_source_position", "_record_hash", "_before", source, "_rule", "_reason", "_dq"]
     deletes = key_moves.select(
         *[
             old_key[c].alias(c) if c in t.primary_key else F.lit(None).cast(shape.columns[c]).alias(c)

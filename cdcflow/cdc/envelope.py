@@ -10,7 +10,7 @@ Normalized columns (all sources):
 
 from __future__ import annotations
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import MapType, StringType, StructField, StructType
 
@@ -72,9 +72,3 @@ def parse_kinesis_json(raw: DataFrame, known_tables: list[str], before_field: st
         F.xxhash64("payload").cast("string").alias("_record_hash"),
     )
 
-
-def data_map(columns: list[str]) -> Column:
-    """A typed row's columns as the normalized map<string,string> (for Parquet sources)."""
-    if not columns:
-        return F.create_map().cast(_TEXT_MAP)
-    return F.create_map(*[x for c in columns for x in (F.lit(c), F.col(f"`{c}`").cast("string"))])
