@@ -138,3 +138,17 @@ def test_unknown_warehouse_scheme_is_a_one_line_error_without_the_password():
     with pytest.raises(UserError) as e:
         connect(project(), "mysql://admin:s3cret@db:3306/x")
     assert "mysql://" in str(e.value) and "s3cret" not in str(e.value)
+
+
+def test_staging_parquet_holds_naive_utc_timestamps():
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from batch.warehouse.connection import utc_naive
+
+    berlin_noon = dt.datetime(2024, 6, 1, 12, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    t = pa.table({"at": pa.array([berlin_noon, None], pa.timestamp("us", tz="UTC")), "n": [1, 2]})
+    out = utc_naive(t)
+    assert out.schema.field("at").type == pa.timestamp("us") and out.schema.field("n").type == pa.int64()
+    assert out["at"].to_pylist() == [dt.datetime(2024, 6, 1, 10), None]

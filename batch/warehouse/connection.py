@@ -146,7 +146,7 @@ class RedshiftWarehouse(Warehouse):
     def _copy_from_s3(self, m: WarehouseModel, rows: pa.Table) -> None:
         bucket, key = self.staging_object(m)
         buf = io.BytesIO()
-        pq.write_table(rows, buf)
+        pq.write_table(utc_naive(rows), buf)
         self.s3.put_object(Bucket=bucket, Key=key, Body=buf.getvalue())
         self._uploaded.append((bucket, key))
         self.execute(self.copy_sql(m, bucket, key))
@@ -158,6 +158,14 @@ class RedshiftWarehouse(Warehouse):
             except Exception as e:  # noqa: BLE001 - a leftover staging object is harmless (lifecycle rule)
                 log.warning("could not delete staging object s3://%s/%s: %s", bucket, key, type(e).__name__)
         self._uploaded.clear()
+
+
+def utc_naive(t: pa.Table) -> pa.Table:
+    """Zoned Arrow timestamps (Spark's toArrow gives UTC ones) as naive UTC, which is what a Redshift
+    TIMESTAMP column holds; the instants are unchanged."""
+    fields = [pa.field(f.name, pa.timestamp(f.type.unit), f.nullable) if pa.types.is_timestamp(f.type) and f.type.tz
+              else f for f in t.schema]  # fmt: skip
+    return t.cast(pa.schema(fields))
 
 
 def redshift_connect(url: str) -> Any:  # pragma: no cover - needs a Redshift cluster
