@@ -203,7 +203,8 @@ def main() -> None:
     ap.add_argument("--table-events", type=int, default=3000)
     ap.add_argument("--kinesis-rate", type=int, default=500)
     ap.add_argument("--kinesis-seconds", type=int, default=60)
-    ap.add_argument("--only", choices=["sample", "backlog", "kinesis"], help="run one section; keep the others' last results")
+    ap.add_argument("--only", choices=["sample", "backlog", "kinesis", "tables"],
+                    help="run one section (tables: needs --tables N); keep the others' last results")
     args = ap.parse_args()
     from cdcflow.runtime import get_spark
 
@@ -217,8 +218,9 @@ def main() -> None:
         # Sustained rate when the job is behind: Kinesis hands it large batches, so fixed costs amortize.
         result["sample_tables_backlog"] = {**throughput(spark, args.backlog_events, args.backlog_batches, 0),
                                            "date": today}
-    if args.tables:
-        result[f"synthetic_{args.tables}_tables"] = throughput(spark, args.table_events, 2, args.tables)
+    if args.tables and args.only in (None, "tables"):
+        result[f"synthetic_{args.tables}_tables"] = {**throughput(spark, args.table_events, 2, args.tables),
+                                                     "date": today}
     if args.kinesis_rate and args.only in (None, "kinesis"):
         result["kinesis_freshness"] = {**freshness(spark, args.kinesis_rate, args.kinesis_seconds), "date": today}
     result["targets"] = {"events_per_s": 5000, "p95_freshness_s": 15}
