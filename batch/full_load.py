@@ -23,14 +23,16 @@ from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
 from cdcflow.cdc import apply
+from cdcflow.cdc.bronze import append_bronze, bronze_rows, next_full_load_batch
 from cdcflow.cdc.changes import VALUES, TableShape, typed_changes
 from cdcflow.cdc.masking import pii_salt
+from cdcflow.cdc.sequence import S3_ORDERING
 from cdcflow.config import Project, Table
 
 LOAD_FILE = re.compile(r"(^|/)(SEGMENT\d+_)?LOAD[0-9A-F]{8}\.parquet$")
 CDC_FILE = re.compile(r"(^|/)\d{8}-\d{9,10}\.parquet$")
-S3_ORDERING = ("commit_timestamp", "change_seq")  # S3 has no transaction details: commit time + $AR_H_CHANGE_SEQ
 CHANGE_SEQ = "$AR_H_CHANGE_SEQ"
+MAX_GROUP_FILES = 200  # CDC files per Spark read and apply (DMS writes one a minute per table)
 MANIFEST_SCHEMA = "table string, file string, kind string, rows bigint, applied_at timestamp"
 
 
@@ -140,22 +142,33 @@ def normalize_parquet(df: DataFrame, table: Table, ref: FileRef, ts_column: str,
     )
 
 
-def _manifest(spark: SparkSession, path: str) -> set[tuple[str, str]]:
+def _read_delta(spark: SparkSession, path: str) -> DataFrame | None:
     try:
-        return {(r[0], r[1]) for r in spark.read.format("delta").load(path).select("table", "file").collect()}
+        return spark.read.format("delta").load(path)
     except AnalysisException:
-        return set()
+        return None
+
+
+def _manifest(spark: SparkSession, path: str) -> set[tuple[str, str]]:
+    df = _read_delta(spark, path)
+    return set() if df is None else {(r[0], r[1]) for r in df.select("table", "file").collect()}
 
 
 def run_full_load(spark: SparkSession, project: Project, tables: list[str] | None = None,
                   ts_column: str = "dms_commit_ts", archive: bool = True, progress=None) -> LoadResult:
     """Apply every not-yet-applied raw file: a table's LOAD files in one Spark read and one apply (they
     are one snapshot, all at sequence 0), then its CDC files one at a time in name (time) order. The
-    manifest still records every file with its row count."""
+    manifest still records every file with its row count.
+
+    Each file group's records also go to bronze (feed `full_load`, masked), so `warehouse-merge`
+    sees the table's changes. A group re-applied after a crash gets a new bronze batch id: the
+    warehouse merge drops changes it already holds (same key and `_seq`)."""
     store = RawStore(project)
     salt = pii_salt(project)
     manifest_path = project.path("_manifests/full_load")
+    bronze_path = project.path("bronze")
     done = _manifest(spark, manifest_path)
+    next_batch = next_full_load_batch(_read_delta(spark, bronze_path))
     result = LoadResult()
     names = tables or sorted(project.tables)
     work = [(name, classify(project.table(name), store.list(project.table(name)))) for name in names]
@@ -166,10 +179,12 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
         todo = [ref for ref in files if (name, ref.rel) not in done]
         result.skipped += len(files) - len(todo)
         loads = [ref for ref in todo if ref.kind == "load"]
-        groups = ([loads] if loads else []) + [[ref] for ref in todo if ref.kind == "cdc"]
+        local = {ref.rel: store.local_path(ref.rel) for ref in todo}
+        cdc = [ref for ref in todo if ref.kind == "cdc"]
+        groups = ([loads] if loads else []) + cdc_groups(cdc, local)
         for group in groups:
-            local = [store.local_path(ref.rel) for ref in group]
-            df = spark.read.parquet(*local)
+            local_paths = [local[ref.rel] for ref in group]
+            df = spark.read.parquet(*local_paths)
             extra = tuple((c, df.schema[c].dataType.simpleString()) for c in df.columns
                           if c not in table.columns and c not in ("Op", ts_column, CHANGE_SEQ))
             shape = TableShape(table, extra)
@@ -181,8 +196,11 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
             norm = normalize_parquet(df, table, group[0], ts_column, position)
             good, bad = typed_changes(norm, shape, salt)
             bad_rows = bad.collect()
+            batch_id = next_batch.get(name, 0)
+            append_bronze(bronze_rows(norm, project, salt, batch_id, feed="full_load"), bronze_path)
+            next_batch[name] = batch_id + 1
             apply.merge(spark, path, good, shape)
-            counts = [_parquet_rows(p) for p in local]
+            counts = [_parquet_rows(p) for p in local_paths]
             _record(spark, project, manifest_path, name, group, counts, bad_rows)
             result.files += len(group)
             result.rows += sum(counts)
@@ -194,6 +212,24 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
             if progress:
                 progress.advance(task)
     return result
+
+
+def cdc_groups(files: list[FileRef], local: dict[str, str]) -> list[list[FileRef]]:
+    """Consecutive CDC files (time order) with the same Parquet schema, at most MAX_GROUP_FILES each:
+    one Spark read and one apply per group. Their changes order by `_seq`, which doesn't depend on
+    how files are grouped; a schema change (drift) starts a new group, so one read sees one schema."""
+    import pyarrow.parquet as pq
+
+    groups: list[list[FileRef]] = []
+    last = None
+    for ref in files:
+        schema = pq.read_schema(local[ref.rel]).remove_metadata()
+        if groups and schema.equals(last) and len(groups[-1]) < MAX_GROUP_FILES:
+            groups[-1].append(ref)
+        else:
+            groups.append([ref])
+        last = schema
+    return groups
 
 
 def _parquet_rows(local_path: str) -> int:

@@ -2,22 +2,25 @@
 
 For each table with a `warehouse` target, dimensions first, then facts:
 
-1. Read the table's changes that arrived since the last merged position from the bronze Delta table
-   (`record_type = 'data'`, no parse problem, `batch_id` > the table's watermark). Records the stream
-   quarantined (same table + record hash in the quarantine table) are left out, so the warehouse
-   sees exactly the changes silver applied. Bronze values are already PII-masked: not masked again.
+1. Read the table's changes that arrived since the last merged positions from the bronze Delta table
+   (`record_type = 'data'`, no parse problem, `batch_id` > the table's watermark for the row's
+   `feed`: the streaming job's micro-batches, or `cdcflow full-load`'s file groups). Records the
+   stream or the full load quarantined (same table + record hash in the quarantine table) are left
+   out, so the warehouse sees exactly the changes silver applied. Bronze values are already
+   PII-masked: not masked again.
 2. Type them per declared column (masked columns are strings), compute `_seq` from the table's
-   ordering and split primary-key changes (the shared `cdcflow.cdc.changes.typed_changes`), drop
+   ordering (full-load rows: DMS S3's commit time + change_seq) and split primary-key changes (the shared `cdcflow.cdc.changes.typed_changes`), drop
    identical (key, `_seq`) redeliveries, and map `_op` load/insert/update/delete -> I/I/U/D.
 3. Run the stages: `staging_to_dimension` for dimensions; `staging_to_dimension` then
    `dimension_to_fact` for facts (batch.stages.run_stage: rules in one pass, quarantine / warn /
    fail, then the stage's transforms). Quarantined rows never reach the warehouse.
-4. Merge the staging rows (batch/warehouse `merge_table`) and move the watermark
-   (`<schema>.cdcflow_watermarks`) in the same warehouse transaction (Postgres or Redshift).
+4. Merge the staging rows (batch/warehouse `merge_table`) and move the watermarks
+   (`<schema>.cdcflow_watermarks`, one row per table and feed) in the same warehouse transaction
+   (Postgres or Redshift).
 
-The watermark is a bronze position (the streaming micro-batch id), not a `_seq`: a late change
-(older `_seq`) that arrives after a merge is still picked up, and the SCD2 merge puts it at its
-place in history.
+A watermark is a bronze position, not a `_seq`: a late change (older `_seq`) that arrives after a
+merge is still picked up, and the SCD2 merge puts it at its place in history. A change read twice
+(a file group re-applied after a crash) is a no-op: the merge skips a (key, `_seq`) it holds.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from batch.stages import run_stage, silver_references, write_quarantine
 from batch.warehouse.connection import Warehouse, connect
 from batch.warehouse.ddl import model, q
 from batch.warehouse.loader import MergeResult, merge_table
+from cdcflow.cdc.bronze import FEEDS
 from cdcflow.cdc.changes import TableShape, typed_changes
+from cdcflow.cdc.sequence import S3_ORDERING
 from cdcflow.config import Project, Table
 from cdcflow.config.models import Column, Quality
 from cdcflow.metrics import MetricsSink
@@ -55,8 +60,8 @@ class TableRun:
     changes: int = 0  # changes read from bronze
     staged: int = 0
     quarantined: int = 0
-    from_batch: int | None = None  # watermark before
-    to_batch: int | None = None  # watermark after
+    from_batch: dict[str, int] = field(default_factory=dict)  # feed -> watermark before
+    to_batch: dict[str, int] = field(default_factory=dict)  # feed -> watermark after
     merge: MergeResult | None = None
     stages: list[StageReport] = field(default_factory=list)
 
@@ -108,18 +113,22 @@ def _read(spark: SparkSession, path: str) -> DataFrame | None:
         return None
 
 
-def staged_changes(spark: SparkSession, project: Project, table: Table, after_batch: int) -> tuple[DataFrame, int | None]:
-    """(typed staging changes of `table` from bronze after `after_batch`, newest batch id read or None)."""
+def staged_changes(spark: SparkSession, project: Project, table: Table,
+                   after: dict[str, int]) -> tuple[DataFrame, dict[str, int]]:
+    """(typed staging changes of `table` from bronze after the per-feed positions `after`,
+    feed -> newest batch id read, for the feeds that had new rows)."""
     bronze = _read(spark, project.path("bronze"))
     if bronze is None:
-        return spark.createDataFrame([], "x int"), None
+        return spark.createDataFrame([], "x int"), {}
+    new = F.lit(False)
+    for feed in FEEDS:
+        new = new | ((F.col("feed") == feed) & (F.col("batch_id") > after.get(feed, -1)))
     rows = bronze.filter(
-        (F.col("table") == table.name) & (F.col("record_type") == "data") & F.col("problem").isNull()
-        & (F.col("batch_id") > after_batch)
-    )  # fmt: skip
-    newest = rows.agg(F.max("batch_id")).first()[0]
-    if newest is None:
-        return rows, None
+        (F.col("table") == table.name) & (F.col("record_type") == "data") & F.col("problem").isNull() & new
+    )
+    newest = {r[0]: int(r[1]) for r in rows.groupBy("feed").agg(F.max("batch_id")).collect()}
+    if not newest:
+        return rows, {}
     quarantined = _read(spark, project.path("quarantine"))
     if quarantined is not None:
         hashes = quarantined.filter(F.col("table") == table.name).select(F.col("record_hash")).distinct()
@@ -128,20 +137,25 @@ def staged_changes(spark: SparkSession, project: Project, table: Table, after_ba
         F.col("table").alias("_table"), F.col("record_type").alias("_record_type"), F.col("op").alias("_op"),
         F.col("data").alias("_data"), F.col("before").alias("_before"), F.col("commit_ts").alias("_commit_ts"),
         F.col("transaction_id").alias("_txn_id"), F.col("transaction_record_id").alias("_txn_rec_id"),
-        F.col("stream_position").alias("_stream_pos"), F.lit(None).cast("string").alias("_change_seq"),
+        F.col("stream_position").alias("_stream_pos"), F.col("change_seq").alias("_change_seq"),
         F.col("source_position").alias("_source_position"), F.col("problem").alias("_problem"),
-        F.col("record_hash").alias("_record_hash"),
+        F.col("record_hash").alias("_record_hash"), F.col("feed"),
     )  # fmt: skip
-    shape = TableShape(bronze_table(table))
-    good, _bad = typed_changes(norm, shape, salt="")  # bad rows were quarantined by the stream already
+    # Each feed's changes are ordered as that feed orders them (the streaming job: the table's
+    # ordering; full-load: DMS S3's commit time + change_seq), with the shared typing rule.
+    typed = None
+    for feed in newest:
+        t = bronze_table(table if feed == "stream" else replace(table, ordering=S3_ORDERING))
+        good, _bad = typed_changes(norm.filter(F.col("feed") == feed), TableShape(t), salt="")  # bad rows were quarantined already
+        typed = good if typed is None else typed.unionByName(good)
     key = table.primary_key
     op = F.col("_op")
     staged = (
-        good.drop("_dq")
+        typed.drop("_dq")
         .dropDuplicates([*key, "_seq"])
         .withColumn("_op", F.when(op == "update", "U").when(op == "delete", "D").otherwise("I"))
     )
-    return staged, int(newest)
+    return staged, newest
 
 
 def to_arrow(df: DataFrame) -> pa.Table:
@@ -157,21 +171,23 @@ def to_arrow(df: DataFrame) -> pa.Table:
 def _watermark_ddl(schema: str) -> list[str]:
     return [
         f"create schema if not exists {q(schema)}",
-        f"create table if not exists {q(schema)}.{WATERMARKS} (table_name varchar(256) primary key, "
-        f"last_batch_id bigint not null, updated_at timestamp)",
+        f"create table if not exists {q(schema)}.{WATERMARKS} (table_name varchar(256) not null, "
+        f"feed varchar(16) not null, last_batch_id bigint not null, updated_at timestamp, "
+        f"primary key (table_name, feed))",
     ]
 
 
-def read_watermark(wh: Warehouse, schema: str, table: str) -> int:
-    sql = f"select last_batch_id from {q(schema)}.{WATERMARKS} where table_name = %s"
-    row = wh.execute(sql, (table,)).fetchone()
-    return -1 if row is None else int(row[0])
+def read_watermarks(wh: Warehouse, schema: str, table: str) -> dict[str, int]:
+    """feed -> the newest bronze batch id of that feed already merged (absent: none yet)."""
+    sql = f"select feed, last_batch_id from {q(schema)}.{WATERMARKS} where table_name = %s"
+    return {r[0]: int(r[1]) for r in wh.execute(sql, (table,)).fetchall()}
 
 
-def _set_watermark(wh: Warehouse, schema: str, table: str, batch_id: int) -> None:
-    wh.execute(f"delete from {q(schema)}.{WATERMARKS} where table_name = %s", (table,))
-    wh.execute(f"insert into {q(schema)}.{WATERMARKS} values (%s, %s, %s)",
-               (table, batch_id, datetime.now(UTC).replace(tzinfo=None)))
+def _set_watermarks(wh: Warehouse, schema: str, table: str, positions: dict[str, int]) -> None:
+    now = datetime.now(UTC).replace(tzinfo=None)
+    for feed, batch_id in positions.items():
+        wh.execute(f"delete from {q(schema)}.{WATERMARKS} where table_name = %s and feed = %s", (table, feed))
+        wh.execute(f"insert into {q(schema)}.{WATERMARKS} values (%s, %s, %s, %s)", (table, feed, batch_id, now))
 
 
 # ---------------------------------------------------------------- the job
@@ -214,10 +230,10 @@ def merge_from_lake(
 def _merge_one(spark: SparkSession, project: Project, wh: Warehouse, schema: str, table: Table, tr: TableRun,
                references, metrics: MetricsSink) -> None:
     with wh.transaction():
-        tr.from_batch = read_watermark(wh, schema, table.name)
+        tr.from_batch = read_watermarks(wh, schema, table.name)
     staged, newest = staged_changes(spark, project, table, tr.from_batch)
-    tr.to_batch = tr.from_batch
-    if newest is None:
+    tr.to_batch = dict(tr.from_batch)
+    if not newest:
         return
     staged = staged.persist()
     tr.changes = staged.count()
@@ -239,14 +255,14 @@ def _merge_one(spark: SparkSession, project: Project, wh: Warehouse, schema: str
     tr.staged, tr.quarantined = arrow.num_rows, len(quarantine)
     write_quarantine(spark, project, quarantine)
     def move_watermark(w: Warehouse) -> None:
-        _set_watermark(w, schema, table.name, newest)
+        _set_watermarks(w, schema, table.name, newest)
 
     if arrow.num_rows:  # the watermark moves in the merge's transaction
         tr.merge = merge_table(wh, project, table.name, arrow, schema=schema, also=move_watermark)
     else:
         with wh.transaction():
             move_watermark(wh)
-    tr.to_batch = newest
+    tr.to_batch.update(newest)
     staged.unpersist()
 
 

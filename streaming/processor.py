@@ -23,9 +23,10 @@ from pyspark.sql.utils import AnalysisException
 from tenacity import Retrying, stop_after_attempt, wait_exponential
 
 from cdcflow.cdc import apply, schema
+from cdcflow.cdc.bronze import append_bronze, bronze_rows
 from cdcflow.cdc.changes import TableShape, typed_changes
 from cdcflow.cdc.envelope import parse_kinesis_json
-from cdcflow.cdc.masking import REDACTED, masked_data_map, pii_salt
+from cdcflow.cdc.masking import REDACTED, pii_salt
 from cdcflow.config import Project
 from cdcflow.metrics import MetricsSink
 from cdcflow.runtime import materialize, release
@@ -304,32 +305,8 @@ class BatchProcessor:
 
     def _append_bronze(self, norm: DataFrame, batch_id: int) -> None:
         """Every consumed record, masked, partitioned by table and date, for audit and replay."""
-        table = F.coalesce(F.col("_table"), F.lit("_unparsed"))
-        bronze = norm.select(
-            table.alias("table"),
-            F.to_date(F.coalesce("_commit_ts", "_arrival_ts")).alias("date"),
-            F.col("_record_type").alias("record_type"),
-            F.col("_op").alias("op"),
-            masked_data_map(F.col("_data"), F.col("_table"), self.project, self.salt).alias("data"),
-            masked_data_map(F.col("_before"), F.col("_table"), self.project, self.salt).alias("before"),
-            F.col("_commit_ts").alias("commit_ts"),
-            F.col("_txn_id").alias("transaction_id"),
-            F.col("_txn_rec_id").alias("transaction_record_id"),
-            F.col("_stream_pos").alias("stream_position"),
-            F.col("_control").alias("control"),
-            F.col("_source_position").alias("source_position"),
-            F.col("_arrival_ts").alias("arrival_ts"),
-            F.col("_problem").alias("problem"),
-            F.col("_record_hash").alias("record_hash"),
-            F.lit(batch_id).cast("bigint").alias("batch_id"),
-        )
-        (
-            # one file per table and date per batch, not one per task
-            bronze.repartition("table", "date")
-            .write.format("delta").mode("append").partitionBy("table", "date")
-            .option("txnAppId", f"{self.app_id}-bronze").option("txnVersion", batch_id)
-            .save(self.bronze_path)
-        )  # fmt: skip
+        rows = bronze_rows(norm, self.project, self.salt, batch_id, feed="stream")
+        append_bronze(rows, self.bronze_path, txn=(f"{self.app_id}-bronze", batch_id))
 
     def _emit_metrics(self, outcomes: list[TableOutcome], batch_id: int, seconds: float) -> None:
         for o in outcomes:

@@ -16,6 +16,8 @@ WIDTHS = {
     "transaction_record_id": 10,
     "change_seq": 35,
 }
+# DMS S3 output has no transaction details: commit time, then $AR_H_CHANGE_SEQ.
+S3_ORDERING = ("commit_timestamp", "change_seq")
 STREAM_POSITION_GROUPS = 5  # PostgreSQL: 00000002/7C007178.3.00000002/7C007178
 STREAM_POSITION_WIDTH = 20
 

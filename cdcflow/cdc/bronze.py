@@ -1,0 +1,72 @@
+"""Bronze: every consumed record, PII-masked, partitioned by table and date, for audit, replay and the
+warehouse merge (batch/warehouse_job.py reads its changes from here).
+
+Two feeds write it, each with its own increasing `batch_id`:
+- `stream`: the streaming job; `batch_id` is the micro-batch id (idempotent per batch via txnAppId).
+- `full_load`: `cdcflow full-load`; `batch_id` counts the table's applied file groups (LOAD files of
+  one snapshot, or one CDC file). Its rows order by commit time + `change_seq` (DMS S3 output).
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from cdcflow.cdc.changes import VALUES
+from cdcflow.cdc.masking import masked_data_map
+from cdcflow.config import Project
+
+FEEDS = ("stream", "full_load")
+
+
+def _data_map(norm: DataFrame) -> F.Column:
+    """The record's values as a column -> text map: `_data` as parsed, or the typed `_values` as text."""
+    if VALUES not in norm.columns:
+        return F.col("_data")
+    fields = norm.schema[VALUES].dataType.fieldNames()
+    if not fields:
+        return F.create_map().cast("map<string,string>")
+    return F.create_map(*[x for f in fields for x in (F.lit(f), F.col(VALUES)[f].cast("string"))])
+
+
+def bronze_rows(norm: DataFrame, project: Project, salt: str, batch_id: int, feed: str) -> DataFrame:
+    """Normalized changes (cdcflow.cdc.envelope / batch.full_load shape) -> bronze rows, masked."""
+    assert feed in FEEDS, feed
+    table = F.coalesce(F.col("_table"), F.lit("_unparsed"))
+    return norm.select(
+        table.alias("table"),
+        F.to_date(F.coalesce("_commit_ts", "_arrival_ts")).alias("date"),
+        F.col("_record_type").alias("record_type"),
+        F.col("_op").alias("op"),
+        masked_data_map(_data_map(norm), F.col("_table"), project, salt).alias("data"),
+        masked_data_map(F.col("_before"), F.col("_table"), project, salt).alias("before"),
+        F.col("_commit_ts").alias("commit_ts"),
+        F.col("_txn_id").alias("transaction_id"),
+        F.col("_txn_rec_id").alias("transaction_record_id"),
+        F.col("_stream_pos").alias("stream_position"),
+        F.col("_change_seq").alias("change_seq"),
+        F.col("_control").alias("control"),
+        F.col("_source_position").alias("source_position"),
+        F.col("_arrival_ts").alias("arrival_ts"),
+        F.col("_problem").alias("problem"),
+        F.col("_record_hash").alias("record_hash"),
+        F.lit(feed).alias("feed"),
+        F.lit(batch_id).cast("bigint").alias("batch_id"),
+    )
+
+
+def append_bronze(rows: DataFrame, path: str, txn: tuple[str, int] | None = None) -> None:
+    """Append; `txn` = (txnAppId, txnVersion) makes the append idempotent (a re-run is skipped)."""
+    # one file per table and date per append, not one per task
+    w = rows.repartition("table", "date").write.format("delta").mode("append").partitionBy("table", "date")
+    if txn is not None:
+        w = w.option("txnAppId", txn[0]).option("txnVersion", txn[1])
+    w.save(path)
+
+
+def next_full_load_batch(bronze: DataFrame | None) -> dict[str, int]:
+    """table -> the next full-load batch id (one more than the newest in bronze)."""
+    if bronze is None:
+        return {}
+    rows = bronze.filter(F.col("feed") == "full_load").groupBy("table").agg(F.max("batch_id")).collect()
+    return {r[0]: int(r[1]) + 1 for r in rows}
