@@ -56,3 +56,20 @@ def test_full_load_and_cdc_files_match_oracle_and_rerun_is_a_noop(spark, tmp_pat
     silver_after = {n: sorted(map(str, spark.read.format("delta").load(project.path(t.delta_path))
                                   .drop("_ingested_at").collect())) for n, t in project.tables.items()}
     assert silver_after == silver_before
+
+
+def test_cdc_files_are_grouped_by_schema_in_time_order(tmp_path):
+    """Consecutive CDC files with one schema are read together; a schema change (drift) starts a new group."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batch.full_load import FileRef, cdc_groups
+
+    narrow = pa.table({"Op": ["I"], "id": [1]})
+    wide = pa.table({"Op": ["U"], "id": [1], "note": ["x"]})
+    names = ["20240101-000000001", "20240101-000000002", "20240101-000000003", "20240101-000000004"]
+    for name, t in zip(names, [narrow, narrow, wide, narrow], strict=True):
+        pq.write_table(t, tmp_path / f"{name}.parquet")
+    refs = [FileRef("s.t", f"s/t/{n}.parquet", "cdc") for n in names]
+    local = {r.rel: str(tmp_path / r.rel.rsplit("/", 1)[1]) for r in refs}
+    assert [[r.rel[4:22] for r in g] for g in cdc_groups(refs, local)] == [names[:2], names[2:3], names[3:]]
