@@ -37,6 +37,20 @@ def test_full_load_and_cdc_files_match_oracle_and_rerun_is_a_noop(spark, tmp_pat
         assert not (missing or d.extra or d.different), (d.table, d.kind, missing[:3], d.extra[:3], d.different[:3])
     assert any(d.kind == "quarantine" and d.actual_count > 0 for d in diffs)  # missing keys were quarantined
 
+    # Every applied record is in bronze (feed full_load), and no PII value appears unmasked in the lake.
+    import json
+
+    bronze = spark.read.format("delta").load(project.path("bronze"))
+    assert bronze.filter("feed = 'full_load'").count() == result.rows
+    pii = set()
+    for line in (sim / "history.jsonl").read_text().splitlines():
+        data = json.loads(line).get("data") or {}
+        pii |= {str(data[c]) for c in ("email", "phone", "shipping_phone") if data.get(c)}
+    assert len(pii) > 50
+    blobs = [f.read_bytes() for f in (tmp_path / "lake").rglob("*") if f.is_file()]
+    leaked = [v for v in pii if any(v.encode() in b for b in blobs)]
+    assert not leaked, leaked[:5]
+
     # Applied files were archived; the raw prefix only holds what is left (the unknown table's files).
     left = [p for p in raw.rglob("*.parquet") if "archive" not in p.parts]
     assert all("ghost" in str(p) for p in left)

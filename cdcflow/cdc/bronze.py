@@ -13,32 +13,40 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from cdcflow.cdc.changes import VALUES
-from cdcflow.cdc.masking import masked_data_map
-from cdcflow.config import Project
+from cdcflow.cdc.masking import mask_column, masked_data_map
+from cdcflow.config import Project, Table
 
 FEEDS = ("stream", "full_load")
 
 
-def _data_map(norm: DataFrame) -> F.Column:
-    """The record's values as a column -> text map: `_data` as parsed, or the typed `_values` as text."""
-    if VALUES not in norm.columns:
-        return F.col("_data")
-    fields = norm.schema[VALUES].dataType.fieldNames()
-    if not fields:
-        return F.create_map().cast("map<string,string>")
-    return F.create_map(*[x for f in fields for x in (F.lit(f), F.col(VALUES)[f].cast("string"))])
+def _typed_data_map(norm: DataFrame, table: Table, salt: str) -> F.Column:
+    """A typed source's `_values` (one known table) as a masked column -> text map, built column by
+    column: cheaper than masking a map entry by entry."""
+    entries = []
+    for name in norm.schema[VALUES].dataType.fieldNames():
+        method = table.pii.get(name)
+        if method == "drop":
+            continue
+        value = F.col(VALUES)[name].cast("string")
+        entries += [F.lit(name), mask_column(value, method, salt) if method else value]
+    return F.create_map(*entries) if entries else F.create_map().cast("map<string,string>")
 
 
-def bronze_rows(norm: DataFrame, project: Project, salt: str, batch_id: int, feed: str) -> DataFrame:
-    """Normalized changes (cdcflow.cdc.envelope / batch.full_load shape) -> bronze rows, masked."""
+def bronze_rows(norm: DataFrame, project: Project, salt: str, batch_id: int, feed: str,
+                table: Table | None = None) -> DataFrame:
+    """Normalized changes (cdcflow.cdc.envelope, or batch.full_load for one `table`) -> bronze rows, masked."""
     assert feed in FEEDS, feed
-    table = F.coalesce(F.col("_table"), F.lit("_unparsed"))
+    if VALUES in norm.columns:
+        assert table is not None, "a typed source holds one table"
+        data = _typed_data_map(norm, table, salt)
+    else:
+        data = masked_data_map(F.col("_data"), F.col("_table"), project, salt)
     return norm.select(
-        table.alias("table"),
+        F.coalesce(F.col("_table"), F.lit("_unparsed")).alias("table"),
         F.to_date(F.coalesce("_commit_ts", "_arrival_ts")).alias("date"),
         F.col("_record_type").alias("record_type"),
         F.col("_op").alias("op"),
-        masked_data_map(_data_map(norm), F.col("_table"), project, salt).alias("data"),
+        data.alias("data"),
         masked_data_map(F.col("_before"), F.col("_table"), project, salt).alias("before"),
         F.col("_commit_ts").alias("commit_ts"),
         F.col("_txn_id").alias("transaction_id"),
@@ -55,10 +63,15 @@ def bronze_rows(norm: DataFrame, project: Project, salt: str, batch_id: int, fee
     )
 
 
-def append_bronze(rows: DataFrame, path: str, txn: tuple[str, int] | None = None) -> None:
-    """Append; `txn` = (txnAppId, txnVersion) makes the append idempotent (a re-run is skipped)."""
-    # one file per table and date per append, not one per task
-    w = rows.repartition("table", "date").write.format("delta").mode("append").partitionBy("table", "date")
+def append_bronze(rows: DataFrame, path: str, txn: tuple[str, int] | None = None,
+                  by_partition: bool = True) -> None:
+    """Append; `txn` = (txnAppId, txnVersion) makes the append idempotent (a re-run is skipped).
+
+    `by_partition`: shuffle first so each (table, date) gets one file, not one per task (a
+    micro-batch of many tables); a full load's rows (one table, few tasks) skip that shuffle."""
+    if by_partition:
+        rows = rows.repartition("table", "date")
+    w = rows.write.format("delta").mode("append").partitionBy("table", "date")
     if txn is not None:
         w = w.option("txnAppId", txn[0]).option("txnVersion", txn[1])
     w.save(path)
