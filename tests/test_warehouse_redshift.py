@@ -12,7 +12,8 @@ import uuid
 import psycopg
 import pytest
 from warehouse_helpers import (
-    Change,
+    FIRST,
+    SECOND,
     current_schema,
     dimension_rows,
     dump_schema,
@@ -20,7 +21,6 @@ from warehouse_helpers import (
     project,
     redshift_on_postgres,
     staging,
-    ts,
 )
 
 from batch.warehouse import loader, merge_table
@@ -34,13 +34,6 @@ from tests.conftest import CONFIGS
 CUST_COLS = ["email", "full_name", "country", "segment"]
 
 
-def cust(cid: int, name: str, minute: int) -> dict:
-    return {"customer_id": cid, "email": f"h{cid}", "full_name": name, "country": "DE", "segment": "vip",
-            "created_at": ts(0), "updated_at": ts(minute)}  # fmt: skip
-
-
-FIRST = [Change("I", 1, cust(1, "a", 1)), Change("I", 1, cust(2, "b", 1), rec=1)]
-SECOND = [Change("U", 5, cust(1, "a2", 5)), Change("D", 6, cust(2, "b", 6)), Change("I", 7, cust(3, "c", 7))]
 
 
 @pytest.fixture()

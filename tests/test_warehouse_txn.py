@@ -7,14 +7,16 @@ import threading
 import psycopg
 import pytest
 from warehouse_helpers import (
+    FIRST,
+    SECOND,
     Change,
     current_schema,
+    cust,
     dimension_rows,
     dump_schema,
     expected_history,
     project,
     staging,
-    ts,
 )
 
 from batch.warehouse import loader, merge_table
@@ -23,20 +25,6 @@ from batch.warehouse.scd2 import Step
 pytestmark = pytest.mark.stack
 
 
-def cust(cid: int, name: str, minute: int) -> dict:
-    return {
-        "customer_id": cid,
-        "email": f"h{cid}",
-        "full_name": name,
-        "country": "DE",
-        "segment": "vip",
-        "created_at": ts(0),
-        "updated_at": ts(minute),
-    }
-
-
-FIRST = [Change("I", 1, cust(1, "a", 1)), Change("I", 1, cust(2, "b", 1), rec=1)]
-SECOND = [Change("U", 5, cust(1, "a2", 5)), Change("D", 6, cust(2, "b", 6)), Change("I", 7, cust(3, "c", 7))]
 
 
 def inject(monkeypatch, sql: str, after: str) -> None:

@@ -79,6 +79,17 @@ def staging(project: Project, table: str, changes: list[Change]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=pa.schema(fields))
 
 
+def cust(cid: int, name: str, minute: int) -> dict:
+    """A shop.customers row: hashed email, the given name, updated at `minute`."""
+    return {"customer_id": cid, "email": f"h{cid}", "full_name": name, "country": "DE", "segment": "vip",
+            "created_at": ts(0), "updated_at": ts(minute)}  # fmt: skip
+
+
+# Two batches of customer changes: two inserts; then an update, a delete and an insert.
+FIRST = [Change("I", 1, cust(1, "a", 1)), Change("I", 1, cust(2, "b", 1), rec=1)]
+SECOND = [Change("U", 5, cust(1, "a2", 5)), Change("D", 6, cust(2, "b", 6)), Change("I", 7, cust(3, "c", 7))]
+
+
 @dataclass
 class Version:
     key: tuple
