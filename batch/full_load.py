@@ -172,12 +172,14 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
     result = LoadResult()
     names = tables or sorted(project.tables)
     work = [(name, classify(project.table(name), store.list(project.table(name)))) for name in names]
-    task = progress.add_task("files", total=sum(len(f) for _, f in work)) if progress else None
+    bars = _Bars(progress, sum(len(f) for _, f in work))
     for name, files in work:
+        bars.start(name, len(files))
         table = replace(project.table(name), ordering=S3_ORDERING)
         path = project.path(table.delta_path)
         todo = [ref for ref in files if (name, ref.rel) not in done]
         result.skipped += len(files) - len(todo)
+        bars.advance(len(files) - len(todo))
         loads = [ref for ref in todo if ref.kind == "load"]
         local = {ref.rel: store.local_path(ref.rel) for ref in todo}
         cdc = [ref for ref in todo if ref.kind == "cdc"]
@@ -207,12 +209,34 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
             result.rows += sum(counts)
             result.quarantined += len(bad_rows)
             result.per_table[name] = result.per_table.get(name, 0) + sum(counts)
-        for _ref in files:
-            if archive:
-                store.archive(_ref.rel, datetime.now(UTC))
-            if progress:
-                progress.advance(task)
+            bars.advance(len(group))
+        if archive:
+            for ref in files:
+                store.archive(ref.rel, datetime.now(UTC))
+        bars.finish()
     return result
+
+
+class _Bars:
+    """Rich progress (optional): one bar for all files, one for the table being loaded."""
+
+    def __init__(self, progress, total: int):
+        self.progress = progress
+        self.all = progress.add_task("all tables", total=total) if progress else None
+        self.table = None
+
+    def start(self, name: str, files: int) -> None:
+        if self.progress:
+            self.table = self.progress.add_task(name, total=files)
+
+    def advance(self, files: int) -> None:
+        if self.progress and files:
+            self.progress.advance(self.all, files)
+            self.progress.advance(self.table, files)
+
+    def finish(self) -> None:
+        if self.progress:
+            self.progress.remove_task(self.table)
 
 
 def cdc_groups(files: list[FileRef], local: dict[str, str]) -> list[list[FileRef]]:

@@ -87,3 +87,26 @@ def test_cdc_files_are_grouped_by_schema_in_time_order(tmp_path):
     refs = [FileRef("s.t", f"s/t/{n}.parquet", "cdc") for n in names]
     local = {r.rel: str(tmp_path / r.rel.rsplit("/", 1)[1]) for r in refs}
     assert [[r.rel[4:22] for r in g] for g in cdc_groups(refs, local)] == [names[:2], names[2:3], names[3:]]
+
+
+def test_progress_shows_all_files_and_the_table_being_loaded():
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from batch.full_load import _Bars
+
+    with Progress(console=Console(file=io.StringIO())) as progress:
+        bars = _Bars(progress, total=5)
+        bars.start("shop.customers", 3)
+        bars.advance(1)  # already applied
+        bars.advance(2)  # one group of two files
+        assert [(t.description, t.completed, t.total) for t in progress.tasks] == [
+            ("all tables", 3, 5), ("shop.customers", 3, 3)]
+        bars.finish()
+        bars.start("shop.orders", 2)
+        bars.advance(2)
+        bars.finish()
+        assert [(t.description, t.completed) for t in progress.tasks] == [("all tables", 5)]
+    assert _Bars(None, 5).advance(1) is None  # no progress display: a no-op
