@@ -64,6 +64,7 @@ class BatchProcessor:
         self.watermark_delay = timedelta(minutes=s.watermark_minutes)
         self.retries = s.table_retries
         self.pool = ThreadPoolExecutor(max_workers=s.max_parallel_tables, thread_name_prefix="cdcflow-apply")
+        self.bronze_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdcflow-bronze")
         self.bronze_path = project.path("bronze")
         self.quarantine_path = project.path("quarantine")
         self.app_id = f"cdcflow-{project.pipeline.name}"
@@ -128,7 +129,8 @@ class BatchProcessor:
             "_table", "_op", "_control", "_commit_ts"
         ).collect()
 
-        self._append_bronze(norm, batch_id)
+        # Bronze doesn't depend on the applies: its write overlaps theirs (both are idempotent).
+        bronze = self.bronze_pool.submit(self._append_bronze, norm, batch_id)
 
         outcomes: dict[str, TableOutcome] = {}
         quarantine: list[tuple] = []
@@ -147,13 +149,16 @@ class BatchProcessor:
             # A source drop never erases the lake: silver keeps its rows; operators get an alert.
             if any(c.op == "drop-table" for c in table_changes):
                 self.metrics.alert("SourceTableDropped", name, "DMS reported drop-table; silver kept as is")
-        futures = {
-            name: self.pool.submit(self._apply_table, norm, name, changes.get(name, []), batch_id, o)
-            for name, o in outcomes.items()
-        }
-        for name, fut in futures.items():
-            outcomes[name] = fut.result()
-            quarantine += outcomes[name].quarantine_rows
+        try:
+            futures = {
+                name: self.pool.submit(self._apply_table, norm, name, changes.get(name, []), batch_id, o)
+                for name, o in outcomes.items()
+            }
+            for name, fut in futures.items():
+                outcomes[name] = fut.result()
+                quarantine += outcomes[name].quarantine_rows
+        finally:
+            bronze.result()  # the batch ends (or fails) only once bronze is written; `norm` is freed after
         self._append_quarantine(quarantine, batch_id)
 
         batch_max = max((r["max_ts"] for r in stats if r["max_ts"] is not None), default=None)
