@@ -187,3 +187,33 @@ def test_tables_loaded_by_full_load_reach_the_warehouse_and_a_reload_changes_not
     rerun = merge_from_lake(spark, project, stack.pg_url)
     assert sum(t.changes for t in rerun.tables) > 0
     assert snapshot(stack.pg_url, schema) == before
+
+
+def test_full_load_from_s3_and_cdc_from_kinesis_reach_the_warehouse_together(spark, stack, tmp_path):
+    """The usual DMS split: the full load lands in S3 (LOAD files -> `full-load`), the ongoing changes
+    come through Kinesis (the stream, without DMS's load records). One merge reads both feeds, orders
+    the load before every change, and the SCD2 history equals the oracle's."""
+    schema = f"wh_{uuid.uuid4().hex[:8]}"
+    raw = tmp_path / "raw"
+    project = project_in(tmp_path, config_with_schema(tmp_path, schema), CDCFLOW_WAREHOUSE_URL=stack.pg_url,
+                         CDCFLOW_RAW_URI=str(raw))
+    sim = tmp_path / "sim"
+    simulate_to(project, sim, events=150, out_of_order_rate=0.1, duplicate_rate=0.05)
+    for p in (sim / "s3").rglob("LOAD*.parquet"):
+        dest = raw / p.relative_to(sim / "s3")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, dest)
+    run_full_load(spark, project)
+    replay = split_replay(sim, tmp_path / "replay", batches=1)
+    for f in replay.glob("*.jsonl"):
+        cdc = [x for x in f.read_text().splitlines() if json.loads(x)["metadata"].get("operation") != "load"]
+        f.write_text("\n".join(cdc) + "\n")
+    run_stream(spark, project, replay_stream(spark, str(replay)), available_now=True)
+    run = merge_from_lake(spark, project, stack.pg_url)
+    assert {f for t in run.tables for f in t.to_batch} == {"stream", "full_load"}
+
+    oracle = build_oracle(project, load_history(sim), resolve_salt(project), "kinesis")
+    actual = read_warehouse_scd2(project, stack.pg_url)
+    for t in scd2_tables(project):
+        diff = compare_scd2(oracle.scd2[t.name], actual[t.name], t)
+        assert diff.ok, (t.name, diff.missing[:3], diff.extra[:3], diff.different[:3])
