@@ -20,6 +20,7 @@ def glue_kinesis_options(project) -> dict[str, str]:
             k.starting_position
         ],
         "maxFetchRecordsPerShard": str(k.max_records_per_shard),
+        "maxRecordPerRead": str(k.max_records_per_read),
         "classification": "json",
         "inferSchema": "false",
         "schema": "`data` binary",  # keep the raw DMS JSON: the shared parser reads it

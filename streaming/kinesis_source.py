@@ -86,7 +86,8 @@ class KinesisStreamReader(DataSourceStreamReader):
     def __init__(self, options: dict):
         self.options = options
         self.stream = options["streamName"]
-        self.max_records = int(options.get("maxRecordsPerShard", "10000"))
+        self.max_records = int(options.get("maxRecordsPerShard", "100000"))
+        self.per_read = min(int(options.get("maxRecordsPerRead", "10000")), 10000)
         self.lag: dict[str, int] = {}
         self._last: dict | None = None
         self._client = None
@@ -135,14 +136,7 @@ class KinesisStreamReader(DataSourceStreamReader):
             st = shards_state[sid]
             if st["closed"]:
                 continue
-            it = _iterator(self.client, self.stream, sid, st["after"], start)
-            resp = self._get_records(it)
-            if resp["Records"]:
-                st["after"] = resp["Records"][-1]["SequenceNumber"]
-            self.lag[sid] = resp.get("MillisBehindLatest", 0)
-            self._emit_lag(sid, self.lag[sid])
-            if resp.get("NextShardIterator") is None:
-                st["closed"] = True  # a closed shard read to its end
+            self._advance(sid, st, start)
         self._last = {"shards": shards_state, "start": start}
         return self._last
 
@@ -163,8 +157,27 @@ class KinesisStreamReader(DataSourceStreamReader):
             if not token:
                 return shards
 
-    def _get_records(self, iterator: str) -> dict:
-        return _call(self.client.get_records, ShardIterator=iterator, Limit=min(self.max_records, 10000))
+    def _advance(self, sid: str, st: dict, start: dict) -> None:
+        """Move the shard's end offset up to max_records past its last one: GetRecords calls of
+        per_read records until the budget is spent or the shard is caught up (or closed)."""
+        it = _iterator(self.client, self.stream, sid, st["after"], start)
+        budget = self.max_records
+        while True:
+            limit = min(budget, self.per_read)
+            resp = _call(self.client.get_records, ShardIterator=it, Limit=limit)
+            records = resp["Records"]
+            if records:
+                st["after"] = records[-1]["SequenceNumber"]
+                budget -= len(records)
+            self.lag[sid] = resp.get("MillisBehindLatest", 0)
+            it = resp.get("NextShardIterator")
+            if it is None:
+                st["closed"] = True  # a closed shard read to its end
+                break
+            # Caught up: a short page at the tip (a full page may have more behind it, whatever the lag says).
+            if not records or budget <= 0 or (self.lag[sid] == 0 and len(records) < limit):
+                break
+        self._emit_lag(sid, self.lag[sid])
 
     def partitions(self, start: dict, end: dict) -> list[ShardRange]:
         parts = []
@@ -189,7 +202,7 @@ class KinesisStreamReader(DataSourceStreamReader):
         it = _iterator(client, self.stream, partition.shard, after, start)
         while True:
             try:
-                resp = _call(client.get_records, ShardIterator=it, Limit=10000)
+                resp = _call(client.get_records, ShardIterator=it, Limit=self.per_read)
             except ClientError as e:
                 if e.response["Error"]["Code"] != "ExpiredIteratorException":
                     raise

@@ -48,6 +48,7 @@ def kinesis_stream(spark: SparkSession, project: Project, checkpoint: str, metri
         .option("region", project.pipeline.aws.region)
         .option("startingPosition", k.starting_position)
         .option("maxRecordsPerShard", str(k.max_records_per_shard))
+        .option("maxRecordsPerRead", str(k.max_records_per_read))
         .option("checkpointLocation", checkpoint)  # lets the reader resume from Spark's offset log
         .option("pipeline", project.pipeline.name)
     )

@@ -47,3 +47,32 @@ def test_kinesis_restart_and_resharding_lose_and_duplicate_nothing(spark, stack,
     assert bronze.select("source_position").distinct().count() == len(records)
     bad = [d for d in verify_against_oracle(spark, project, tmp_path / "sim") if not d.ok]
     assert not bad, [(d.table, d.kind, d.missing[:3], d.extra[:3], d.different[:3]) for d in bad]
+
+
+def test_a_micro_batch_takes_up_to_max_records_per_shard_over_several_get_records_calls(stack, tmp_path):
+    """maxRecordsPerShard bounds a micro-batch; maxRecordsPerRead bounds one GetRecords call. A batch
+    larger than one call (a job catching up) pages through the shard, and reading the offset range
+    yields exactly its records, in order."""
+    from streaming.kinesis_source import KinesisStreamReader
+
+    stream = "cdc-paging"
+    kinesis = client("kinesis", stack.aws_endpoint, "us-east-1")
+    ensure_stream(kinesis, stream, 1)
+    for i in range(0, 250, 50):
+        kinesis.put_records(StreamName=stream, Records=[
+            {"Data": str(n).encode(), "PartitionKey": "k"} for n in range(i, i + 50)])
+    calls = []
+    reader = KinesisStreamReader({"streamName": stream, "endpointUrl": stack.aws_endpoint,
+                                  "maxRecordsPerShard": "200", "maxRecordsPerRead": "60"})
+    real = reader.client.get_records
+    reader.client.get_records = lambda **kw: calls.append(kw["Limit"]) or real(**kw)
+
+    first = reader.initialOffset()
+    end = reader.latestOffset()
+    assert calls == [60, 60, 60, 20]  # 200 records in four calls, the last one only what is left
+    (part,) = reader.partitions(first, end)
+    assert [int(r[0]) for r in reader.read(part)] == list(range(200))
+    rest = reader.latestOffset()
+    (part,) = reader.partitions(end, rest)
+    assert [int(r[0]) for r in reader.read(part)] == list(range(200, 250))
+    assert reader.lag == {part.shard: 0}

@@ -271,7 +271,10 @@ class KinesisSettings(Strict):
     shards: int = Field(default=2, ge=1)
     starting_position: Literal["trim_horizon", "latest", "at_timestamp"] = "trim_horizon"
     starting_timestamp: str | None = None
-    max_records_per_shard: int = Field(default=10000, ge=1)
+    # Per shard and micro-batch (Glue: maxFetchRecordsPerShard), and per GetRecords call (Glue:
+    # maxRecordPerRead; Kinesis allows 10,000). A job catching up needs the large per-batch limit.
+    max_records_per_shard: int = Field(default=100000, ge=1)
+    max_records_per_read: int = Field(default=10000, ge=1, le=10000)
 
 
 class DmsSettings(Strict):
