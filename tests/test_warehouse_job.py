@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import psycopg
+import pyspark
 import pytest
 from pyspark.sql import functions as F
 
@@ -189,6 +190,9 @@ def test_tables_loaded_by_full_load_reach_the_warehouse_and_a_reload_changes_not
     assert snapshot(stack.pg_url, schema) == before
 
 
+# On Glue's Spark 3.5 each feed is covered by a test above; the two together run on the main tier only
+# (CI's 20-minute budget).
+@pytest.mark.skipif(pyspark.__version__.startswith("3."), reason="main tier only (each feed is covered above)")
 def test_full_load_from_s3_and_cdc_from_kinesis_reach_the_warehouse_together(spark, stack, tmp_path):
     """The usual DMS split: the full load lands in S3 (LOAD files -> `full-load`), the ongoing changes
     come through Kinesis (the stream, without DMS's load records). One merge reads both feeds, orders
