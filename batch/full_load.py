@@ -157,8 +157,9 @@ def _manifest(spark: SparkSession, path: str) -> set[tuple[str, str]]:
 def run_full_load(spark: SparkSession, project: Project, tables: list[str] | None = None,
                   ts_column: str = "dms_commit_ts", archive: bool = True, progress=None) -> LoadResult:
     """Apply every not-yet-applied raw file: a table's LOAD files in one Spark read and one apply (they
-    are one snapshot, all at sequence 0), then its CDC files one at a time in name (time) order. The
-    manifest still records every file with its row count.
+    are one snapshot, all at sequence 0), then its CDC files in name (time) order, consecutive files
+    of one schema in one read and apply (`cdc_groups`). The manifest records every file with its row
+    count.
 
     Each file group's records also go to bronze (feed `full_load`, masked), so `warehouse-merge`
     sees the table's changes. A group re-applied after a crash gets a new bronze batch id: the

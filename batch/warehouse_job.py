@@ -9,8 +9,9 @@ For each table with a `warehouse` target, dimensions first, then facts:
    out, so the warehouse sees exactly the changes silver applied. Bronze values are already
    PII-masked: not masked again.
 2. Type them per declared column (masked columns are strings), compute `_seq` from the table's
-   ordering (full-load rows: DMS S3's commit time + change_seq) and split primary-key changes (the shared `cdcflow.cdc.changes.typed_changes`), drop
-   identical (key, `_seq`) redeliveries, and map `_op` load/insert/update/delete -> I/I/U/D.
+   ordering (full-load rows: DMS S3's commit time + change_seq) and split primary-key changes (the
+   shared `cdcflow.cdc.changes.typed_changes`), drop identical (key, `_seq`) redeliveries, and map
+   `_op` load/insert/update/delete -> I/I/U/D.
 3. Run the stages: `staging_to_dimension` for dimensions; `staging_to_dimension` then
    `dimension_to_fact` for facts (batch.stages.run_stage: rules in one pass, quarantine / warn /
    fail, then the stage's transforms). Quarantined rows never reach the warehouse.
