@@ -20,7 +20,6 @@ from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.utils import AnalysisException
 
 from cdcflow.cdc import apply
 from cdcflow.cdc.bronze import append_bronze, bronze_rows, next_full_load_batch
@@ -28,6 +27,7 @@ from cdcflow.cdc.changes import VALUES, TableShape, typed_changes
 from cdcflow.cdc.masking import pii_salt
 from cdcflow.cdc.sequence import S3_ORDERING
 from cdcflow.config import Project, Table
+from cdcflow.runtime import read_delta
 
 LOAD_FILE = re.compile(r"(^|/)(SEGMENT\d+_)?LOAD[0-9A-F]{8}\.parquet$")
 CDC_FILE = re.compile(r"(^|/)\d{8}-\d{9,10}\.parquet$")
@@ -142,15 +142,8 @@ def normalize_parquet(df: DataFrame, table: Table, ref: FileRef, ts_column: str,
     )
 
 
-def _read_delta(spark: SparkSession, path: str) -> DataFrame | None:
-    try:
-        return spark.read.format("delta").load(path)
-    except AnalysisException:
-        return None
-
-
 def _manifest(spark: SparkSession, path: str) -> set[tuple[str, str]]:
-    df = _read_delta(spark, path)
+    df = read_delta(spark, path)
     return set() if df is None else {(r[0], r[1]) for r in df.select("table", "file").collect()}
 
 
@@ -169,9 +162,9 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
     manifest_path = project.path("_manifests/full_load")
     bronze_path = project.path("bronze")
     done = _manifest(spark, manifest_path)
-    next_batch = next_full_load_batch(_read_delta(spark, bronze_path))
-    result = LoadResult()
     names = tables or sorted(project.tables)
+    next_batch = next_full_load_batch(read_delta(spark, bronze_path), names)
+    result = LoadResult()
     work = [(name, classify(project.table(name), store.list(project.table(name)))) for name in names]
     bars = _Bars(progress, sum(len(f) for _, f in work))
     for name, files in work:

@@ -37,7 +37,6 @@ from typing import Any
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.utils import AnalysisException
 
 from batch.stages import run_stage, silver_references, write_quarantine
 from batch.warehouse.connection import Warehouse, connect
@@ -50,6 +49,7 @@ from cdcflow.config import Project, Table
 from cdcflow.config.models import Column, Quality
 from cdcflow.metrics import MetricsSink
 from cdcflow.quality import StageReport
+from cdcflow.runtime import read_delta
 
 OPS = {"load": "I", "insert": "I", "update": "U", "delete": "D"}
 WATERMARKS = "cdcflow_watermarks"
@@ -107,18 +107,11 @@ def bronze_table(table: Table) -> Table:
     return replace(table, cfg=cfg)
 
 
-def _read(spark: SparkSession, path: str) -> DataFrame | None:
-    try:
-        return spark.read.format("delta").load(path)
-    except AnalysisException:
-        return None
-
-
 def staged_changes(spark: SparkSession, project: Project, table: Table,
                    after: dict[str, int]) -> tuple[DataFrame, dict[str, int]]:
     """(typed staging changes of `table` from bronze after the per-feed positions `after`,
     feed -> newest batch id read, for the feeds that had new rows)."""
-    bronze = _read(spark, project.path("bronze"))
+    bronze = read_delta(spark, project.path("bronze"))
     if bronze is None:
         return spark.createDataFrame([], "x int"), {}
     new = F.lit(False)
@@ -130,7 +123,7 @@ def staged_changes(spark: SparkSession, project: Project, table: Table,
     newest = {r[0]: int(r[1]) for r in rows.groupBy("feed").agg(F.max("batch_id")).collect()}
     if not newest:
         return rows, {}
-    quarantined = _read(spark, project.path("quarantine"))
+    quarantined = read_delta(spark, project.path("quarantine"))
     if quarantined is not None:
         hashes = quarantined.filter(F.col("table") == table.name).select(F.col("record_hash")).distinct()
         rows = rows.join(F.broadcast(hashes), "record_hash", "left_anti")

@@ -205,6 +205,16 @@ def release(df: DataFrame) -> None:
         df.sparkSession.sparkContext._jsc.sc().unpersistRDD(plan.rdd().id(), False)
 
 
+def read_delta(spark: SparkSession, path: str) -> DataFrame | None:
+    """The Delta table at `path`, or None when there is none yet."""
+    from pyspark.sql.utils import AnalysisException
+
+    try:
+        return spark.read.format("delta").load(path)
+    except AnalysisException:
+        return None
+
+
 def forget_delta_table(spark: SparkSession, path: str) -> None:
     """Drop a table from Delta's process-wide DeltaLog cache (kept up to 60 minutes after last use).
 

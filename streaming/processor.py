@@ -19,7 +19,6 @@ from datetime import datetime, timedelta
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.utils import AnalysisException
 from tenacity import Retrying, stop_after_attempt, wait_exponential
 
 from cdcflow.cdc import apply, schema
@@ -29,7 +28,7 @@ from cdcflow.cdc.envelope import parse_kinesis_json
 from cdcflow.cdc.masking import REDACTED, pii_salt
 from cdcflow.config import Project
 from cdcflow.metrics import MetricsSink
-from cdcflow.runtime import materialize, release
+from cdcflow.runtime import materialize, read_delta, release
 
 log = logging.getLogger("cdcflow.stream")
 
@@ -77,18 +76,12 @@ class BatchProcessor:
 
     # ------------------------------------------------------------ recovery of in-memory state
 
-    def _read_delta(self, path: str) -> DataFrame | None:
-        try:
-            return self.spark.read.format("delta").load(path)
-        except AnalysisException:
-            return None
-
     def _recover_watermark(self) -> datetime | None:
-        bronze = self._read_delta(self.bronze_path)
+        bronze = read_delta(self.spark, self.bronze_path)
         return bronze.agg(F.max("commit_ts")).first()[0] if bronze is not None else None
 
     def _recover_blocked(self) -> dict[str, str]:
-        q = self._read_delta(self.quarantine_path)
+        q = read_delta(self.spark, self.quarantine_path)
         if q is None:
             return {}
         rows = q.filter("rule = 'schema_change_unsafe'").groupBy("table").agg(F.first("reason")).collect()

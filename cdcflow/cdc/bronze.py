@@ -78,9 +78,13 @@ def append_bronze(rows: DataFrame, path: str, txn: tuple[str, int] | None = None
     w.save(path)
 
 
-def next_full_load_batch(bronze: DataFrame | None) -> dict[str, int]:
-    """table -> the next full-load batch id (one more than the newest in bronze)."""
+def next_full_load_batch(bronze: DataFrame | None, tables: list[str]) -> dict[str, int]:
+    """table -> the next full-load batch id (one more than the newest in bronze), for `tables` only:
+    the filter on the partition column keeps other tables' files out of the scan."""
     if bronze is None:
         return {}
-    rows = bronze.filter(F.col("feed") == "full_load").groupBy("table").agg(F.max("batch_id")).collect()
+    rows = (
+        bronze.filter(F.col("table").isin(tables) & (F.col("feed") == "full_load"))
+        .groupBy("table").agg(F.max("batch_id")).collect()
+    )
     return {r[0]: int(r[1]) + 1 for r in rows}
