@@ -114,6 +114,17 @@ def spark_versions() -> dict[str, str]:
     return {"pyspark": version("pyspark"), "delta-spark": version("delta-spark")}
 
 
+# Static settings the streaming job wants wherever it runs (local runs here; the CDK stack passes
+# the same ones to the Glue streaming job with --conf).
+STREAMING_CONF = {
+    # Every micro-batch plans the same few hundred queries again (per table: typed changes, the
+    # MERGE, Delta's snapshot reads). Spark's generated-class cache holds 100 by default, so it
+    # thrashed and every batch recompiled ~240 classes: ~6 s of Janino per batch on 2 cores, about
+    # half of a small batch's time. With room for them, a steady-state batch compiles ~12.
+    "spark.sql.codegen.cache.maxEntries": "2000",
+}
+
+
 def local_conf(shuffle_partitions: int = 2, driver_memory: str = "2g", ui: bool = False) -> dict[str, str]:
     jars = cached_delta_jars()
     jar_conf = {"spark.jars": ",".join(jars)} if jars else {"spark.jars.packages": delta_package(), "spark.jars.ivy": str(IVY_DIR)}
@@ -142,6 +153,7 @@ def local_conf(shuffle_partitions: int = 2, driver_memory: str = "2g", ui: bool 
         "spark.driver.extraJavaOptions": "-Dderby.system.home=" + str(REPO_ROOT / ".cache" / "derby"),
         "spark.sql.warehouse.dir": str(REPO_ROOT / ".cache" / "spark-warehouse"),
         "spark.python.worker.reuse": "true",
+        **STREAMING_CONF,
         # PySpark 4 records the Python call site of every DataFrame/Column call (several JVM round
         # trips each); plan building for many tables is dominated by it. Errors still name the query.
         "spark.python.sql.dataFrameDebugging.enabled": "false",

@@ -53,6 +53,12 @@ S3_WRITE = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipar
 KMS_USE = ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey", "kms:DescribeKey"]
 
 
+# Static Spark settings of the streaming job (the same as cdcflow.runtime.STREAMING_CONF for local
+# runs): room in the generated-class cache for every query a micro-batch plans, so steady-state
+# batches reuse compiled code instead of recompiling a few hundred classes each.
+STREAMING_SPARK_CONF = "spark.sql.codegen.cache.maxEntries=2000"
+
+
 @dataclass(frozen=True)
 class CdcflowSettings:
     """Deployment settings; each field can be set with `cdk -c <field>=<value>` or in cdk.json."""
@@ -233,7 +239,8 @@ class CdcflowStack(Stack):
             script="scripts/glue_job.py",
             workers=cfg.streaming_max_workers,
             env=env,
-            args={"--pii-salt-secret-id": self.pii_salt.secret_arn, "--enable-auto-scaling": "true"},
+            args={"--pii-salt-secret-id": self.pii_salt.secret_arn, "--enable-auto-scaling": "true",
+                  "--conf": STREAMING_SPARK_CONF},
         )
 
         full_load_role = self._job_role("full-load", raw=True, lake_write=True)

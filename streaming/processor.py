@@ -118,9 +118,11 @@ class BatchProcessor:
         )
         if not stats:
             return []
-        controls = norm.filter("_record_type = 'control' AND _problem IS NULL").select(
-            "_table", "_op", "_control", "_commit_ts"
-        ).collect()
+        controls = []
+        if any(r["_record_type"] == "control" and r["_problem"] is None for r in stats):  # rare: saves a job
+            controls = norm.filter("_record_type = 'control' AND _problem IS NULL").select(
+                "_table", "_op", "_control", "_commit_ts"
+            ).collect()
 
         # Bronze doesn't depend on the applies: its write overlaps theirs (both are idempotent).
         bronze = self.bronze_pool.submit(self._append_bronze, norm, batch_id)

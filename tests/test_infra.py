@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from cdcflow.runtime import STREAMING_CONF
+
 INFRA = Path(__file__).resolve().parent.parent / "infra"
 
 
@@ -107,6 +109,7 @@ def test_glue_jobs_run_glue_5_1_with_delta(template):
     stream = jobs["cdcflow-shop-stream"]
     assert stream["Command"]["Name"] == "gluestreaming"
     assert stream["DefaultArguments"]["--enable-auto-scaling"] == "true"
+    assert stream["DefaultArguments"]["--conf"] == " --conf ".join(f"{k}={v}" for k, v in STREAMING_CONF.items())
     roles = [p["Role"] for p in jobs.values()]
     assert len({str(r) for r in roles}) == len(roles), "one IAM role per job"
     triggers = [t["Properties"] for t in _resources(template, "AWS::Glue::Trigger").values()]
