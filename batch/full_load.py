@@ -194,7 +194,7 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
             bad_rows = bad.collect()
             batch_id = next_batch.get(name, 0)
             bronze = bronze_rows(norm, project, salt, batch_id, feed="full_load", table=table)
-            append_bronze(bronze, bronze_path, by_partition=False)
+            append_bronze(bronze, bronze_path)
             next_batch[name] = batch_id + 1
             apply.merge(spark, path, good, shape)
             counts = [_parquet_rows(p) for p in local_paths]

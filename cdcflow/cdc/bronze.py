@@ -64,14 +64,12 @@ def bronze_rows(norm: DataFrame, project: Project, salt: str, batch_id: int, fee
     )
 
 
-def append_bronze(rows: DataFrame, path: str, txn: tuple[str, int] | None = None,
-                  by_partition: bool = True) -> None:
+def append_bronze(rows: DataFrame, path: str, txn: tuple[str, int] | None = None) -> None:
     """Append; `txn` = (txnAppId, txnVersion) makes the append idempotent (a re-run is skipped).
 
-    `by_partition`: shuffle first so each (table, date) gets one file, not one per task (a
-    micro-batch of many tables); a full load's rows (one table, few tasks) skip that shuffle."""
-    if by_partition:
-        rows = rows.repartition("table", "date")
+    No shuffle by (table, date) first: each task writes its own file per (table, date) it holds, so
+    a micro-batch leaves a few files per partition rather than one, and `cdcflow compact` bin-packs
+    them. The shuffle of every record (map columns included) cost about 1 s of a 25k-record batch."""
     w = rows.write.format("delta").mode("append").partitionBy("table", "date")
     if txn is not None:
         w = w.option("txnAppId", txn[0]).option("txnVersion", txn[1])
