@@ -68,8 +68,9 @@ def append_bronze(rows: DataFrame, path: str, txn: tuple[str, int] | None = None
     """Append; `txn` = (txnAppId, txnVersion) makes the append idempotent (a re-run is skipped).
 
     No shuffle by (table, date) first: each task writes its own file per (table, date) it holds, so
-    a micro-batch leaves a few files per partition rather than one, and `cdcflow compact` bin-packs
-    them. The shuffle of every record (map columns included) cost about 1 s of a 25k-record batch."""
+    a micro-batch leaves up to one file per input partition in each (table, date) rather than one,
+    and `cdcflow compact` bin-packs them. Shuffling every record (map columns included) cost about
+    1 s of a 25k-record batch."""
     w = rows.write.format("delta").mode("append").partitionBy("table", "date")
     if txn is not None:
         w = w.option("txnAppId", txn[0]).option("txnVersion", txn[1])
