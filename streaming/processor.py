@@ -47,6 +47,7 @@ class TableOutcome:
     late: int = 0
     duplicates: int = 0
     isolated: bool = False
+    visible_at: float | None = None  # wall clock (time.time()) when the batch's changes were committed to silver
     quarantine_rows: list[tuple] = field(default_factory=list)
 
 
@@ -247,6 +248,7 @@ class BatchProcessor:
                         raise RuntimeError(f"injected failure for {name}")
                     try:
                         apply.merge(self.spark, self.project.path(table.delta_path), good, shape)
+                        o.visible_at = time.time()
                     except Exception:
                         self._silver_cols.pop(name, None)  # re-read what silver holds on the retry
                         self._control_ts.pop(name, None)
