@@ -164,8 +164,11 @@ def _data_table(line: str) -> str | None:
     return f"{meta.get('schema-name')}.{meta.get('table-name')}" if meta.get("record-type") == "data" else None
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50 / p95 of `values` (None when there are none)."""
     values = sorted(values)
+    if not values:
+        return {"p50": None, "p95": None}
     return {"p50": round(values[len(values) // 2], 2), "p95": round(values[int(0.95 * len(values))], 2)}
 
 
@@ -292,11 +295,9 @@ def freshness(spark, rate: int, seconds: int) -> dict:
                 F.min("arrival_ts").alias("arrival")), silver["_commit_ts"] == F.col("commit_ts"))
             lat += [r[0] for r in joined.select(
                 (F.unix_micros("_ingested_at") - F.unix_micros("arrival")) / 1e6).collect() if r[0] is not None]
-        lat.sort()
-        pct = (lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))], 2)) if lat else (lambda p: None)
         return {"rate_target": rate, "records": len(sim.kinesis), "seconds": round(took, 1),
                 "events_per_s": round(summary.rows_read / took), "batches": summary.batches,
-                "freshness_s": {"p50": pct(0.5), "p95": pct(0.95), "samples": len(lat)},
+                "freshness_s": {**_percentiles(lat), "samples": len(lat)},
                 "freshness_definition": "Kinesis arrival -> visible in silver (_ingested_at)"}  # fmt: skip
     finally:
         localstack.down(settings)
@@ -322,6 +323,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["sample", "backlog", "sustained", "kinesis", "tables", "tables-sustained"],
                     help="run one section (tables, tables-sustained: need --tables N); keep the others' last results")
     args = ap.parse_args()
+    if args.only in ("tables", "tables-sustained") and not args.tables:
+        ap.error(f"--only {args.only} needs --tables N")
     from cdcflow.runtime import get_spark
 
     spark = get_spark("cdcflow-bench")
