@@ -56,14 +56,48 @@ class GenOptions:
     drop_table_rate: float = 0.0  # per table: the source drops it after its last change (drop-table control)
 
 
+class _KeySet:
+    """Keys with O(1) add, remove, membership and uniform random choice (`rng.choice(keys)`).
+
+    A removal moves the last key into the gap, so the list stays dense: long histories (a million
+    changes) would otherwise spend their time in `list.remove`."""
+
+    def __init__(self) -> None:
+        self._keys: list[tuple] = []
+        self._index: dict[tuple, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def __getitem__(self, i: int) -> tuple:
+        return self._keys[i]
+
+    def add(self, key: tuple) -> None:
+        if key not in self._index:
+            self._index[key] = len(self._keys)
+            self._keys.append(key)
+
+    def discard(self, key: tuple) -> None:
+        i = self._index.pop(key, None)
+        if i is None:
+            return
+        last = self._keys.pop()
+        if i < len(self._keys):
+            self._keys[i] = last
+            self._index[last] = i
+
+
 @dataclass
 class _TableState:
     table: Table
     columns: dict[str, str]  # current source columns (declared + drift) -> type
     refs: dict[str, str]  # column -> referenced table name
     rows: dict[tuple, dict[str, Any]] = field(default_factory=dict)
-    live: list[tuple] = field(default_factory=list)  # live keys in insertion order (random choice)
-    deleted: list[tuple] = field(default_factory=list)
+    live: _KeySet = field(default_factory=_KeySet)  # live keys (random choice)
+    deleted: _KeySet = field(default_factory=_KeySet)
     hot: list[tuple] = field(default_factory=list)
     counters: dict[tuple, int] = field(default_factory=dict)
     drift_at: int | None = None
@@ -188,18 +222,16 @@ class SourceModel:
         return row
 
     def _store(self, st: _TableState, key: tuple, row: dict[str, Any]) -> None:
-        if key not in st.rows:
-            st.live.append(key)
+        st.live.add(key)
         st.rows[key] = row
-        if key in st.deleted:
-            st.deleted.remove(key)
+        st.deleted.discard(key)
         if len(st.hot) < self.opts.hot_keys and key not in st.hot:
             st.hot.append(key)
 
     def _forget(self, st: _TableState, key: tuple) -> None:
         del st.rows[key]
-        st.live.remove(key)
-        st.deleted.append(key)
+        st.live.discard(key)
+        st.deleted.add(key)
 
     def _maybe_break_quality(self, st: _TableState, row: dict[str, Any]) -> dict[str, Any] | None:
         """With --dq-failure-rate, give the emitted row a value that breaks one raw_to_staging quarantine rule.
