@@ -26,12 +26,12 @@ def stream_process(tmp: Path, replay: Path, *extra: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def wait_for(predicate, timeout: float = 240) -> None:
+def wait_for(predicate, timeout: float = 240, poll: float = 0.2) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
-        time.sleep(0.2)
+        time.sleep(poll)
     raise TimeoutError("condition not reached")
 
 
@@ -48,12 +48,17 @@ def test_kill_9_mid_batch_then_restart_loses_and_duplicates_nothing(spark, tmp_p
     delivered = sum(len([x for x in f.read_text().splitlines() if x.strip()]) for f in replay.iterdir())
 
     proc = stream_process(tmp_path, replay)
-    # Bronze is written first in a batch; silver MERGEs follow. Kill -9 right after bronze's second
-    # commit: batch 1 is then half applied and not checkpointed.
-    wait_for(lambda: commits(tmp_path / "lake" / "bronze") >= 2 or proc.poll() is not None)
+    # A batch MERGEs the silver tables, then appends bronze and quarantine, then checkpoints. Kill -9
+    # as soon as a silver table takes its second commit: batch 1 is then half applied, its bronze is
+    # (most likely) not written, and it is not checkpointed.
+    silver = tmp_path / "lake" / "silver"
+    wait_for(lambda: proc.poll() is not None or any(commits(t) >= 2 for t in silver.glob("*/*")), poll=0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    ck = tmp_path / "ck" / project.pipeline.name / "replay"
+    in_flight = {p.name for p in (ck / "offsets").glob("[0-9]*")} - {p.name for p in (ck / "commits").glob("[0-9]*")}
+    assert in_flight, "the kill should land inside a batch"
 
     restarted = stream_process(tmp_path, replay, "--until-caught-up")
     out, _ = restarted.communicate(timeout=600)
