@@ -48,3 +48,33 @@ def verify_against_oracle(spark, project: Project, history_dir: Path):
 
     oracle = build_oracle(project, load_history(history_dir), resolve_salt(project), "kinesis")
     return verify(project, oracle, read_actual(project, spark))
+
+
+def expected_late(replay: Path, project: Project) -> int:
+    """Data records of configured tables that the stream must count as late when it reads `replay`'s
+    files one per micro-batch: committed before (newest commit time of the earlier batches -
+    watermark). Computed from the files alone, in Python, as an oracle for the processor's count."""
+    import json
+    from datetime import datetime, timedelta
+
+    delay = timedelta(minutes=project.pipeline.streaming.watermark_minutes)
+    newest: datetime | None = None
+    late = 0
+    for f in sorted(replay.iterdir()):
+        batch_newest = newest
+        for line in f.read_text().splitlines():
+            try:
+                meta = json.loads(line)["metadata"]
+            except (ValueError, KeyError, TypeError):
+                continue  # malformed: no commit time
+            control = str(meta.get("record-type", "")).lower() == "control"
+            stamp = meta.get("commit-timestamp") or (meta.get("timestamp") if control else None)
+            if not stamp:
+                continue
+            ts = datetime.fromisoformat(stamp.replace("Z", ""))
+            table = f"{meta.get('schema-name')}.{meta.get('table-name')}"
+            if not control and table in project.tables and newest and ts < newest - delay:
+                late += 1
+            batch_newest = ts if batch_newest is None or ts > batch_newest else batch_newest
+        newest = batch_newest
+    return late
