@@ -350,7 +350,8 @@ def main() -> None:
     if args.sustained_rate and args.only in (None, "sustained"):
         run = sustained(spark, args.sustained_rate, args.sustained_seconds, warmup_batches=args.sustained_warmup)
         # a longer run (silver grows, Delta checkpoints every 20 commits) is kept beside the default one
-        key = "sample_tables_sustained" + ("" if args.sustained_seconds == 60 else f"_{args.sustained_seconds}s")
+        default = args.sustained_seconds == ap.get_default("sustained_seconds")
+        key = "sample_tables_sustained" + ("" if default else f"_{args.sustained_seconds}s")
         result[key] = {**run, "date": today}
     if args.tables and args.only == "tables-sustained":
         # No warm-up: one pass over 1000 tables' history costs about as much as the run itself.

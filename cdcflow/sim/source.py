@@ -57,7 +57,7 @@ class GenOptions:
 
 
 class _KeySet:
-    """Keys with O(1) add, remove, membership and uniform random choice (`rng.choice(keys)`).
+    """Keys with O(1) add, remove and uniform random choice (`rng.choice(keys)`).
 
     A removal moves the last key into the gap, so the list stays dense: long histories (a million
     changes) would otherwise spend their time in `list.remove`."""
@@ -68,9 +68,6 @@ class _KeySet:
 
     def __len__(self) -> int:
         return len(self._keys)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._index
 
     def __getitem__(self, i: int) -> tuple:
         return self._keys[i]
