@@ -25,6 +25,7 @@ from cdcflow.cdc import apply
 from cdcflow.cdc.bronze import append_bronze, bronze_rows, next_full_load_batch
 from cdcflow.cdc.changes import VALUES, TableShape, typed_changes
 from cdcflow.cdc.masking import pii_salt
+from cdcflow.cdc.quarantine import append_quarantine
 from cdcflow.cdc.sequence import S3_ORDERING
 from cdcflow.config import Project, Table
 from cdcflow.runtime import read_delta
@@ -53,13 +54,16 @@ class LoadResult:
 
 
 class RawStore:
-    """The DMS raw prefix: a local folder, or s3:// (files are staged locally to read with Spark)."""
+    """The DMS raw prefix: a local folder, or s3:// (files are staged locally to read with Spark).
+
+    Staged files are deleted by `drop_staged` once their table is applied, so a full load of many
+    tables never holds more than one table's files on local disk."""
 
     def __init__(self, project: Project):
         self.project = project
         self.uri = project.pipeline.dms.raw_uri
         self.is_s3 = self.uri.startswith(("s3://", "s3a://"))
-        self._tmp = Path(tempfile.mkdtemp(prefix="cdcflow-raw-"))
+        self._staging: Path | None = None
 
     def list(self, table: Table) -> list[str]:
         prefix = f"{table.schema}/{table.table}/"
@@ -81,10 +85,17 @@ class RawStore:
         from cdcflow.aws import project_client, split_s3
 
         bucket, base = split_s3(self.uri)
-        dest = self._tmp / rel
+        if self._staging is None:
+            self._staging = Path(tempfile.mkdtemp(prefix="cdcflow-raw-"))
+        dest = self._staging / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         project_client(self.project, "s3").download_file(bucket, f"{base.rstrip('/')}/{rel}", str(dest))
         return str(dest)
+
+    def drop_staged(self) -> None:
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
     def archive(self, rel: str, when: datetime) -> None:
         target = f"{self.project.pipeline.dms.archive_prefix}/year={when:%Y}/month={when:%m}/{rel}"
@@ -168,46 +179,49 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
     work = [(name, classify(project.table(name), store.list(project.table(name)))) for name in names]
     bars = _Bars(progress, sum(len(f) for _, f in work))
     for name, files in work:
-        bars.start(name, len(files))
-        table = replace(project.table(name), ordering=S3_ORDERING)
-        path = project.path(table.delta_path)
-        todo = [ref for ref in files if (name, ref.rel) not in done]
-        result.skipped += len(files) - len(todo)
-        bars.advance(len(files) - len(todo))
-        loads = [ref for ref in todo if ref.kind == "load"]
-        local = {ref.rel: store.local_path(ref.rel) for ref in todo}
-        cdc = [ref for ref in todo if ref.kind == "cdc"]
-        groups = ([loads] if loads else []) + cdc_groups(cdc, local)
-        for group in groups:
-            local_paths = [local[ref.rel] for ref in group]
-            df = spark.read.parquet(*local_paths)
-            extra = tuple((c, df.schema[c].dataType.simpleString()) for c in df.columns
-                          if c not in table.columns and c not in ("Op", ts_column, CHANGE_SEQ))
-            shape = TableShape(table, extra)
-            position = None
-            if len(group) > 1:
-                folder = group[0].rel.rsplit("/", 1)[0]
-                position = F.concat(F.lit(folder + "/"), F.element_at(F.split(F.input_file_name(), "/"), -1),
-                                    F.lit("#"), F.monotonically_increasing_id().cast("string"))
-            norm = normalize_parquet(df, table, group[0], ts_column, position)
-            good, bad = typed_changes(norm, shape, salt)
-            bad_rows = bad.collect()
-            batch_id = next_batch.get(name, 0)
-            bronze = bronze_rows(norm, project, salt, batch_id, feed="full_load", table=table)
-            append_bronze(bronze, bronze_path)
-            next_batch[name] = batch_id + 1
-            apply.merge(spark, path, good, shape)
-            counts = [_parquet_rows(p) for p in local_paths]
-            _record(spark, project, manifest_path, name, group, counts, bad_rows)
-            result.files += len(group)
-            result.rows += sum(counts)
-            result.quarantined += len(bad_rows)
-            result.per_table[name] = result.per_table.get(name, 0) + sum(counts)
-            bars.advance(len(group))
-        if archive:
-            for ref in files:
-                store.archive(ref.rel, datetime.now(UTC))
-        bars.finish()
+        try:
+            bars.start(name, len(files))
+            table = replace(project.table(name), ordering=S3_ORDERING)
+            path = project.path(table.delta_path)
+            todo = [ref for ref in files if (name, ref.rel) not in done]
+            result.skipped += len(files) - len(todo)
+            bars.advance(len(files) - len(todo))
+            loads = [ref for ref in todo if ref.kind == "load"]
+            local = {ref.rel: store.local_path(ref.rel) for ref in todo}
+            cdc = [ref for ref in todo if ref.kind == "cdc"]
+            groups = ([loads] if loads else []) + cdc_groups(cdc, local)
+            for group in groups:
+                local_paths = [local[ref.rel] for ref in group]
+                df = spark.read.parquet(*local_paths)
+                extra = tuple((c, df.schema[c].dataType.simpleString()) for c in df.columns
+                              if c not in table.columns and c not in ("Op", ts_column, CHANGE_SEQ))
+                shape = TableShape(table, extra)
+                position = None
+                if len(group) > 1:
+                    folder = group[0].rel.rsplit("/", 1)[0]
+                    position = F.concat(F.lit(folder + "/"), F.element_at(F.split(F.input_file_name(), "/"), -1),
+                                        F.lit("#"), F.monotonically_increasing_id().cast("string"))
+                norm = normalize_parquet(df, table, group[0], ts_column, position)
+                good, bad = typed_changes(norm, shape, salt)
+                bad_rows = bad.collect()
+                batch_id = next_batch.get(name, 0)
+                bronze = bronze_rows(norm, project, salt, batch_id, feed="full_load", table=table)
+                append_bronze(bronze, bronze_path)
+                next_batch[name] = batch_id + 1
+                apply.merge(spark, path, good, shape)
+                counts = [_parquet_rows(p) for p in local_paths]
+                _record(spark, project, manifest_path, name, group, counts, bad_rows)
+                result.files += len(group)
+                result.rows += sum(counts)
+                result.quarantined += len(bad_rows)
+                result.per_table[name] = result.per_table.get(name, 0) + sum(counts)
+                bars.advance(len(group))
+            if archive:
+                for ref in files:
+                    store.archive(ref.rel, datetime.now(UTC))
+            bars.finish()
+        finally:
+            store.drop_staged()  # this table's files, staged from S3
     return result
 
 
@@ -260,13 +274,9 @@ def _parquet_rows(local_path: str) -> int:
 def _record(spark: SparkSession, project: Project, manifest_path: str, name: str, group: list[FileRef],
             counts: list[int], bad_rows: list) -> None:
     """Quarantine the group's bad rows, then record its files in the manifest."""
-    from streaming.processor import QUARANTINE_SCHEMA
-
     now = datetime.now(UTC).replace(tzinfo=None)
-    if bad_rows:
-        q = [(name, r["_rule"], r["_reason"], r["_source_position"], r["_payload"], r["_record_hash"], -1, now)
-             for r in bad_rows]
-        spark.createDataFrame(q, QUARANTINE_SCHEMA).write.format("delta").mode("append").save(
-            project.path("quarantine"))
+    q = [(name, r["_rule"], r["_reason"], r["_source_position"], r["_payload"], r["_record_hash"], -1, now)
+         for r in bad_rows]
+    append_quarantine(spark, project.path("quarantine"), q)
     rows = [(name, ref.rel, ref.kind, n, now) for ref, n in zip(group, counts, strict=True)]
     spark.createDataFrame(rows, MANIFEST_SCHEMA).write.format("delta").mode("append").save(manifest_path)

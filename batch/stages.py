@@ -20,6 +20,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
 from cdcflow import quality
+from cdcflow.cdc.quarantine import append_quarantine
 from cdcflow.config import Project, Table
 from cdcflow.quality import ReferenceLookup, StageReport
 from cdcflow.transforms import apply_transforms
@@ -100,8 +101,4 @@ def _quarantine_rows(bad: DataFrame, table: Table, stage: str, batch_id: int) ->
 
 
 def write_quarantine(spark: SparkSession, project: Project, rows: list[tuple]) -> None:
-    from streaming.processor import QUARANTINE_SCHEMA
-
-    if rows:
-        spark.createDataFrame(rows, QUARANTINE_SCHEMA).write.format("delta").mode("append").save(
-            project.path("quarantine"))
+    append_quarantine(spark, project.path("quarantine"), rows)

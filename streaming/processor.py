@@ -26,17 +26,12 @@ from cdcflow.cdc.bronze import append_bronze, bronze_rows
 from cdcflow.cdc.changes import TableShape, typed_changes
 from cdcflow.cdc.envelope import parse_kinesis_json
 from cdcflow.cdc.masking import REDACTED, pii_salt
+from cdcflow.cdc.quarantine import append_quarantine
 from cdcflow.config import Project
 from cdcflow.metrics import MetricsSink
 from cdcflow.runtime import materialize, read_delta, release
 
 log = logging.getLogger("cdcflow.stream")
-
-QUARANTINE_SCHEMA = (
-    "table string, rule string, reason string, source_position string, payload string, record_hash string, "
-    "batch_id bigint, quarantined_at timestamp"
-)
-
 
 @dataclass
 class TableOutcome:
@@ -293,15 +288,9 @@ class BatchProcessor:
         return [(r[0], problem, reason, r[1], r[3], r[2]) for r in rows]
 
     def _append_quarantine(self, rows: list[tuple], batch_id: int) -> None:
-        if not rows:
-            return
         now = datetime.now()
-        df = self.spark.createDataFrame([(*r, batch_id, now) for r in rows], QUARANTINE_SCHEMA)
-        (
-            df.write.format("delta").mode("append")
-            .option("txnAppId", f"{self.app_id}-quarantine").option("txnVersion", batch_id)
-            .save(self.quarantine_path)
-        )  # fmt: skip
+        rows = [(*r, batch_id, now) for r in rows]
+        append_quarantine(self.spark, self.quarantine_path, rows, txn=(f"{self.app_id}-quarantine", batch_id))
 
     def _append_bronze(self, norm: DataFrame, batch_id: int) -> None:
         """Every consumed record, masked, partitioned by table and date, for audit and replay."""

@@ -110,3 +110,49 @@ def test_progress_shows_all_files_and_the_table_being_loaded():
         bars.finish()
         assert [(t.description, t.completed) for t in progress.tasks] == [("all tables", 5)]
     assert _Bars(None, 5).advance(1) is None  # no progress display: a no-op
+
+
+@pytest.mark.stack
+def test_full_load_from_s3_stages_one_table_at_a_time_and_archives_in_the_bucket(spark, stack, tmp_path, monkeypatch):
+    import tempfile
+    import uuid
+
+    from batch import full_load
+    from cdcflow.aws import client
+    from cdcflow.oracle import build_oracle, load_history, resolve_salt
+    from cdcflow.verify import read_actual, verify
+
+    bucket = f"raw-{uuid.uuid4().hex[:8]}"
+    project = project_in(tmp_path, CDCFLOW_RAW_URI=f"s3://{bucket}/dms")
+    sim = tmp_path / "sim"
+    simulate_to(project, sim, events=120, out_of_order_rate=0.2, duplicate_rate=0.05)
+    s3 = client("s3", stack.aws_endpoint, "us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    files = sorted(str(p.relative_to(sim / "s3")) for p in (sim / "s3").rglob("*.parquet"))
+    for rel in files:
+        s3.upload_file(str(sim / "s3" / rel), bucket, f"dms/{rel}")
+
+    # Watch the local staging folder: while a table is applied, only that table's files are staged.
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+    staged_tables: list[set[str]] = []
+    real_merge = full_load.apply.merge
+
+    def watching_merge(spark, path, changes, shape):
+        # staging/<mkdtemp>/<schema>/<table>/...
+        staged_tables.append({p.relative_to(staging).parts[2] for p in staging.rglob("*.parquet")})
+        real_merge(spark, path, changes, shape)
+
+    monkeypatch.setattr(full_load.apply, "merge", watching_merge)
+    result = run_full_load(spark, project)
+
+    assert result.files == len(files) > 0
+    assert len(staged_tables) >= len(project.tables) and all(len(t) == 1 for t in staged_tables), staged_tables
+    assert list(staging.rglob("*")) == []  # nothing staged is left behind
+    oracle = build_oracle(project, load_history(sim), resolve_salt(project), "s3")
+    bad = [d for d in verify(project, oracle, read_actual(project, spark)) if not d.ok]
+    assert not bad, [(d.table, d.kind, d.missing[:3], d.extra[:3], d.different[:3]) for d in bad]
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page["Contents"]]
+    assert sorted(k.split("/", 4)[-1] for k in keys if k.startswith("dms/archive/")) == files
+    assert all(k.startswith("dms/archive/year=") for k in keys)

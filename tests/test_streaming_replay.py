@@ -33,6 +33,12 @@ def silver(spark, project, table):
             spark.read.format("delta").load(project.path(project.table(table).delta_path)).collect()}
 
 
+def created_checkpoint_interval(first_commit: Path) -> int:
+    actions = [json.loads(line) for line in first_commit.read_text().splitlines()]
+    config = next(a["metaData"]["configuration"] for a in actions if "metaData" in a)
+    return int(config["delta.checkpointInterval"])
+
+
 def test_simulated_history_with_every_fault_verifies_against_oracle(spark, tmp_path: Path):
     project = project_in(tmp_path)
     sim = tmp_path / "sim"
@@ -59,6 +65,12 @@ def test_simulated_history_with_every_fault_verifies_against_oracle(spark, tmp_p
     alerted = {m["Table"] for m in map(json.loads, metrics.read_text().splitlines()) if "SourceTableDropped" in m}
     assert dropped and alerted == dropped  # a source drop alerts and keeps silver (verified above)
     assert sum(t.duplicates for t in summary.tables.values()) > 0
+    # Each table the job created has its own Delta checkpoint interval (so checkpoints spread across batches).
+    lake = tmp_path / "lake"
+    intervals = {str(log.parent.parent.relative_to(lake)): created_checkpoint_interval(log)
+                 for log in lake.rglob("_delta_log/00000000000000000000.json")}
+    assert {"bronze", "quarantine"} <= intervals.keys() and len(intervals) >= 6, intervals
+    assert all(13 <= i <= 29 for i in intervals.values()) and len(set(intervals.values())) >= 3, intervals
     # PII never appears unmasked: not in any file under the lake, not in the metrics log.
     pii = set()
     for line in (sim / "history.jsonl").read_text().splitlines():

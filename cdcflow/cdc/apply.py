@@ -16,6 +16,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
 from cdcflow.cdc.changes import TableShape
+from cdcflow.runtime import new_table_options
 
 SILVER_META = {
     "_is_deleted": "boolean",
@@ -40,6 +41,8 @@ def ensure_silver(spark: SparkSession, path: str, shape: TableShape) -> DeltaTab
             builder = builder.addColumn(c, ty)
         if t.cfg.delta.partition_by:
             builder = builder.partitionedBy(*t.cfg.delta.partition_by)
+        for key, value in new_table_options(t.name).items():
+            builder = builder.property(key, value)
         return builder.execute()
     existing = {f.name for f in table.toDF().schema.fields}
     missing = [c for c in shape.output_columns if c not in existing]
@@ -158,7 +161,7 @@ def _first_write(src: DataFrame, path: str, shape: TableShape, data_cols: list[s
         F.when(deleted, F.col("_commit_ts")).cast("timestamp").alias("_deleted_at"),
         F.current_timestamp().alias("_ingested_at"),
     )
-    writer = out.write.format("delta").mode("append")
+    writer = out.write.format("delta").mode("append").options(**new_table_options(t.name))
     if t.cfg.delta.partition_by:
         writer = writer.partitionBy(*t.cfg.delta.partition_by)
     writer.save(path)

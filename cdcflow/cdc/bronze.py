@@ -16,6 +16,7 @@ from pyspark.sql import functions as F
 from cdcflow.cdc.changes import VALUES
 from cdcflow.cdc.masking import mask_column, masked_data_map
 from cdcflow.config import Project, Table
+from cdcflow.runtime import new_table_options
 
 FEEDS = ("stream", "full_load")
 
@@ -71,7 +72,7 @@ def append_bronze(rows: DataFrame, path: str, txn: tuple[str, int] | None = None
     a micro-batch leaves up to one file per input partition in each (table, date) rather than one,
     and `cdcflow compact` bin-packs them. Shuffling every record (map columns included) cost about
     1 s of a 25k-record batch."""
-    w = rows.write.format("delta").mode("append").partitionBy("table", "date")
+    w = rows.write.format("delta").mode("append").partitionBy("table", "date").options(**new_table_options("bronze"))
     if txn is not None:
         w = w.option("txnAppId", txn[0]).option("txnVersion", txn[1])
     w.save(path)
