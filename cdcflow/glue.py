@@ -138,7 +138,8 @@ def glue_project(argv: Sequence[str], extra_options: Sequence[str] = ()) -> Proj
     apply_job_environment(args.get("cdcflow_env", "{}"))
     if args.get("redshift_secret_id"):
         load_secret_into_env(args["redshift_secret_id"], WAREHOUSE_URL_ENV)
-    project = load_project(download_configs(args["config"], Path(tempfile.mkdtemp(prefix="cdcflow-configs-"))))
+    with tempfile.TemporaryDirectory(prefix="cdcflow-configs-") as configs:  # read once, at load
+        project = load_project(download_configs(args["config"], Path(configs)))
     if args.get("pii_salt_secret_id"):
         load_secret_into_env(args["pii_salt_secret_id"], project.pipeline.pii.salt_env)
     return project
