@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -183,6 +184,8 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
             bars.start(name, len(files))
             table = replace(project.table(name), ordering=S3_ORDERING)
             path = project.path(table.delta_path)
+            if DeltaTable.isDeltaTable(spark, path):
+                apply.sync_properties(spark, path, table)
             todo = [ref for ref in files if (name, ref.rel) not in done]
             result.skipped += len(files) - len(todo)
             bars.advance(len(files) - len(todo))

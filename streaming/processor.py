@@ -172,6 +172,8 @@ class BatchProcessor:
         if name not in self._silver_cols:
             if not DeltaTable.isDeltaTable(self.spark, path):
                 return None
+            if changed := apply.sync_properties(self.spark, path, self.project.table(name)):
+                log.info("table %s: table properties set from its config: %s", name, ", ".join(changed))
             fields = self.spark.read.format("delta").load(path).schema.fields
             self._silver_cols[name] = {f.name: f.dataType.simpleString() for f in fields if not f.name.startswith("_")}
         return self._silver_cols[name]

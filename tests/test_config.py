@@ -107,6 +107,9 @@ def test_every_problem_reported_at_once_with_file_key_and_reason(cfg_dir: Path):
         (lambda d: d["delta"].update(zorder_by=["ghost"]), "delta.zorder_by", "'ghost'"),
         (lambda d: d.update(deletes="sometimes"), "deletes", "'soft' or 'hard'"),
         (lambda d: d.update(ordering=["wall_clock"]), "ordering[0]", "commit_timestamp"),
+        (lambda d: d["delta"].update(properties={"enableDeletionVectors": True}), "delta.properties",
+         "not a Delta table property"),
+        (lambda d: d["delta"].update(properties={"delta.appendOnly": True}), "delta.properties", "updated in place"),
     ],
 )
 def test_each_error_path_names_key_and_reason(cfg_dir: Path, mutate, key, reason):
@@ -140,3 +143,16 @@ def test_thousand_table_files_load(tmp_path: Path):
         )
     p = load_project(cfg, env={})
     assert len(p.tables) == 1000 and p.table("synth.t0999").primary_key == p.table("synth.t0000").primary_key
+
+
+def test_delta_properties_merge_pipeline_defaults_under_the_table_s(cfg_dir: Path):
+    edit(cfg_dir / "pipeline.yaml", lambda d: d.setdefault("defaults", {}).update(
+        delta_properties={"delta.enableDeletionVectors": True, "delta.logRetentionDuration": "interval 7 days"}))
+    edit(cfg_dir / "tables" / "shop.orders.yaml",
+         lambda d: d["delta"].update(properties={"delta.enableDeletionVectors": False, "delta.checkpointInterval": 50}))
+    p = load_project(cfg_dir, env={})
+    assert p.table("shop.orders").delta_properties == {
+        "delta.enableDeletionVectors": "false", "delta.logRetentionDuration": "interval 7 days",
+        "delta.checkpointInterval": "50"}
+    assert p.table("shop.customers").delta_properties == {
+        "delta.enableDeletionVectors": "true", "delta.logRetentionDuration": "interval 7 days"}

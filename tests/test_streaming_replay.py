@@ -10,6 +10,7 @@ import pytest
 from streaming.job import run_stream
 from streaming.processor import BatchProcessor
 from streaming.sources import replay_stream
+from tests.conftest import CONFIGS
 from tests.dms import control, record, write_batches
 from tests.streaming_helpers import (
     expected_late,
@@ -215,3 +216,51 @@ def test_failing_table_is_isolated_without_stopping_others(spark, tmp_path: Path
     visible = {o.table: o.visible_at for o in proc.last_outcomes}
     assert visible["shop.orders"] is None
     assert all(visible[t] for t in ("shop.customers", "shop.products", "shop.order_items"))
+
+
+def test_configured_table_properties_deletion_vectors_verify_and_sync_onto_existing_tables(spark, tmp_path: Path):
+    """Silver with deletion vectors (merge-on-read MERGEs) still matches the oracle; a property added
+    to the config later is set on the existing table when the job next touches it."""
+    import shutil
+
+    import yaml
+
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS, configs)
+    pipeline = yaml.safe_load((configs / "pipeline.yaml").read_text())
+    pipeline["defaults"]["delta_properties"] = {"delta.enableDeletionVectors": True}
+    (configs / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
+    project = project_in(tmp_path, configs)
+    sim = tmp_path / "sim"
+    simulate_to(project, sim, events=250, duplicate_rate=0.05, out_of_order_rate=0.1, late_rate=0.03,
+                pk_change_rate=0.03, null_update_rate=0.03)
+    replay = split_replay(sim, tmp_path / "replay", batches=3)
+    held_back = tmp_path / "held-back.jsonl"
+    shutil.move(replay / "part-00002.jsonl", held_back)
+    run_stream(spark, project, replay_stream(spark, str(replay)), available_now=True)
+    lake = tmp_path / "lake"
+    assert list(lake.glob("silver/shop/*/deletion_vector_*.bin"))  # the MERGEs did write deletion vectors
+
+    orders_yaml = configs / "tables" / "shop.orders.yaml"
+    orders = yaml.safe_load(orders_yaml.read_text())
+    orders["delta"]["properties"] = {"delta.checkpointInterval": 7}
+    orders_yaml.write_text(yaml.safe_dump(orders))
+    project = project_in(tmp_path, configs)
+    shutil.move(held_back, replay / "part-00002.jsonl")
+    summary = run_stream(spark, project, replay_stream(spark, str(replay)), available_now=True)
+    assert summary.batches == 1 and "shop.orders" in summary.tables
+
+    def properties(table: str) -> dict[str, str]:
+        first, *later = sorted((lake / "silver" / "shop" / table / "_delta_log").glob("*.json"))
+        config = {}
+        for commit in (first, *later):  # the newest metaData action holds the table's properties
+            for action in map(json.loads, commit.read_text().splitlines()):
+                config = action["metaData"]["configuration"] if "metaData" in action else config
+        return config
+
+    assert properties("orders")["delta.checkpointInterval"] == "7"
+    assert properties("orders")["delta.enableDeletionVectors"] == "true"
+    assert properties("customers")["delta.enableDeletionVectors"] == "true"
+    assert properties("customers")["delta.checkpointInterval"] != "7"
+    bad = [d for d in verify_against_oracle(spark, project, sim) if not d.ok]
+    assert not bad, [(d.table, d.kind, d.missing[:3], d.extra[:3], d.different[:3]) for d in bad]

@@ -16,6 +16,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
 from cdcflow.cdc.changes import TableShape
+from cdcflow.config import Table
 from cdcflow.runtime import new_table_options
 
 SILVER_META = {
@@ -26,6 +27,22 @@ SILVER_META = {
     "_deleted_at": "timestamp",
     "_ingested_at": "timestamp",
 }
+
+
+def silver_options(table: Table) -> dict[str, str]:
+    """Table properties a new silver table is created with: ours, then the configured ones."""
+    return {**new_table_options(table.name), **table.delta_properties}
+
+
+def sync_properties(spark: SparkSession, path: str, table: Table) -> list[str]:
+    """Set configured properties an existing silver table lacks or holds other values for (one commit
+    when something changed); returns the properties set. Properties no longer configured are kept."""
+    held = dict(spark.sql(f"SHOW TBLPROPERTIES delta.`{path}`").collect())  # metadata only, no job
+    changed = {k: v for k, v in table.delta_properties.items() if held.get(k) != v}
+    if changed:
+        props = ", ".join(f"'{k}' = '{v}'" for k, v in changed.items())
+        spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({props})")
+    return sorted(changed)
 
 
 def ensure_silver(spark: SparkSession, path: str, shape: TableShape) -> DeltaTable:
@@ -41,7 +58,7 @@ def ensure_silver(spark: SparkSession, path: str, shape: TableShape) -> DeltaTab
             builder = builder.addColumn(c, ty)
         if t.cfg.delta.partition_by:
             builder = builder.partitionedBy(*t.cfg.delta.partition_by)
-        for key, value in new_table_options(t.name).items():
+        for key, value in silver_options(t).items():
             builder = builder.property(key, value)
         return builder.execute()
     existing = {f.name for f in table.toDF().schema.fields}
@@ -161,7 +178,7 @@ def _first_write(src: DataFrame, path: str, shape: TableShape, data_cols: list[s
         F.when(deleted, F.col("_commit_ts")).cast("timestamp").alias("_deleted_at"),
         F.current_timestamp().alias("_ingested_at"),
     )
-    writer = out.write.format("delta").mode("append").options(**new_table_options(t.name))
+    writer = out.write.format("delta").mode("append").options(**silver_options(t))
     if t.cfg.delta.partition_by:
         writer = writer.partitionBy(*t.cfg.delta.partition_by)
     writer.save(path)

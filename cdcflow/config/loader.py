@@ -34,6 +34,7 @@ class Table:
     deletes: str
     target_file_size_mb: int
     tombstone_retention_hours: int
+    delta_properties: dict[str, str] = field(default_factory=dict)  # silver's table properties
 
     @property
     def name(self) -> str:
@@ -285,6 +286,7 @@ def load_project(config_dir: str | Path = DEFAULT_CONFIG_DIR, env: dict[str, str
                 if t.delta.tombstone_retention_hours is not None
                 else d.tombstone_retention_hours
             ),
+            delta_properties={**d.delta_properties, **t.delta.properties},
         )
         for t, f in parsed
     }

@@ -192,12 +192,32 @@ class Transforms(Strict):
     dimension_to_fact: StageTransforms = Field(default_factory=StageTransforms)
 
 
+# Silver is updated in place, so properties that forbid updates can't be set.
+_FORBIDDEN_PROPERTIES = {"delta.appendonly"}
+
+
+def check_delta_properties(value: dict[str, str | bool | int]) -> dict[str, str]:
+    """Delta table properties (`delta.enableDeletionVectors: true`, ...), as Delta's strings."""
+    out: dict[str, str] = {}
+    for key, v in value.items():
+        if not key.startswith("delta."):
+            raise ValueError(f"{key!r} is not a Delta table property (they start with 'delta.')")
+        if key.lower() in _FORBIDDEN_PROPERTIES:
+            raise ValueError(f"{key!r} can't be set: silver tables are updated in place")
+        out[key] = str(v).lower() if isinstance(v, bool) else str(v)
+    return out
+
+
 class DeltaTarget(Strict):
     path: str | None = None  # relative to lake.root; default silver/<schema>/<table>
     partition_by: list[str] = Field(default_factory=list)
     zorder_by: list[str] = Field(default_factory=list)
     target_file_size_mb: int | None = Field(default=None, gt=0)
     tombstone_retention_hours: int | None = Field(default=None, ge=0)
+    # Table properties of silver, over the pipeline's defaults.delta_properties.
+    properties: dict[str, str | bool | int] = Field(default_factory=dict)
+
+    _check_properties = field_validator("properties")(classmethod(lambda cls, v: check_delta_properties(v)))
 
 
 class FactLookup(Strict):
@@ -334,6 +354,9 @@ class TableDefaults(Strict):
     deletes: Literal["soft", "hard"] = "soft"
     target_file_size_mb: int = Field(default=128, gt=0)
     tombstone_retention_hours: int = Field(default=168, ge=0)
+    delta_properties: dict[str, str | bool | int] = Field(default_factory=dict)  # every silver table's
+
+    _check_properties = field_validator("delta_properties")(classmethod(lambda cls, v: check_delta_properties(v)))
 
 
 class PiiSettings(Strict):
