@@ -72,9 +72,17 @@ def vacuum(spark: SparkSession, path: str, retention_hours: int) -> None:
     DeltaTable.forPath(spark, path).vacuum(retention_hours)
 
 
+def vacuum_listing_tasks(spark: SparkSession) -> int:
+    """Tasks of the Spark job in which VACUUM lists a table's folders. Spark's default, 10,000, meant
+    20-30 s of empty tasks per small table on 2 cores (hours for 1000 tables); a task per core lists
+    as fast (`benchmarks/compaction.py`)."""
+    return spark.sparkContext.defaultParallelism
+
+
 def compact(spark: SparkSession, project: Project, tables: list[str] | None = None, now: datetime | None = None,
             vacuum_hours: int = 168) -> list[CompactResult]:
     now = now or datetime.now(UTC)
+    spark.conf.set("spark.sql.sources.parallelPartitionDiscovery.parallelism", str(vacuum_listing_tasks(spark)))
     if vacuum_hours < 168:  # Delta refuses short retention unless told it's deliberate
         spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
     results = []
