@@ -110,6 +110,8 @@ def test_every_problem_reported_at_once_with_file_key_and_reason(cfg_dir: Path):
         (lambda d: d["delta"].update(properties={"enableDeletionVectors": True}), "delta.properties",
          "not a Delta table property"),
         (lambda d: d["delta"].update(properties={"delta.appendOnly": True}), "delta.properties", "updated in place"),
+        (lambda d: d["delta"].update(properties={"delta.logRetentionDuration": "7 days'"}), "delta.properties",
+         "quotes and backslashes"),
     ],
 )
 def test_each_error_path_names_key_and_reason(cfg_dir: Path, mutate, key, reason):

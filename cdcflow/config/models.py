@@ -194,17 +194,20 @@ class Transforms(Strict):
 
 # Silver is updated in place, so properties that forbid updates can't be set.
 _FORBIDDEN_PROPERTIES = {"delta.appendonly"}
+_PROPERTY_KEY = re.compile(r"^delta\.[A-Za-z0-9_.-]+$")
 
 
 def check_delta_properties(value: dict[str, str | bool | int]) -> dict[str, str]:
     """Delta table properties (`delta.enableDeletionVectors: true`, ...), as Delta's strings."""
     out: dict[str, str] = {}
     for key, v in value.items():
-        if not key.startswith("delta."):
+        if not _PROPERTY_KEY.match(key):
             raise ValueError(f"{key!r} is not a Delta table property (they start with 'delta.')")
         if key.lower() in _FORBIDDEN_PROPERTIES:
             raise ValueError(f"{key!r} can't be set: silver tables are updated in place")
         out[key] = str(v).lower() if isinstance(v, bool) else str(v)
+        if "'" in out[key] or "\\" in out[key]:  # the value is quoted in ALTER TABLE ... SET TBLPROPERTIES
+            raise ValueError(f"{key!r}: quotes and backslashes are not allowed in a property value")
     return out
 
 
