@@ -13,12 +13,12 @@ benchmarks/results/compaction.json.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import save_result
 from benchmarks.streaming import REPO, _project, _simulate, _split
 
 RESULTS = REPO / "benchmarks" / "results" / "compaction.json"
@@ -88,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "speedup": round(default["seconds"] / ours["seconds"], 1),
         "date": time.strftime("%Y-%m-%d"),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save_result(RESULTS, result)
     return 0
 
 

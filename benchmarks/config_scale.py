@@ -10,12 +10,13 @@ Writes benchmarks/results/config_scale.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks import save_result
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "config_scale.json"
@@ -51,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         "target_config_load_seconds": 2.0,
         "target_met": load_s < 2.0,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save_result(RESULTS, result)
     return 0
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from benchmarks import save_result
+
 RESULTS = Path(__file__).resolve().parent / "results" / "streaming.json"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -363,9 +365,7 @@ def main() -> None:
     if args.kinesis_rate and args.only in (None, "kinesis"):
         result["kinesis_freshness"] = {**freshness(spark, args.kinesis_rate, args.kinesis_seconds), "date": today}
     result["targets"] = {"events_per_s": 5000, "p95_freshness_s": 15}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    save_result(RESULTS, result)
 
 
 if __name__ == "__main__":

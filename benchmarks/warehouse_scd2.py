@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import platform
 import socket
 import tempfile
@@ -28,6 +27,7 @@ import psycopg
 import pyarrow as pa
 
 from batch.warehouse import merge_table
+from benchmarks import save_result
 from cdcflow import localstack
 from cdcflow.config.loader import load_project
 
@@ -183,9 +183,7 @@ def main() -> None:
         "note": "embedded Postgres; both tables indexed on the natural key; dbt 1.10 check strategy, "
         "hard_deletes=invalidate, updated_at=updated_at; the machine is shared with other test runs",
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
+    save_result(RESULTS, out)
 
 
 if __name__ == "__main__":
