@@ -118,10 +118,14 @@ def _verify(spark, project, sim: Path, prefix: str = "") -> bool:
 
 
 def throughput(spark, events: int, batches: int, tables: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="cdcflow-bench-") as work:  # removed even when a run fails
+        return _throughput(spark, Path(work), events, batches, tables)
+
+
+def _throughput(spark, work: Path, events: int, batches: int, tables: int) -> dict:
     from streaming.processor import BatchProcessor
     from streaming.sources import from_replay
 
-    work = Path(tempfile.mkdtemp(prefix="cdcflow-bench-"))
     config_dir = REPO / "configs"
     if tables:
         from cdcflow.sim.synthetic import write_configs
@@ -147,7 +151,6 @@ def throughput(spark, events: int, batches: int, tables: int) -> dict:
         canonical_batch(spark, project, from_replay(f))
     canon_s = time.perf_counter() - start
     canon_ok = _verify(spark, project, work / "sim", prefix="canonical/")
-    shutil.rmtree(work, ignore_errors=True)
     return {
         "tables": len(project.tables), "records": records, "batches": batches,
         "ours": {"seconds": round(ours_s, 2), "events_per_s": round(records / ours_s), "verifies": ours_ok},
@@ -206,10 +209,14 @@ def sustained(spark, rate: int, seconds: int, trigger: float = 5.0, warmup_batch
 
     First the same history is applied to a scratch lake in `warmup_batches` batches, not measured: a
     streaming job runs for days, and only its first batches pay for JIT and code generation."""
+    with tempfile.TemporaryDirectory(prefix="cdcflow-sustained-") as work:  # removed even when a run fails
+        return _sustained(spark, Path(work), rate, seconds, trigger, warmup_batches, tables)
+
+
+def _sustained(spark, work: Path, rate: int, seconds: int, trigger: float, warmup_batches: int, tables: int) -> dict:
     from streaming.processor import BatchProcessor
     from streaming.sources import from_replay
 
-    work = Path(tempfile.mkdtemp(prefix="cdcflow-sustained-"))
     config_dir = REPO / "configs"
     if tables:
         from cdcflow.sim.synthetic import write_configs
@@ -253,7 +260,6 @@ def sustained(spark, rate: int, seconds: int, trigger: float = 5.0, warmup_batch
     total = time.time() - t0
     ok = _verify(spark, project, work / "sim")
     allrecs.unpersist()
-    shutil.rmtree(work, ignore_errors=True)
     # A job that falls behind takes a bigger batch each time; one that keeps up settles. The first
     # batch is always rate x trigger and the last one only drains what is left: neither counts.
     steady = [b["records"] for b in batches[1:-1]]

@@ -58,13 +58,14 @@ def _bound(value: str) -> Column:
     return F.lit(value).cast("timestamp")
 
 
-def rule_failure(rule: Rule, df: DataFrame) -> tuple[Column, DataFrame]:
-    """The failure expression of one rule (and df, extended when the rule needs a window or join)."""
+def rule_failure(rule: Rule) -> tuple[Column, tuple[str, Column] | None]:
+    """The failure expression of one row-level rule, and the helper column (name, expression) it
+    reads when it needs one (a window). Expressions only: they apply to any rows with the columns."""
     r = rule.rule
     if r == "not_null":
         nulls = [F.when(F.col(c).isNull(), F.lit(c)) for c in rule.columns]
         failed = F.concat_ws(", ", *nulls)
-        return _failure(rule, failed != "", F.concat(failed, F.lit(" is null"))), df
+        return _failure(rule, failed != "", F.concat(failed, F.lit(" is null"))), None
     if r == "valid_date":
         col = F.col(rule.column)
         ts = F.to_timestamp(col, rule.format) if rule.format else col.cast("timestamp")
@@ -77,7 +78,7 @@ def rule_failure(rule: Rule, df: DataFrame) -> tuple[Column, DataFrame]:
         reason = F.when(bad, F.lit(f"{rule.column} is not a valid date")).otherwise(
             F.lit(f"{rule.column} outside [{rule.min or '-inf'}, {rule.max or '+inf'}]")
         )
-        return _failure(rule, bad | F.coalesce(out, F.lit(False)), reason), df
+        return _failure(rule, bad | F.coalesce(out, F.lit(False)), reason), None
     if r == "range":
         col = F.col(rule.column)
         out = F.lit(False)
@@ -87,50 +88,65 @@ def rule_failure(rule: Rule, df: DataFrame) -> tuple[Column, DataFrame]:
             out = out | (col > F.lit(rule.max))
         lo = "-inf" if rule.min is None else f"{rule.min:g}"
         hi = "+inf" if rule.max is None else f"{rule.max:g}"
-        return _failure(rule, F.coalesce(out, F.lit(False)), f"{rule.column} outside [{lo}, {hi}]"), df
+        return _failure(rule, F.coalesce(out, F.lit(False)), f"{rule.column} outside [{lo}, {hi}]"), None
     if r == "accepted_values":
         col = F.col(rule.column)
         return _failure(rule, col.isNotNull() & ~col.cast("string").isin([str(v) for v in rule.values]),
-                        f"{rule.column} not in accepted values"), df
+                        f"{rule.column} not in accepted values"), None
     if r == "regex":
         col = F.col(rule.column).cast("string")
-        return _failure(rule, col.isNotNull() & ~col.rlike(rule.pattern), f"{rule.column} does not match pattern"), df
+        return _failure(rule, col.isNotNull() & ~col.rlike(rule.pattern), f"{rule.column} does not match pattern"), None
     if r == "expression":
-        return _failure(rule, ~F.coalesce(F.expr(rule.expression), F.lit(True)), f"failed: {rule.expression}"), df
+        return _failure(rule, ~F.coalesce(F.expr(rule.expression), F.lit(True)), f"failed: {rule.expression}"), None
     if r == "unique":
         flag = f"_dq_dup_{abs(hash(tuple(rule.columns))) % 10**8}"
-        w = Window.partitionBy(*rule.columns)
-        df = df.withColumn(flag, F.count(F.lit(1)).over(w) > 1)
+        duplicated = F.count(F.lit(1)).over(Window.partitionBy(*rule.columns)) > 1
         all_set = F.lit(True)
         for c in rule.columns:
             all_set = all_set & F.col(c).isNotNull()
-        return _failure(rule, F.col(flag) & all_set, f"{', '.join(rule.columns)} not unique"), df
+        return _failure(rule, F.col(flag) & all_set, f"{', '.join(rule.columns)} not unique"), (flag, duplicated)
     raise ValueError(f"rule {r} needs a reference lookup")
 
 
 def evaluate(df: DataFrame, rules: list[Rule], references: ReferenceLookup | None = None) -> DataFrame:
     """Add `_dq`: the array of failures of each row over all the given rules (one pass, one select)."""
     failures: list[Column] = []
-    helper_cols: list[str] = []
+    helpers: list[tuple[str, Column]] = []
+    joined: list[str] = []
     for rule in rules:
         if rule.rule == "referential":
             if references is None:
                 raise ValueError("referential rules need a reference lookup")
             schema, table, column = rule.references.split(".")
-            flag = f"_dq_ref_{len(helper_cols)}"
+            flag = f"_dq_ref_{len(joined)}"
             ref = references(f"{schema}.{table}", column).select(F.col(column).alias(flag)).distinct()
             df = df.join(F.broadcast(ref), F.col(rule.column) == F.col(flag), "left")
             failed = F.col(rule.column).isNotNull() & F.col(flag).isNull()
             failures.append(_failure(rule, failed, f"{rule.column} not found in {rule.references}"))
+            joined.append(flag)
         else:
-            expr, df = rule_failure(rule, df)
-            if rule.rule == "unique":
-                helper_cols.append(df.columns[-1])
-            failures.append(expr)
-        if rule.rule == "referential":
-            helper_cols.append(flag)
-    dq = F.filter(F.array(*failures), lambda x: x.isNotNull()) if failures else F.array().cast(f"array<{FAILURE}>")
-    return df.withColumn("_dq", dq).drop(*helper_cols)
+            failure, helper = rule_failure(rule)
+            failures.append(failure)
+            helpers += [helper] if helper else []
+    return add_checks(df, failure_array(failures), helpers).drop(*joined)
+
+
+def row_checks(rules: list[Rule]) -> tuple[Column, list[tuple[str, Column]]]:
+    """`_dq` of row-level rules (all but referential) as an expression, with the helper columns it
+    reads: built once, then added to any rows with `add_checks`."""
+    parts = [rule_failure(rule) for rule in rules]
+    return failure_array([f for f, _ in parts]), [h for _, h in parts if h]
+
+
+def failure_array(failures: list[Column]) -> Column:
+    return F.filter(F.array(*failures), lambda x: x.isNotNull()) if failures else F.array().cast(f"array<{FAILURE}>")
+
+
+def add_checks(df: DataFrame, dq: Column, helpers: list[tuple[str, Column]]) -> DataFrame:
+    """`df` with the `_dq` column (helper columns are added first, then dropped)."""
+    if helpers:
+        df = df.withColumns(dict(helpers))
+    return df.withColumn("_dq", dq).drop(*[name for name, _ in helpers])
 
 
 def split(df: DataFrame) -> tuple[DataFrame, DataFrame]:

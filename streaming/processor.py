@@ -23,7 +23,7 @@ from tenacity import Retrying, stop_after_attempt, wait_exponential
 
 from cdcflow.cdc import apply, schema
 from cdcflow.cdc.bronze import append_bronze, bronze_rows
-from cdcflow.cdc.changes import TableShape, typed_changes
+from cdcflow.cdc.changes import TableShape, TypedChanges
 from cdcflow.cdc.envelope import parse_kinesis_json
 from cdcflow.cdc.masking import REDACTED, pii_salt
 from cdcflow.cdc.quarantine import append_quarantine
@@ -66,6 +66,7 @@ class BatchProcessor:
         self.blocked: dict[str, str] = self._recover_blocked()  # table -> unsafe schema change
         self._silver_cols: dict[str, dict[str, str]] = {}  # table -> silver data columns (cache)
         self._control_ts: dict[str, str | None] = {}  # table -> newest type change applied (cache)
+        self._typed: dict[tuple, TypedChanges] = {}  # (table, drift columns) -> its typing expressions
         self.fail_tables: set[str] = set()  # tables whose apply is made to fail (tests, chaos drills)
         self.last_outcomes: list[TableOutcome] = []
 
@@ -136,9 +137,11 @@ class BatchProcessor:
             # A source drop never erases the lake: silver keeps its rows; operators get an alert.
             if any(c.op == "drop-table" for c in table_changes):
                 self.metrics.alert("SourceTableDropped", name, "DMS reported drop-table; silver kept as is")
+        # Biggest tables first: when the pool is smaller than the tables touched, most records
+        # become visible early instead of waiting behind small tables' fixed costs.
         futures = {
             name: self.pool.submit(self._apply_table, norm, name, changes.get(name, []), batch_id, o)
-            for name, o in outcomes.items()
+            for name, o in sorted(outcomes.items(), key=lambda kv: -kv[1].read)
         }
         wait(futures.values())  # all applies end before `norm` can be released, even if one raised
         for name, fut in futures.items():
@@ -212,6 +215,12 @@ class BatchProcessor:
             apply.widen_columns(self.spark, path, {c: t for c, t in widen.items() if c not in table.pii})
         return shape, None
 
+    def _typed_changes(self, shape: TableShape) -> TypedChanges:
+        key = (shape.table.name, shape.extra)
+        if key not in self._typed:
+            self._typed[key] = TypedChanges(shape, self.salt)
+        return self._typed[key]
+
     def _remember_type_changes(self, name: str, changes: list[schema.SchemaChange]) -> None:
         """Keep the newest applied type change's time, so a replayed older one is stale (never "narrowing")."""
         newest = max((c.ts for c in changes if c.op in schema.TYPE_CHANGE_OPS and c.ts), default=None)
@@ -237,7 +246,7 @@ class BatchProcessor:
                     if name in self.blocked:
                         reason = self.blocked[name]
                         return self._quarantine_table(rows, name, "schema_change_unsafe", reason, batch_id, o)
-                    good, bad = typed_changes(rows, shape, self.salt)
+                    good, bad = self._typed_changes(shape).apply(rows)
                     bad_rows = bad.collect()
                     if name in self.fail_tables:
                         raise RuntimeError(f"injected failure for {name}")

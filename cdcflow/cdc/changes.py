@@ -54,98 +54,134 @@ def _first_problem(checks: list[tuple[Column, str, Column | str]]) -> tuple[Colu
     return rule, reason
 
 
-def typed_changes(norm: DataFrame, shape: TableShape, salt: str) -> tuple[DataFrame, DataFrame]:
-    """(good rows: key + columns + META, masked; bad rows: _rule, _reason, _source_position, _payload).
+class TypedChanges:
+    """How one table's normalized changes become typed rows: `apply(norm)` -> (good, bad).
 
-    A primary-key change (update whose before-image key differs) becomes a delete of the old key
-    plus the update of the new key, both at the change's sequence.
+    good: key + columns + META + `_dq`, masked. bad: `_rule`, `_reason`, `_source_position`,
+    `_record_hash`, `_payload` (masked). A primary-key change (update whose before-image key differs)
+    becomes a delete of the old key plus the update of the new key, both at the change's sequence.
+
+    The expressions are built once per table shape and source kind: that is about a thousand JVM
+    calls, which the streaming job would otherwise repeat for every table in every micro-batch.
+    `apply` only adds a few DataFrame steps over them.
     """
-    t = shape.table
-    cols = shape.columns
-    source = VALUES if VALUES in norm.columns else "_data"
-    raw = source_values(norm, cols)
-    typed = {c: raw[c].cast(ty) for c, ty in cols.items()}
-    is_load = F.col("_op") == "load"
-    seq = sequence(
-        t.ordering,
-        is_load,
-        {
-            "commit_ts": F.col("_commit_ts"),
-            "txn_id": F.col("_txn_id"),
-            "txn_rec_id": F.col("_txn_rec_id"),
-            "stream_pos": F.col("_stream_pos"),
-            "change_seq": F.col("_change_seq"),
-        },
-    )
-    missing_key = F.lit(False)
-    for k in t.primary_key:
-        missing_key = missing_key | typed[k].isNull()
-    mismatched = [F.when(raw[c].isNotNull() & typed[c].isNull(), F.lit(c)) for c in cols]
-    mismatch_cols = F.concat_ws(", ", *mismatched)
-    bad_op = ~F.col("_op").isin("load", "insert", "update", "delete")
-    rule, reason = _first_problem(
-        [
-            (F.col("_problem").isNotNull(), "parser", F.col("_problem")),
-            (bad_op, "unknown_operation", F.concat(F.lit("operation "), F.col("_op"), F.lit(" is not a data change"))),
-            (missing_key, "missing_primary_key", F.lit(f"primary key ({', '.join(t.primary_key)}) has a null value")),
-            (mismatch_cols != "", "type_mismatch", F.concat(F.lit("value does not fit the type of "), mismatch_cols)),
-            (seq.isNull(), "no_ordering", F.lit(f"no usable order ({', '.join(t.ordering)})")),
-        ]
-    )
-    rows = norm.select(
-        *[typed[c].alias(c) for c in cols],
-        F.col("_op"),
-        seq.alias("_seq"),
-        F.col("_commit_ts"),
-        F.col("_source_position"),
-        F.col("_record_hash"),
-        F.col("_before"),
-        F.col(source),
-        F.coalesce(F.col("_problem"), rule).alias("_rule"),
-        reason.alias("_reason"),
-    )
-    # Data quality (raw -> staging) on rows that parsed; all rules in one pass.
-    rows = quality.evaluate(rows, t.cfg.quality.raw_to_staging)
-    # A delete carries the key only (PostgreSQL): its other columns are not data to check.
-    rows = rows.withColumn("_dq", F.when(F.col("_op") == "delete", F.array().cast("array<" + quality.FAILURE + ">"))
-                           .otherwise(F.col("_dq")))
-    parsed_ok = F.col("_rule").isNull()
-    dq_quarantine = F.exists("_dq", lambda x: x["severity"] == "quarantine")
-    good = rows.filter(parsed_ok & ~dq_quarantine)
-    # One quarantine row per record, in one pass: a parse problem names it, else the first failing
-    # quarantine rule does, and the reason lists every failure.
-    failing = F.filter("_dq", lambda x: x["severity"] == "quarantine")
-    bad = rows.filter(~parsed_ok | dq_quarantine).select(
-        F.when(parsed_ok, failing[0]["rule"]).otherwise(F.col("_rule")).alias("_rule"),
-        F.when(parsed_ok, F.array_join(F.transform(failing, lambda x: x["reason"]), "; "))
-        .otherwise(F.col("_reason")).alias("_reason"),
-        "_source_position",
-        "_record_hash",
-        masked_payload(shape, salt, rows).alias("_payload"),
-    )
 
-    # raw -> staging transforms (standardise values) run on the real values, before masking.
-    stage = t.cfg.transforms.raw_to_staging
-    if stage.columns or stage.sql or stage.rename:
-        good = apply_transforms(good, stage)
-    good = _split_key_changes(good, shape)
-    out = [mask_column(F.col(c), t.pii[c], salt).alias(c) if c in t.pii else F.col(c) for c in shape.output_columns]
-    return good.select(*out, *META, "_dq"), bad
+    def __init__(self, shape: TableShape, salt: str, value_fields: list[str] | None = None):
+        """`value_fields`: the fields of a typed source's `_values` struct; None for `_data` text."""
+        t = shape.table
+        cols = shape.columns
+        self.shape = shape
+        self.source = "_data" if value_fields is None else VALUES
+        raw = _source_values(cols, value_fields)
+        typed = {c: raw[c].cast(ty) for c, ty in cols.items()}
+        is_load = F.col("_op") == "load"
+        seq = sequence(
+            t.ordering,
+            is_load,
+            {
+                "commit_ts": F.col("_commit_ts"),
+                "txn_id": F.col("_txn_id"),
+                "txn_rec_id": F.col("_txn_rec_id"),
+                "stream_pos": F.col("_stream_pos"),
+                "change_seq": F.col("_change_seq"),
+            },
+        )
+        missing_key = F.lit(False)
+        for k in t.primary_key:
+            missing_key = missing_key | typed[k].isNull()
+        mismatched = [F.when(raw[c].isNotNull() & typed[c].isNull(), F.lit(c)) for c in cols]
+        mismatch_cols = F.concat_ws(", ", *mismatched)
+        bad_op = ~F.col("_op").isin("load", "insert", "update", "delete")
+        rule, reason = _first_problem(
+            [
+                (F.col("_problem").isNotNull(), "parser", F.col("_problem")),
+                (bad_op, "unknown_operation",
+                 F.concat(F.lit("operation "), F.col("_op"), F.lit(" is not a data change"))),
+                (missing_key, "missing_primary_key",
+                 F.lit(f"primary key ({', '.join(t.primary_key)}) has a null value")),
+                (mismatch_cols != "", "type_mismatch",
+                 F.concat(F.lit("value does not fit the type of "), mismatch_cols)),
+                (seq.isNull(), "no_ordering", F.lit(f"no usable order ({', '.join(t.ordering)})")),
+            ]
+        )  # fmt: skip
+        self.row_columns = [
+            *[typed[c].alias(c) for c in cols],
+            F.col("_op"),
+            seq.alias("_seq"),
+            F.col("_commit_ts"),
+            F.col("_source_position"),
+            F.col("_record_hash"),
+            F.col("_before"),
+            F.col(self.source),
+            F.coalesce(F.col("_problem"), rule).alias("_rule"),
+            reason.alias("_reason"),
+        ]
+        # Data quality (raw -> staging) on rows that parsed; all rules in one pass. A delete carries
+        # the key only (PostgreSQL): its other columns are not data to check.
+        dq, self.dq_helpers = quality.row_checks(t.cfg.quality.raw_to_staging)
+        self.dq = F.when(F.col("_op") == "delete", F.array().cast("array<" + quality.FAILURE + ">")).otherwise(dq)
+        parsed_ok = F.col("_rule").isNull()
+        dq_quarantine = F.exists("_dq", lambda x: x["severity"] == "quarantine")
+        self.good_filter = parsed_ok & ~dq_quarantine
+        self.bad_filter = ~parsed_ok | dq_quarantine
+        # One quarantine row per record, in one pass: a parse problem names it, else the first failing
+        # quarantine rule does, and the reason lists every failure.
+        failing = F.filter("_dq", lambda x: x["severity"] == "quarantine")
+        self.bad_columns = [
+            F.when(parsed_ok, failing[0]["rule"]).otherwise(F.col("_rule")).alias("_rule"),
+            F.when(parsed_ok, F.array_join(F.transform(failing, lambda x: x["reason"]), "; "))
+            .otherwise(F.col("_reason")).alias("_reason"),
+            F.col("_source_position"),
+            F.col("_record_hash"),
+            _masked_payload(shape, salt, raw).alias("_payload"),
+        ]
+        self.key_change_filter, self.key_change_columns = _key_change_deletes(shape, self.source)
+        self.out_columns = [
+            *[mask_column(F.col(c), t.pii[c], salt).alias(c) if c in t.pii else F.col(c) for c in shape.output_columns],
+            *[F.col(c) for c in META],
+            F.col("_dq"),
+        ]
+
+    def apply(self, norm: DataFrame) -> tuple[DataFrame, DataFrame]:
+        rows = quality.add_checks(norm.select(*self.row_columns), self.dq, self.dq_helpers)
+        good = rows.filter(self.good_filter)
+        bad = rows.filter(self.bad_filter).select(*self.bad_columns)
+        # raw -> staging transforms (standardise values) run on the real values, before masking.
+        stage = self.shape.table.cfg.transforms.raw_to_staging
+        if stage.columns or stage.sql or stage.rename:
+            good = apply_transforms(good, stage)
+        # (Where `_before` is a null literal, as for Parquet sources, the optimizer drops the deletes.)
+        good = good.unionByName(good.filter(self.key_change_filter).select(*self.key_change_columns))
+        return good.select(*self.out_columns), bad
+
+
+def typed_changes(norm: DataFrame, shape: TableShape, salt: str) -> tuple[DataFrame, DataFrame]:
+    """(good, bad) rows of `norm` (one table's normalized changes): see TypedChanges."""
+    fields = norm.schema[VALUES].dataType.fieldNames() if VALUES in norm.columns else None
+    return TypedChanges(shape, salt, fields).apply(norm)
 
 
 def source_values(df: DataFrame, columns: dict[str, str]) -> dict[str, Column]:
     """Each column's value as the source gave it: from `_values` for typed sources (DMS Parquet: no
     round trip through text), else the text in `_data`. A column the source lacks is null."""
-    if VALUES not in df.columns:
+    fields = df.schema[VALUES].dataType.fieldNames() if VALUES in df.columns else None
+    return _source_values(columns, fields)
+
+
+def _source_values(columns: dict[str, str], value_fields: list[str] | None) -> dict[str, Column]:
+    if value_fields is None:
         return {c: F.col("_data")[c] for c in columns}
-    present = set(df.schema[VALUES].dataType.fieldNames())
+    present = set(value_fields)
     return {c: F.col(VALUES)[c] if c in present else F.lit(None) for c in columns}
 
 
 def masked_payload(shape: TableShape, salt: str, df: DataFrame) -> Column:
     """The record's data (of `df`) as JSON with PII masked (drop columns removed), for quarantine rows."""
+    return _masked_payload(shape, salt, source_values(df, shape.columns))
+
+
+def _masked_payload(shape: TableShape, salt: str, values: dict[str, Column]) -> Column:
     pii = shape.table.pii
-    values = source_values(df, shape.columns)
     entries = []
     for c in shape.columns:
         method = pii.get(c)
@@ -156,26 +192,22 @@ def masked_payload(shape: TableShape, salt: str, df: DataFrame) -> Column:
     return F.to_json(F.create_map(*entries)) if entries else F.lit("{}")
 
 
-def _split_key_changes(good: DataFrame, shape: TableShape) -> DataFrame:
-    """Add a delete of the old key for every update whose before-image names a different key.
-
-    (Where `_before` is a null literal, as for Parquet sources, the optimizer drops the second branch.)
-    """
+def _key_change_deletes(shape: TableShape, source: str) -> tuple[Column, list[Column]]:
+    """(which good rows change their key, the delete of the old key each one adds: its columns)."""
     t = shape.table
     before = F.col("_before")
     old_key = {k: before[k].cast(shape.columns[k]) for k in t.primary_key}
     changed = F.lit(False)
     for k in t.primary_key:
         changed = changed | (old_key[k].isNotNull() & ~old_key[k].eqNullSafe(F.col(k)))
-    key_moves = good.filter((F.col("_op") == "update") & before.isNotNull() & changed)
-    source = VALUES if VALUES in good.columns else "_data"
+    moves = (F.col("_op") == "update") & before.isNotNull() & changed
     carried = ["_seq", "_commit_ts", "_source_position", "_record_hash", "_before", source, "_rule", "_reason", "_dq"]
-    deletes = key_moves.select(
+    columns = [
         *[
             old_key[c].alias(c) if c in t.primary_key else F.lit(None).cast(shape.columns[c]).alias(c)
             for c in shape.columns
         ],
         F.lit("delete").alias("_op"),
         *[F.col(c) for c in carried],
-    )
-    return good.unionByName(deletes)
+    ]
+    return moves, columns
