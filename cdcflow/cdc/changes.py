@@ -157,18 +157,17 @@ class TypedChanges:
 
 def typed_changes(norm: DataFrame, shape: TableShape, salt: str) -> tuple[DataFrame, DataFrame]:
     """(good, bad) rows of `norm` (one table's normalized changes): see TypedChanges."""
-    fields = norm.schema[VALUES].dataType.fieldNames() if VALUES in norm.columns else None
-    return TypedChanges(shape, salt, fields).apply(norm)
+    return TypedChanges(shape, salt, value_fields(norm)).apply(norm)
 
 
-def source_values(df: DataFrame, columns: dict[str, str]) -> dict[str, Column]:
-    """Each column's value as the source gave it: from `_values` for typed sources (DMS Parquet: no
-    round trip through text), else the text in `_data`. A column the source lacks is null."""
-    fields = df.schema[VALUES].dataType.fieldNames() if VALUES in df.columns else None
-    return _source_values(columns, fields)
+def value_fields(df: DataFrame) -> list[str] | None:
+    """The fields of a typed source's `_values` struct (DMS Parquet), or None for `_data` text."""
+    return df.schema[VALUES].dataType.fieldNames() if VALUES in df.columns else None
 
 
 def _source_values(columns: dict[str, str], value_fields: list[str] | None) -> dict[str, Column]:
+    """Each column's value as the source gave it: from `_values` for typed sources (no round trip
+    through text), else the text in `_data`. A column the source lacks is null."""
     if value_fields is None:
         return {c: F.col("_data")[c] for c in columns}
     present = set(value_fields)
@@ -177,7 +176,7 @@ def _source_values(columns: dict[str, str], value_fields: list[str] | None) -> d
 
 def masked_payload(shape: TableShape, salt: str, df: DataFrame) -> Column:
     """The record's data (of `df`) as JSON with PII masked (drop columns removed), for quarantine rows."""
-    return _masked_payload(shape, salt, source_values(df, shape.columns))
+    return _masked_payload(shape, salt, _source_values(shape.columns, value_fields(df)))
 
 
 def _masked_payload(shape: TableShape, salt: str, values: dict[str, Column]) -> Column:
