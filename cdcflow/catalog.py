@@ -1,0 +1,145 @@
+"""Glue Data Catalog entries of the lake's Delta tables, kept current as schema drift evolves them.
+
+The CDK stack (infra/) registers every silver table, bronze and quarantine in the pipeline's Glue
+database as native Delta tables (`table_type = DELTA`, the form Athena reads; the columns are the
+config's). When schema drift adds a column or widens a type, the job that evolved the silver table
+calls `sync_table_columns` with the table's new columns: Glue `UpdateTable` keeps the previous
+definition as a table version (GetTableVersions), so the catalog records every schema change.
+
+Spark-free (boto3 only): the jobs pass Spark's `simpleString()` types, which are Hive types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cdcflow.cdc.schema import is_widening
+from cdcflow.config import Table
+
+# What Athena and Glue's Delta crawler use for a native Delta table (schema read from the Delta log).
+DELTA_TABLE_PARAMETERS = {
+    "table_type": "DELTA",
+    "classification": "delta",
+    "spark.sql.sources.provider": "delta",
+    "EXTERNAL": "TRUE",
+}
+PARQUET_SERDE = "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe"
+PARQUET_INPUT = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat"
+PARQUET_OUTPUT = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat"
+
+# The data columns of silver are followed by these (cdcflow.cdc.apply.SILVER_META; duplicated here so
+# this module needs no Spark).
+SILVER_META = {
+    "_is_deleted": "boolean",
+    "_seq": "string",
+    "_op": "string",
+    "_commit_ts": "timestamp",
+    "_deleted_at": "timestamp",
+    "_ingested_at": "timestamp",
+}
+# cdcflow.cdc.bronze.bronze_rows (partitioned by table, date) and cdcflow.cdc.quarantine.QUARANTINE_SCHEMA.
+BRONZE_COLUMNS = {
+    "record_type": "string", "op": "string", "data": "map<string,string>", "before": "map<string,string>",
+    "commit_ts": "timestamp", "transaction_id": "string", "transaction_record_id": "string",
+    "stream_position": "string", "change_seq": "string", "control": "string", "source_position": "string",
+    "arrival_ts": "timestamp", "problem": "string", "record_hash": "string", "feed": "string", "batch_id": "bigint",
+}  # fmt: skip
+BRONZE_PARTITIONS = {"table": "string", "date": "date"}
+QUARANTINE_COLUMNS = {
+    "table": "string", "rule": "string", "reason": "string", "source_position": "string", "payload": "string",
+    "record_hash": "string", "batch_id": "bigint", "quarantined_at": "timestamp",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    created: bool  # the table had no catalog entry: it was created
+    updated: bool  # columns were added or widened: UpdateTable made a new table version
+    added: tuple[str, ...] = ()
+    widened: tuple[str, ...] = ()
+
+
+def glue_table_name(table: Table) -> str:
+    """Catalog name of a silver table: `<schema>_<table>` (the Glue database is the pipeline's)."""
+    return f"{table.schema}_{table.table}".lower()
+
+
+def silver_columns(table: Table) -> dict[str, str]:
+    """Silver's columns as configured: declared columns (PII `hash`/`redact` hold strings, `drop` is
+    absent) in config order, then the metadata columns."""
+    out: dict[str, str] = {}
+    pii = table.pii
+    for name, ty in table.columns.items():
+        if pii.get(name) == "drop":
+            continue
+        out[name] = "string" if name in pii else ty
+    return {**out, **SILVER_META}
+
+
+def delta_table_input(name: str, location: str, columns: Mapping[str, str],
+                      partition_keys: Mapping[str, str] | None = None, description: str = "") -> dict[str, Any]:
+    """A Glue TableInput for a native Delta table at `location` (the same shape the stack registers)."""
+    parts = dict(partition_keys or {})
+    return {
+        "Name": name,
+        "Description": description,
+        "TableType": "EXTERNAL_TABLE",
+        "Parameters": dict(DELTA_TABLE_PARAMETERS),
+        "PartitionKeys": [{"Name": c, "Type": t} for c, t in parts.items()],
+        "StorageDescriptor": {
+            "Columns": [{"Name": c, "Type": t} for c, t in columns.items() if c not in parts],
+            "Location": location,
+            "InputFormat": PARQUET_INPUT,
+            "OutputFormat": PARQUET_OUTPUT,
+            "SerdeInfo": {"SerializationLibrary": PARQUET_SERDE, "Parameters": {"path": location}},
+        },
+    }
+
+
+def _table_input(existing: dict[str, Any]) -> dict[str, Any]:
+    """GetTable's Table -> the TableInput UpdateTable takes (only the keys TableInput allows)."""
+    keys = ("Name", "Description", "Owner", "Retention", "StorageDescriptor", "PartitionKeys", "TableType",
+            "Parameters", "ViewOriginalText", "ViewExpandedText", "TargetTable")
+    return {k: existing[k] for k in keys if k in existing}
+
+
+def sync_table_columns(glue: Any, database: str, name: str, columns: Mapping[str, str], *, location: str,
+                       partition_keys: Mapping[str, str] | None = None) -> SyncResult:
+    """Make the catalog entry `database.name` hold `columns` ({column: Spark/Hive type}, in table order).
+
+    Columns are only ever added (at the end, in the given order) or widened (`is_widening`); a column
+    missing from `columns` is kept (Delta never drops one) and a narrower type is ignored, as silver
+    keeps its wider type. When something changed, `UpdateTable` (archive on) keeps the previous
+    definition as a table version. A missing entry is created (`location` is the Delta table's root).
+    Returns what changed; no call is made to UpdateTable when nothing did, so re-running is free.
+    """
+    try:
+        current = glue.get_table(DatabaseName=database, Name=name)["Table"]
+    except glue.exceptions.EntityNotFoundException:
+        glue.create_table(DatabaseName=database,
+                          TableInput=delta_table_input(name, location, columns, partition_keys))
+        return SyncResult(created=True, updated=False, added=tuple(columns))
+    table_input = _table_input(current)
+    sd = table_input.setdefault("StorageDescriptor", {})
+    cols: list[dict[str, Any]] = [dict(c) for c in sd.get("Columns", [])]
+    partitions = {p["Name"] for p in table_input.get("PartitionKeys", [])}
+    by_name = {c["Name"].lower(): c for c in cols}
+    added: list[str] = []
+    widened: list[str] = []
+    for col, ty in columns.items():
+        if col.lower() in partitions:
+            continue
+        have = by_name.get(col.lower())
+        if have is None:
+            cols.append({"Name": col, "Type": ty})
+            added.append(col)
+        elif have.get("Type", "").lower() != ty.lower() and is_widening(have.get("Type", ""), ty):
+            have["Type"] = ty
+            widened.append(col)
+    if not added and not widened:
+        return SyncResult(created=False, updated=False)
+    sd["Columns"] = cols
+    glue.update_table(DatabaseName=database, TableInput=table_input, SkipArchive=False)
+    return SyncResult(created=False, updated=True, added=tuple(added), widened=tuple(widened))

@@ -1,0 +1,107 @@
+"""cdcflow.catalog against moto's Glue API: schema drift becomes a new Glue table version."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from cdcflow.catalog import (
+    BRONZE_COLUMNS,
+    DELTA_TABLE_PARAMETERS,
+    SILVER_META,
+    delta_table_input,
+    glue_table_name,
+    silver_columns,
+    sync_table_columns,
+)
+from cdcflow.config import load_project
+from tests.conftest import CONFIGS
+
+DB = "cdcflow_shop"
+LOCATION = "s3://lake/lake/silver/shop/customers"
+
+
+@pytest.fixture
+def glue(monkeypatch):
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+        monkeypatch.setenv(k, v)
+    with mock_aws():
+        client = boto3.client("glue", region_name="us-east-1")
+        client.create_database(DatabaseInput={"Name": DB})
+        yield client
+
+
+def _columns(glue, name: str) -> dict[str, str]:
+    t = glue.get_table(DatabaseName=DB, Name=name)["Table"]
+    return {c["Name"]: c["Type"] for c in t["StorageDescriptor"]["Columns"]}
+
+
+def _versions(glue, name: str) -> list[dict[str, str]]:
+    """Column maps of every stored version, oldest first."""
+    versions = glue.get_table_versions(DatabaseName=DB, TableName=name)["TableVersions"]
+    versions.sort(key=lambda v: int(v["VersionId"]))
+    return [{c["Name"]: c["Type"] for c in v["Table"]["StorageDescriptor"]["Columns"]} for v in versions]
+
+
+def test_silver_columns_follow_the_config_and_mask_pii():
+    project = load_project(CONFIGS, env={})
+    customers = project.table("shop.customers")
+    cols = silver_columns(customers)
+    assert list(cols)[:3] == ["customer_id", "email", "phone"]
+    assert cols["customer_id"] == "bigint" and cols["email"] == "string"  # hashed PII is a string
+    assert list(cols)[-len(SILVER_META):] == list(SILVER_META)
+    orders = silver_columns(project.table("shop.orders"))
+    assert "shipping_phone" not in orders  # pii: drop
+    assert orders["total_amount"] == "decimal(12,2)"
+    assert glue_table_name(customers) == "shop_customers"
+
+
+def test_drifted_column_is_a_new_table_version(glue):
+    name = "shop_customers"
+    base = {"customer_id": "bigint", "email": "string", "loyalty": "int", **SILVER_META}
+    glue.create_table(DatabaseName=DB, TableInput=delta_table_input(name, LOCATION, base))
+    assert len(_versions(glue, name)) == 1
+
+    # drift: loyalty int -> bigint (widening), a new column `tier` (added at the end, after the metadata
+    # columns, as Delta ADD COLUMNS appends it)
+    drifted = {**base, "loyalty": "bigint", "tier": "string"}
+    result = sync_table_columns(glue, DB, name, drifted, location=LOCATION)
+    assert result.updated and not result.created
+    assert result.added == ("tier",) and result.widened == ("loyalty",)
+
+    cols = _columns(glue, name)
+    assert cols["loyalty"] == "bigint" and list(cols)[-1] == "tier"
+    versions = _versions(glue, name)
+    assert len(versions) == 2, "UpdateTable archived the previous definition"
+    assert "tier" not in versions[0] and versions[0]["loyalty"] == "int"
+    assert versions[1] == cols
+    t = glue.get_table(DatabaseName=DB, Name=name)["Table"]
+    assert t["Parameters"]["table_type"] == "DELTA"  # still a Delta table after the update
+    assert t["StorageDescriptor"]["Location"] == LOCATION
+
+
+def test_no_change_no_version_and_never_narrows_or_drops(glue):
+    name = "shop_products"
+    base = {"product_id": "bigint", "price": "decimal(12,2)", "legacy": "string"}
+    glue.create_table(DatabaseName=DB, TableInput=delta_table_input(name, LOCATION, base))
+    # same columns again; a narrower type; a column absent from the new schema
+    result = sync_table_columns(glue, DB, name, {"product_id": "int", "price": "decimal(12,2)"}, location=LOCATION)
+    assert not result.updated and not result.created
+    assert len(_versions(glue, name)) == 1
+    assert _columns(glue, name) == base
+
+
+def test_missing_entry_is_created_as_a_delta_table(glue):
+    result = sync_table_columns(glue, DB, "bronze", BRONZE_COLUMNS, location="s3://lake/lake/bronze",
+                                partition_keys={"table": "string", "date": "date"})
+    assert result.created
+    t = glue.get_table(DatabaseName=DB, Name="bronze")["Table"]
+    assert {k: t["Parameters"][k] for k in DELTA_TABLE_PARAMETERS} == DELTA_TABLE_PARAMETERS
+    assert [p["Name"] for p in t["PartitionKeys"]] == ["table", "date"]
+    assert "table" not in _columns(glue, "bronze")
+    # a later sync that names the partition columns among the data columns doesn't add them twice
+    again = sync_table_columns(glue, DB, "bronze", {**BRONZE_COLUMNS, "table": "string"},
+                               location="s3://lake/lake/bronze")
+    assert not again.updated
