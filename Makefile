@@ -20,7 +20,18 @@ $(STAMP): pyproject.toml $(wildcard cdcflow/java/cdcflow/fs/*.java) | $(PY)
 	$(PY) -m cdcflow.runtime --warm
 	touch $(STAMP)
 
-install: $(STAMP)
+# checkov (the template scan in tests/test_infra.py) in a venv of its own: it pins boto3 and packaging
+# exactly, which would downgrade the project's.
+CHECKOV_VENV := .cache/venv-checkov
+CHECKOV_VERSION := 3.3.30
+$(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION):
+	rm -rf $(CHECKOV_VENV)
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install --quiet "checkov==$(CHECKOV_VERSION)"
+	touch $@
+
+install: $(STAMP) $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 
 demo: install
 	$(VENV)/bin/cdcflow demo
