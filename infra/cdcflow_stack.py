@@ -1,18 +1,23 @@
-"""The AWS side of cdcflow: storage, stream, Glue jobs, secrets, least-privilege roles and alarms.
+"""The AWS side of cdcflow: one stack, one `cdk deploy`, built from the same configs/ the jobs read.
 
-What is here (one stack):
-- a customer-managed KMS key encrypting every bucket, the Kinesis stream, the secrets and the alarm topic;
-- three buckets (raw DMS landing, Delta lake, artifacts = scripts/configs/checkpoints/tmp), all with
+What is here:
+- a customer-managed KMS key encrypting every bucket, the Kinesis stream, the secrets, logs and the topic;
+- three buckets (raw DMS landing, Delta lake, artifacts = scripts/configs/dist/checkpoints/tmp), all with
   public access blocked, TLS enforced, SSE-KMS and a policy that refuses principals of other accounts;
 - the Kinesis stream DMS writes to (on-demand, or provisioned with `shards` from context);
-- the IAM role DMS assumes for its Kinesis and S3 targets (put to that stream / that prefix only);
+- DMS: a replication instance (or DMS Serverless), its subnet group, the PostgreSQL source endpoint
+  (credentials from Secrets Manager), the Kinesis and S3 target endpoints and one full-load-and-cdc
+  task per target whose table mappings and settings come from configs/ (`dms_tasks.py`);
 - the Glue 5.1 streaming job and three Glue batch jobs (full load, warehouse merge, compaction), each
-  with its own role; warehouse merge and compaction run on Glue schedule triggers;
-- Secrets Manager secrets for the PII salt and the Redshift credentials;
-- the IAM role Redshift assumes to COPY the warehouse merge's staging files (read-only, that prefix);
-- CloudWatch alarms on the job's EMF metrics (namespace "cdcflow") plus Glue job failures -> SNS.
-
-DMS endpoints/tasks, Redshift and networking are out of scope.
+  with its own role and the stack's security configuration;
+- a Step Functions state machine (full load -> warehouse merge -> compaction, .sync, retries, Catch ->
+  SNS) started by an EventBridge schedule;
+- the Glue Data Catalog database with every silver table, bronze and quarantine as Delta tables;
+- Redshift Serverless (namespace + workgroup, the COPY role associated, the admin secret, the schema),
+  or an existing cluster by context;
+- CloudWatch alarms (pipeline EMF metrics, DMS latency, Kinesis, freshness, quarantine rate, heartbeat,
+  Glue job failures) -> SNS, and a dashboard;
+- the job bundle, entry scripts and configs uploaded to the artifacts bucket as CDK assets.
 """
 
 from __future__ import annotations
