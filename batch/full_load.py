@@ -22,7 +22,7 @@ from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from cdcflow.cdc import apply
+from cdcflow.cdc import apply, schema
 from cdcflow.cdc.bronze import append_bronze, bronze_rows, next_full_load_batch
 from cdcflow.cdc.changes import VALUES, TableShape, typed_changes
 from cdcflow.cdc.masking import pii_salt
@@ -196,8 +196,11 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
             for group in groups:
                 local_paths = [local[ref.rel] for ref in group]
                 df = spark.read.parquet(*local_paths)
-                extra = tuple((c, df.schema[c].dataType.simpleString()) for c in df.columns
-                              if c not in table.columns and c not in ("Op", ts_column, CHANGE_SEQ))
+                # Columns the files add, and declared ones the source widened (INT32 -> INT64 ...)
+                typed = {c: df.schema[c].dataType.simpleString() for c in df.columns
+                         if c not in ("Op", ts_column, CHANGE_SEQ)}
+                extra = tuple((c, ty) for c, ty in typed.items() if c not in table.columns
+                              or (ty != table.columns[c] and schema.is_widening(table.columns[c], ty)))
                 shape = TableShape(table, extra)
                 position = None
                 if len(group) > 1:
@@ -259,12 +262,12 @@ def cdc_groups(files: list[FileRef], local: dict[str, str]) -> list[list[FileRef
     groups: list[list[FileRef]] = []
     last = None
     for ref in files:
-        schema = pq.read_schema(local[ref.rel]).remove_metadata()
-        if groups and schema.equals(last) and len(groups[-1]) < MAX_GROUP_FILES:
+        file_schema = pq.read_schema(local[ref.rel]).remove_metadata()
+        if groups and file_schema.equals(last) and len(groups[-1]) < MAX_GROUP_FILES:
             groups[-1].append(ref)
         else:
             groups.append([ref])
-        last = schema
+        last = file_schema
     return groups
 
 

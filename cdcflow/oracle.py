@@ -217,7 +217,8 @@ def expected_state(project: Project, changes: list[dict[str, Any]], salt: str) -
     out: dict[str, dict[Key, dict[str, Any]]] = {name: {} for name in project.tables}
     drift: dict[str, list[str]] = {}
     for ch in changes:
-        if ch["op"] == "add-column" and ch["table"] in project.tables:
+        # Silver keeps every column it ever had: a renamed column is a new one; a dropped one stays.
+        if ch["op"] in ("add-column", "rename-column") and ch["table"] in project.tables:
             drift.setdefault(ch["table"], []).append(ch["data"]["column"])
     for ev in applied_events(project, changes):
         t = project.tables[ev.table]

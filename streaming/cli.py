@@ -54,4 +54,7 @@ def run_stream_command(args: argparse.Namespace) -> int:
             for t in sorted(summary.tables.values(), key=lambda t: t.table)]
     print_table(f"stream: {summary.batches} batches", ["table", "read", "applied", "quarantined", "late",
                                                         "duplicates", "isolated"], rows)
+    for t in sorted(summary.tables.values(), key=lambda t: t.table):
+        for w in t.schema_warnings:
+            console.print(f"[yellow]{t.table}: schema change read with a warning: {w}[/yellow]")
     return 0

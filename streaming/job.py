@@ -69,6 +69,7 @@ def run_stream(
             agg.late += o.late
             agg.duplicates += o.duplicates
             agg.isolated = agg.isolated or o.isolated
+            agg.schema_warnings += o.schema_warnings
 
     writer = source.writeStream.foreachBatch(on_batch).option(
         "checkpointLocation", checkpoint or checkpoint_location(project)

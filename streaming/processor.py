@@ -42,6 +42,7 @@ class TableOutcome:
     late: int = 0
     duplicates: int = 0
     isolated: bool = False
+    schema_warnings: list[str] = field(default_factory=list)  # control records read with unknown types
     visible_at: float | None = None  # wall clock (time.time()) when the batch's changes were committed to silver
     quarantine_rows: list[tuple] = field(default_factory=list)
 
@@ -65,7 +66,7 @@ class BatchProcessor:
         self.max_commit_ts: datetime | None = self._recover_watermark()
         self.blocked: dict[str, str] = self._recover_blocked()  # table -> unsafe schema change
         self._silver_cols: dict[str, dict[str, str]] = {}  # table -> silver data columns (cache)
-        self._control_ts: dict[str, str | None] = {}  # table -> newest type change applied (cache)
+        self._control: dict[str, apply.ControlState] = {}  # table -> control records applied (cache)
         self._typed: dict[tuple, TypedChanges] = {}  # (table, drift columns) -> its typing expressions
         self.fail_tables: set[str] = set()  # tables whose apply is made to fail (tests, chaos drills)
         self.last_outcomes: list[TableOutcome] = []
@@ -137,6 +138,10 @@ class BatchProcessor:
             # A source drop never erases the lake: silver keeps its rows; operators get an alert.
             if any(c.op == "drop-table" for c in table_changes):
                 self.metrics.alert("SourceTableDropped", name, "DMS reported drop-table; silver kept as is")
+            # A table-def without data in this batch still evolves silver now: the next batch's
+            # records carry the new columns but not the control record.
+            if any(c.columns for c in table_changes):
+                outcomes.setdefault(name, TableOutcome(name))
         # Biggest tables first: when the pool is smaller than the tables touched, most records
         # become visible early instead of waiting behind small tables' fixed costs.
         futures = {
@@ -181,13 +186,14 @@ class BatchProcessor:
             self._silver_cols[name] = {f.name: f.dataType.simpleString() for f in fields if not f.name.startswith("_")}
         return self._silver_cols[name]
 
-    def _last_type_change_ts(self, name: str, path: str) -> str | None:
-        if name not in self._control_ts:
-            self._control_ts[name] = apply.last_control_ts(self.spark, path)
-        return self._control_ts[name]
+    def _control_state(self, name: str, path: str, exists: bool) -> apply.ControlState:
+        if name not in self._control:
+            self._control[name] = apply.control_state(self.spark, path) if exists else apply.ControlState()
+        return self._control[name]
 
-    def _shape(self, name: str, changes: list[schema.SchemaChange]) -> tuple[TableShape, str | None]:
-        """The table's columns now (declared + drift stored in silver + this batch's control records)."""
+    def _shape(self, name: str, changes: list[schema.SchemaChange]) -> tuple[TableShape, str | None, list[str]]:
+        """The table's columns now (declared + drift stored in silver + this batch's control records),
+        the unsafe change if any, and warnings (types that could not be read: the column kept its type)."""
         table = self.project.table(name)
         path = self.project.path(table.delta_path)
         current = dict(table.columns)
@@ -198,22 +204,20 @@ class BatchProcessor:
             if col not in current or (ty != current[col] and schema.is_widening(current[col], ty)):
                 current[col] = ty  # added or widened by earlier drift
         problems: list[str] = []
-        widen: dict[str, str] = {}
-        type_changes = [c for c in changes if c.op in schema.TYPE_CHANGE_OPS]
-        last_ts = self._last_type_change_ts(name, path) if silver is not None and type_changes else None
+        warnings: list[str] = []
+        state = self._control_state(name, path, silver is not None) if changes else apply.ControlState()
+        previous = state.table_def
         for change in changes:
-            stale = bool(last_ts and change.ts and change.ts <= last_ts)
-            add, wid, unsafe = schema.plan(current, change, stale)
-            current.update(add)
-            current.update(wid)
-            widen.update(wid)
-            problems += unsafe
+            stale = bool(state.type_change_ts and change.ts and change.ts <= state.type_change_ts)
+            p = schema.plan(current, change, stale, previous)
+            current.update(p.add)
+            current.update(p.widen)
+            problems += p.unsafe
+            warnings += p.warnings
+            previous = schema.dms_types(change) if change.columns else previous
         shape = TableShape(table, tuple((c, t) for c, t in current.items() if table.columns.get(c) != t))
-        if problems:
-            return shape, "; ".join(problems)
-        if widen and silver is not None:
-            apply.widen_columns(self.spark, path, {c: t for c, t in widen.items() if c not in table.pii})
-        return shape, None
+        # the apply adds and widens silver's columns to the shape's (apply.ensure_silver)
+        return shape, "; ".join(problems) or None, warnings
 
     def _typed_changes(self, shape: TableShape) -> TypedChanges:
         key = (shape.table.name, shape.extra)
@@ -221,12 +225,20 @@ class BatchProcessor:
             self._typed[key] = TypedChanges(shape, self.salt)
         return self._typed[key]
 
-    def _remember_type_changes(self, name: str, changes: list[schema.SchemaChange]) -> None:
-        """Keep the newest applied type change's time, so a replayed older one is stale (never "narrowing")."""
+    def _remember_control(self, name: str, changes: list[schema.SchemaChange]) -> None:
+        """Keep the newest applied type change's time, so a replayed older one is stale (never "narrowing"),
+        and the newest table-def's DMS types, so a later type change is compared column by column."""
+        path = self.project.path(self.project.table(name).delta_path)
+        held = self._control_state(name, path, True)
         newest = max((c.ts for c in changes if c.op in schema.TYPE_CHANGE_OPS and c.ts), default=None)
-        if newest and (self._control_ts.get(name) is None or newest > self._control_ts[name]):
-            apply.set_last_control_ts(self.spark, self.project.path(self.project.table(name).delta_path), newest)
-            self._control_ts[name] = newest
+        table_def = next((schema.dms_types(c) for c in reversed(changes) if c.columns), None)
+        state = apply.ControlState(
+            newest if newest and (held.type_change_ts is None or newest > held.type_change_ts) else held.type_change_ts,
+            table_def if table_def is not None else held.table_def,
+        )
+        if state != held:
+            apply.set_control_state(self.spark, path, state)
+            self._control[name] = state
 
     def _apply_table(self, norm: DataFrame, name: str, changes: list, batch_id: int, o: TableOutcome) -> TableOutcome:
         rows = norm.filter((F.col("_table") == name) & (F.col("_record_type") == "data") & F.col("_problem").isNull())
@@ -239,26 +251,35 @@ class BatchProcessor:
             ):
                 with attempt:
                     if name not in self.blocked:
-                        shape, unsafe = self._shape(name, changes)
+                        shape, unsafe, warnings = self._shape(name, changes)
+                        if warnings and not o.schema_warnings:  # once per batch, not per retry
+                            o.schema_warnings = warnings
+                            self.metrics.alert("SchemaChangeWarning", name, "; ".join(warnings))
                         if unsafe:
                             self.blocked[name] = unsafe
                             self.metrics.alert("SchemaChangeUnsafe", name, unsafe)
                     if name in self.blocked:
                         reason = self.blocked[name]
                         return self._quarantine_table(rows, name, "schema_change_unsafe", reason, batch_id, o)
-                    good, bad = self._typed_changes(shape).apply(rows)
-                    bad_rows = bad.collect()
+                    bad_rows = []
+                    if o.read:
+                        good, bad = self._typed_changes(shape).apply(rows)
+                        bad_rows = bad.collect()
                     if name in self.fail_tables:
                         raise RuntimeError(f"injected failure for {name}")
                     try:
-                        apply.merge(self.spark, self.project.path(table.delta_path), good, shape)
-                        o.visible_at = time.time()
+                        if o.read:
+                            apply.merge(self.spark, self.project.path(table.delta_path), good, shape)
+                            o.visible_at = time.time()
+                        else:  # control records only
+                            apply.ensure_silver(self.spark, self.project.path(table.delta_path), shape)
                     except Exception:
                         self._silver_cols.pop(name, None)  # re-read what silver holds on the retry
-                        self._control_ts.pop(name, None)
+                        self._control.pop(name, None)
                         raise
                     self._silver_cols[name] = {c: shape.output_type(c) for c in shape.output_columns}
-                    self._remember_type_changes(name, changes)
+                    if changes:
+                        self._remember_control(name, changes)
         except Exception as e:  # noqa: BLE001 - any failure isolates this table, never the others
             log.error("table %s failed after %d attempts: %s", name, self.retries + 1, e)
             self.metrics.alert("TableIsolated", name, type(e).__name__)

@@ -41,17 +41,19 @@ def record(
     return out
 
 
-def control(table: str, op: str, columns: dict, commit: str, schema: str = "shop") -> dict:
+def control(table: str, op: str, columns: dict, ts: str, schema: str = "shop", primary_key: list | None = None) -> dict:
+    """A control record as DMS sends it: only `metadata.timestamp` (no commit time), partitioned by task."""
+    table_def = {"columns": columns, **({"primary-key": primary_key} if primary_key else {})}
     return {
-        "control": {"table-def": {"columns": columns}},
+        "control": {"table-def": table_def},
         "metadata": {
-            "timestamp": commit,
+            "timestamp": ts,
             "record-type": "control",
             "operation": op,
             "partition-key-type": "task-id",
+            "partition-key-value": "serv-res-id-1722000000000-abcd",
             "schema-name": schema,
             "table-name": table,
-            "commit-timestamp": commit,
         },
     }
 

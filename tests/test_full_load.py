@@ -156,3 +156,29 @@ def test_full_load_from_s3_stages_one_table_at_a_time_and_archives_in_the_bucket
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page["Contents"]]
     assert sorted(k.split("/", 4)[-1] for k in keys if k.startswith("dms/archive/")) == files
     assert all(k.startswith("dms/archive/year=") for k in keys)
+
+
+def test_full_load_follows_columns_added_widened_renamed_and_dropped_in_the_parquet_files(spark, tmp_path):
+    """DMS S3 output after source DDL: files gain a column, widen one, rename it, then lose it."""
+    import pyarrow.parquet as pq
+
+    from cdcflow.oracle import build_oracle, load_history, resolve_salt
+    from cdcflow.verify import read_actual, verify
+
+    sim = tmp_path / "sim"
+    raw = tmp_path / "raw"
+    project = project_in(tmp_path, CDCFLOW_RAW_URI=str(raw))
+    simulate_to(project, sim, events=150, schema_drift_rate=1.0)
+    shutil.copytree(sim / "s3", raw)
+    names = [pq.read_schema(f).names for f in sorted((raw / "shop" / "order_items").glob("2*.parquet"))]
+    assert any("drift_note" in n for n in names) and any("drift_label" in n for n in names)
+    widened = [pq.read_schema(f).field("quantity").type for f in sorted((raw / "shop" / "order_items").glob("2*"))]
+    assert str(widened[0]) == "int32" and str(widened[-1]) == "int64"
+
+    run_full_load(spark, project)
+    oracle = build_oracle(project, load_history(sim), resolve_salt(project), "s3")
+    bad = [d for d in verify(project, oracle, read_actual(project, spark)) if not d.ok]
+    assert not bad, [(d.table, d.kind, d.missing[:3], d.extra[:3], d.different[:3]) for d in bad]
+    items = spark.read.format("delta").load(project.path(project.table("shop.order_items").delta_path))
+    types = {f.name: f.dataType.simpleString() for f in items.schema.fields}
+    assert types["quantity"] == "bigint" and {"drift_note", "drift_label"} <= types.keys()

@@ -54,7 +54,7 @@ def test_kinesis_records_match_dms_format(project, tmp_path):
             assert list(r) == ["control", "metadata"] and meta["partition-key-type"] == "task-id"
             tdef = r["control"]["table-def"]
             assert tdef["primary-key"] == t.primary_key and set(t.columns) <= set(tdef["columns"])
-            assert tdef["columns"][t.primary_key[0]]["type"] in ("INT8", "INT4")
+            assert tdef["columns"][t.primary_key[0]]["type"] in ("INT64", "INT32")  # DMS's wire naming
             continue
         assert meta["record-type"] == "data" and meta["partition-key-type"] == "schema-table"
         assert list(r["data"]) == list(t.columns)
@@ -220,17 +220,35 @@ def test_schema_drift_and_control_records(project, tmp_path):
     res = run(project, tmp_path, gen=GenOptions(events=300, schema_drift_rate=1.0))
     recs = [json.loads(x) for x in lines(tmp_path)]
     ctrl = [r for r in recs if r["metadata"]["record-type"] == "control"]
-    ops = {r["metadata"]["operation"] for r in ctrl}
-    assert ops == {"create-table", "add-column", "column-type-change"}
-    add = next(r for r in ctrl if r["metadata"]["operation"] == "add-column")
-    assert "drift_note" in add["control"]["table-def"]["columns"]
-    later = recs[recs.index(add) + 1:]
-    assert any("drift_note" in r.get("data", {}) for r in later)
+    ops = [r["metadata"]["operation"] for r in ctrl if r["metadata"]["table-name"] == "customers"]
+    assert ops == ["create-table", "add-column", "rename-column", "drop-column"]
+    assert {r["metadata"]["operation"] for r in ctrl} >= {"column-type-change"}  # a table with a widenable column
+    customers = [r for r in recs if r["metadata"]["table-name"] == "customers"]
+    steps = {r["metadata"]["operation"]: customers.index(r) for r in customers if "control" in r}
+    add, rename, drop = steps["add-column"], steps["rename-column"], steps["drop-column"]
+    cols = [set(customers[i]["control"]["table-def"]["columns"]) for i in (add, rename, drop)]
+    assert "drift_note" in cols[0] and ("drift_label" in cols[1] and "drift_note" not in cols[1])
+    assert not {"drift_note", "drift_label"} & cols[2]
+    # data records carry the column under the name of the moment, and not at all after the drop
+    datas = [set(r.get("data") or {}) for r in customers]
+    assert any("drift_note" in d for d in datas[add:rename]) and not any("drift_label" in d for d in datas[add:rename])
+    assert all("drift_label" in d and "drift_note" not in d for d in datas[rename + 1:drop])
+    assert not any({"drift_note", "drift_label"} & d for d in datas[drop + 1:])
+    types = {v["type"] for r in ctrl for v in r["control"]["table-def"]["columns"].values()}
+    assert {"INT64", "TIMESTAMP", "STRING"} <= types and not {"INT4", "INT8", "DATETIME"} & types  # wire naming
     widened = [c for c in res.changes if c.op == "column-type-change"]
     assert widened and all(c.data["type"] in ("bigint",) or c.data["type"].startswith("decimal") for c in widened)
-    # CDC Parquet files after the drift carry the new column
-    files = sorted((tmp_path / "s3" / "shop" / "customers").glob("2*.parquet"))
-    assert "drift_note" in pq.read_table(files[-1]).column_names
+    # CDC Parquet files follow: the new column, then its new name, then neither
+    names = [pq.read_table(f).column_names for f in sorted((tmp_path / "s3" / "shop" / "customers").glob("2*.parquet"))]
+    assert any("drift_note" in n for n in names) and any("drift_label" in n for n in names)
+    assert not {"drift_note", "drift_label"} & set(names[-1])
+
+
+def test_control_records_in_the_documentation_naming(project, tmp_path):
+    run(project, tmp_path, gen=GenOptions(events=50), dms_type_naming="doc")
+    ctrl = [json.loads(x) for x in lines(tmp_path) if '"control"' in x]
+    types = {v["type"] for r in ctrl for v in r["control"]["table-def"]["columns"].values()}
+    assert {"INT8", "DATETIME", "STRING"} <= types and not {"INT64", "INT32", "TIMESTAMP"} & types
 
 
 def test_thousand_synthetic_tables(tmp_path):

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+from dataclasses import dataclass
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession, Window
@@ -18,6 +20,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
 from cdcflow.cdc.changes import TableShape
+from cdcflow.cdc.schema import is_widening
 from cdcflow.config import Table
 from cdcflow.runtime import new_table_options
 
@@ -47,8 +50,10 @@ def sync_properties(spark: SparkSession, path: str, table: Table) -> list[str]:
     return sorted(changed)
 
 
-def ensure_silver(spark: SparkSession, path: str, shape: TableShape) -> DeltaTable:
-    """Create the silver table if missing; add columns that schema drift introduced."""
+def ensure_silver(spark: SparkSession, path: str, shape: TableShape) -> list[str]:
+    """Create the silver table if missing; add columns that schema drift introduced and widen the
+    ones it widened (never narrows: a narrower shape type is cast on write). Returns the data
+    columns silver holds that the shape lacks (dropped at the source: the change leaves them NULL)."""
     t = shape.table
     try:
         table = DeltaTable.forPath(spark, path)
@@ -62,13 +67,18 @@ def ensure_silver(spark: SparkSession, path: str, shape: TableShape) -> DeltaTab
             builder = builder.partitionedBy(*t.cfg.delta.partition_by)
         for key, value in silver_options(t).items():
             builder = builder.property(key, value)
-        return builder.execute()
-    existing = {f.name for f in table.toDF().schema.fields}
+        builder.execute()
+        return []
+    existing = {f.name: f.dataType.simpleString() for f in table.toDF().schema.fields}
     missing = [c for c in shape.output_columns if c not in existing]
     if missing:
-        cols = ", ".join(f"`{c}` {shape.output_type(c)}" for c in missing)
-        spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS ({cols})")
-    return table
+        cols = ", ".join(f"{_q(c)} {shape.output_type(c)}" for c in missing)
+        spark.sql(f"ALTER TABLE delta.{_q(path)} ADD COLUMNS ({cols})")
+    wider = {c: shape.output_type(c) for c in shape.output_columns if c in existing
+             and existing[c] != shape.output_type(c) and is_widening(existing[c], shape.output_type(c))}
+    widen_columns(spark, path, wider)
+    wanted = set(shape.output_columns) | set(SILVER_META)
+    return [c for c in existing if c not in wanted]
 
 
 def collapse(changes: DataFrame, shape: TableShape) -> DataFrame:
@@ -112,7 +122,7 @@ def merge(spark: SparkSession, path: str, changes: DataFrame, shape: TableShape)
         # commit instead of create + MERGE). A crash-replay then finds the table and MERGEs, guarded.
         _first_write(src, path, shape)
         return
-    ensure_silver(spark, path, shape)
+    absent = ensure_silver(spark, path, shape)
     # One SQL statement rather than the Python merge builder: the builder makes a JVM call for every
     # expression and assignment (about 270 per table and micro-batch), the statement one.
     # The view lives in the source's session: in a foreachBatch that is the micro-batch's own session.
@@ -120,7 +130,7 @@ def merge(spark: SparkSession, path: str, changes: DataFrame, shape: TableShape)
     view = f"cdcflow_merge_source_{threading.get_ident()}"  # one MERGE at a time per thread
     src.createOrReplaceTempView(view)
     try:
-        session.sql(merge_sql(path, view, shape))
+        session.sql(merge_sql(path, view, shape, absent))
     finally:
         session.catalog.dropTempView(view)
 
@@ -129,13 +139,17 @@ def _q(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
-def merge_sql(path: str, source_view: str, shape: TableShape) -> str:
-    """The guarded MERGE of a collapsed source view (output columns, _op, _seq, _commit_ts, _partial)."""
+def merge_sql(path: str, source_view: str, shape: TableShape, absent: list[str] = ()) -> str:
+    """The guarded MERGE of a collapsed source view (output columns, _op, _seq, _commit_ts, _partial).
+
+    `absent`: silver columns the changes don't carry (dropped at the source): a full change sets them
+    NULL, as the source row has no value; a partial update keeps them."""
     t = shape.table
     key = t.primary_key
     data_cols = [c for c in shape.output_columns if c not in key]
     newer = "(t._seq IS NULL OR s._seq > t._seq)"
     upsert = {c: f"CASE WHEN s._partial THEN coalesce(s.{_q(c)}, t.{_q(c)}) ELSE s.{_q(c)} END" for c in data_cols}
+    upsert.update({c: f"CASE WHEN s._partial THEN t.{_q(c)} END" for c in absent})
     upsert_meta = {
         "_is_deleted": "false",
         "_seq": "s._seq",
@@ -153,7 +167,7 @@ def merge_sql(path: str, source_view: str, shape: TableShape) -> str:
         "_ingested_at": "current_timestamp()",
     }
     if t.deletes == "hard":
-        tombstone = {**{c: "NULL" for c in data_cols}, **tombstone}
+        tombstone = {**{c: "NULL" for c in [*data_cols, *absent]}, **tombstone}
     from_source = {c: f"s.{_q(c)}" for c in shape.output_columns}
     insert = {**from_source, **upsert_meta}
     keep = key if t.deletes == "hard" else shape.output_columns
@@ -216,15 +230,30 @@ def widen_columns(spark: SparkSession, path: str, columns: dict[str, str]) -> No
 
 
 CONTROL_TS_PROPERTY = "cdcflow.lastControlTs"
+TABLE_DEF_PROPERTY = "cdcflow.sourceTableDef"
 
 
-def last_control_ts(spark: SparkSession, path: str) -> str | None:
-    """The DMS timestamp of the newest control record applied to the table (a table property)."""
-    props = spark.sql(f"DESCRIBE DETAIL delta.`{path}`").first()["properties"] or {}
-    return props.get(CONTROL_TS_PROPERTY)
+@dataclass(frozen=True)
+class ControlState:
+    """What the table holds of the DMS control records applied to it (table properties)."""
+
+    type_change_ts: str | None = None  # DMS timestamp of the newest type change applied
+    table_def: dict[str, str] | None = None  # column -> DMS type text of the newest table-def
 
 
-def set_last_control_ts(spark: SparkSession, path: str, ts: str) -> None:
-    current = last_control_ts(spark, path)
-    if current is None or ts > current:
-        spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('{CONTROL_TS_PROPERTY}' = '{ts}')")
+def control_state(spark: SparkSession, path: str) -> ControlState:
+    props = spark.sql(f"DESCRIBE DETAIL delta.{_q(path)}").first()["properties"] or {}
+    table_def = props.get(TABLE_DEF_PROPERTY)
+    return ControlState(props.get(CONTROL_TS_PROPERTY), json.loads(table_def) if table_def else None)
+
+
+def set_control_state(spark: SparkSession, path: str, state: ControlState) -> None:
+    props = {CONTROL_TS_PROPERTY: state.type_change_ts,
+             TABLE_DEF_PROPERTY: json.dumps(state.table_def, sort_keys=True) if state.table_def is not None else None}
+    assigned = ", ".join(f"'{k}' = {_sql_string(v)}" for k, v in props.items() if v is not None)
+    if assigned:
+        spark.sql(f"ALTER TABLE delta.{_q(path)} SET TBLPROPERTIES ({assigned})")
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -70,6 +70,9 @@ def register_simulate(sub: Any, commands: dict[str, Callable]) -> None:
     p.add_argument("--partition-key", choices=["schema-table", "primary-key"], default="schema-table")
     p.add_argument("--before-image", action="store_true",
                    help="add a pk-only before-image to updates (implied by --pk-change-rate)")
+    p.add_argument("--dms-type-naming", choices=["wire", "doc"], default="wire",
+                   help="column types in control records: as DMS writes them to Kinesis (INT32, TIMESTAMP; "
+                        "default) or as its data-type documentation names them (INT4, DATETIME)")
     g = p.add_argument_group("source model")
     g.add_argument("--load-rows", type=int, default=20, help="full-load rows per table (child tables x2)")
     g.add_argument("--synth-rows", type=int, default=3, help="full-load rows per synthetic table")
@@ -122,7 +125,8 @@ def options_from_args(args: argparse.Namespace, watermark_minutes: int) -> Any:
                    include_op_for_full_load=args.include_op_for_full_load)
     seed: int | str = int(args.seed) if str(args.seed).lstrip("-").isdigit() else args.seed
     return SimOptions(seed=seed, gen=gen, faults=faults, s3=s3, partition_key_type=args.partition_key,
-                      before_image=args.before_image, send_kinesis=args.kinesis, upload_s3=args.s3, rate=args.rate)
+                      before_image=args.before_image, dms_type_naming=args.dms_type_naming,
+                      send_kinesis=args.kinesis, upload_s3=args.s3, rate=args.rate)
 
 
 def run_simulate(args: argparse.Namespace) -> int:

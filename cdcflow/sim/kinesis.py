@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cdcflow.config import Project
-from cdcflow.sim.source import Change
+from cdcflow.sim.source import CONTROL_OPS, Change
 from cdcflow.sim.values import SOURCE_START_US, decimal_spec, iso_us
 
 TASK_ID = "cdcflow-sim-task"
@@ -23,15 +23,22 @@ BEFORE_IMAGE_FIELD = "before-image"
 MAX_BATCH_RECORDS = 500
 MAX_BATCH_BYTES = 5 * 1024 * 1024
 
-_DMS_TYPES = {"bigint": "INT8", "int": "INT4", "smallint": "INT2", "double": "REAL8", "float": "REAL4",
-              "boolean": "BOOLEAN", "date": "DATE", "timestamp": "DATETIME", "string": "STRING"}
+# Column types in a control record's table-def. "wire": as DMS writes them to Kinesis/Kafka (integer
+# widths in bits, TIMESTAMP); "doc": the names of DMS's data-type documentation (widths in bytes, DATETIME).
+_DMS_TYPES = {
+    "wire": {"bigint": "INT64", "int": "INT32", "smallint": "INT16", "double": "REAL8", "float": "REAL4",
+             "boolean": "BOOLEAN", "date": "DATE", "timestamp": "TIMESTAMP", "string": "STRING"},
+    "doc": {"bigint": "INT8", "int": "INT4", "smallint": "INT2", "double": "REAL8", "float": "REAL4",
+            "boolean": "BOOLEAN", "date": "DATE", "timestamp": "DATETIME", "string": "STRING"},
+}  # fmt: skip
+TYPE_NAMINGS = tuple(_DMS_TYPES)
 
 
-def dms_type_def(col_type: str, nullable: bool = True) -> dict[str, Any]:
+def dms_type_def(col_type: str, nullable: bool = True, naming: str = "wire") -> dict[str, Any]:
     spec = decimal_spec(col_type)
     if spec:
         return {"type": "NUMERIC", "precision": spec[0], "scale": spec[1], "nullable": nullable}
-    d: dict[str, Any] = {"type": _DMS_TYPES[col_type], "nullable": nullable}
+    d: dict[str, Any] = {"type": _DMS_TYPES[naming][col_type], "nullable": nullable}
     if col_type == "string":
         d["length"] = 255
     return d
@@ -57,9 +64,12 @@ class KinesisEncoder:
     """Encodes history changes as DMS records. Deterministic for a seed (metadata.timestamp jitter)."""
 
     def __init__(self, project: Project, seed: int | str, partition_key_type: str = "schema-table",
-                 before_image: bool = False):
+                 before_image: bool = False, type_naming: str = "wire"):
         if partition_key_type not in ("schema-table", "primary-key"):
             raise ValueError("partition_key_type must be schema-table or primary-key")
+        if type_naming not in TYPE_NAMINGS:
+            raise ValueError(f"type_naming must be one of {', '.join(TYPE_NAMINGS)}")
+        self.type_naming = type_naming
         self.project = project
         self.pkt = partition_key_type
         self.before_image = before_image
@@ -79,7 +89,7 @@ class KinesisEncoder:
                 "partition-key-type": pkt, "schema-name": schema, "table-name": name}
 
     def encode(self, ch: Change) -> KinesisRecord:
-        if ch.op in ("create-table", "add-column", "column-type-change", "drop-table"):
+        if ch.op in CONTROL_OPS:
             return self._control(ch)
         if ch.op == "load":
             self.load_us += self.rng.randint(1, 50)
@@ -112,11 +122,19 @@ class KinesisEncoder:
     def _control(self, ch: Change) -> KinesisRecord:
         d = ch.data or {}
         if ch.op == "create-table":
-            cols = {c: dms_type_def(v["type"], v.get("nullable", True)) for c, v in d["columns"].items()}
+            cols = {c: dms_type_def(v["type"], v.get("nullable", True), self.type_naming)
+                    for c, v in d["columns"].items()}
             self.table_defs[ch.table] = {"columns": cols, "primary-key": list(d["primary_key"]),
                                          "collation-name": "en_US.utf8"}
-        elif ch.op in ("add-column", "column-type-change") and ch.table in self.table_defs:
-            self.table_defs[ch.table]["columns"][d["column"]] = dms_type_def(d["type"])
+        elif ch.table in self.table_defs:
+            cols = self.table_defs[ch.table]["columns"]
+            if ch.op in ("add-column", "column-type-change"):
+                cols[d["column"]] = dms_type_def(d["type"], True, self.type_naming)
+            elif ch.op == "rename-column":  # same place in the table-def, new name
+                cols = {d["column"] if c == d["old_column"] else c: v for c, v in cols.items()}
+            elif ch.op == "drop-column":
+                cols = {c: v for c, v in cols.items() if c != d["column"]}
+            self.table_defs[ch.table]["columns"] = cols
         ts_us = _iso_to_us(ch.commit_ts) + 1000 if ch.commit_ts else self.load_us - 1_000_000
         body = {"control": {"table-def": json.loads(json.dumps(self.table_defs.get(ch.table, {})))},
                 "metadata": self._meta(ch, ts_us, "control", "task-id")}
@@ -134,8 +152,8 @@ def _iso_to_us(ts: str) -> int:
 
 
 def encode_history(project: Project, changes: Iterable[Change], seed: int | str, partition_key_type: str,
-                   before_image: bool) -> list[KinesisRecord]:
-    enc = KinesisEncoder(project, seed, partition_key_type, before_image)
+                   before_image: bool, type_naming: str = "wire") -> list[KinesisRecord]:
+    enc = KinesisEncoder(project, seed, partition_key_type, before_image, type_naming)
     return [enc.encode(ch) for ch in changes]
 
 

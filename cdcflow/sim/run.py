@@ -30,6 +30,7 @@ class SimOptions:
     s3: S3Options = field(default_factory=S3Options)
     partition_key_type: str = "schema-table"
     before_image: bool = False  # pk-only before-image on updates (on automatically with pk changes)
+    dms_type_naming: str = "wire"  # control records' column types: "wire" (as DMS sends them) or "doc"
     send_kinesis: bool = False
     upload_s3: bool = False
     rate: float | None = None  # records per second when sending to Kinesis
@@ -72,7 +73,8 @@ def simulate(project: Project, out: str | Path, opts: SimOptions, config_dir: st
     dq = dq_failing_changes(project, changes)
     before_image = opts.before_image or opts.gen.pk_change_rate > 0
 
-    records = encode_history(project, changes, opts.seed, opts.partition_key_type, before_image)
+    records = encode_history(project, changes, opts.seed, opts.partition_key_type, before_image,
+                             opts.dms_type_naming)
     delivered, k_faults = inject_kinesis(project, records, changes, opts.faults, opts.seed, dq)
     for f in k_faults:
         if "position" in f:
@@ -101,6 +103,7 @@ def simulate(project: Project, out: str | Path, opts: SimOptions, config_dir: st
             "s3": asdict(opts.s3),
             "partition_key_type": opts.partition_key_type,
             "before_image": before_image,
+            "dms_type_naming": opts.dms_type_naming,
             "rate": opts.rate,
         },
         "fault_semantics": "bad records are extra copies; the genuine change is delivered too (docs/simulator.md)",

@@ -110,9 +110,15 @@ class S3Writer:
         for ch in changes:
             if ch.op == "create-table":
                 schemas[ch.table] = [[(c, v["type"]) for c, v in (ch.data or {})["columns"].items()]]
-            elif ch.op in ("add-column", "column-type-change"):
+            elif ch.op in ("add-column", "column-type-change", "rename-column", "drop-column"):
+                d = ch.data or {}
                 cur = dict(schemas[ch.table][-1])
-                cur[(ch.data or {})["column"]] = (ch.data or {})["type"]
+                if ch.op == "rename-column":
+                    cur = {d["column"] if c == d["old_column"] else c: ty for c, ty in cur.items()}
+                elif ch.op == "drop-column":
+                    cur.pop(d["column"], None)
+                else:
+                    cur[d["column"]] = d["type"]
                 schemas[ch.table].append(list(cur.items()))
             elif ch.op == "load":
                 loads.setdefault(ch.table, []).append(dict(ch.data or {}))

@@ -14,8 +14,9 @@ from cdcflow.config import Project, Table
 from cdcflow.sim.values import SOURCE_START_US, decimal_spec, dms_ts, iso_us, value_for, violating_value
 
 DATA_OPS = ("load", "insert", "update", "delete")
-CONTROL_OPS = ("create-table", "add-column", "column-type-change", "drop-table")
-DRIFT_COLUMN = "drift_note"
+CONTROL_OPS = ("create-table", "add-column", "column-type-change", "rename-column", "drop-column", "drop-table")
+DRIFT_COLUMN = "drift_note"  # added by drift; later renamed to DRIFT_RENAMED, which is later dropped
+DRIFT_RENAMED = "drift_label"
 TXN_ID_START = 7_340_000
 LSN_START = 0x2_7C00_7178  # 00000002/7C007178
 
@@ -52,7 +53,7 @@ class GenOptions:
     null_update_rate: float = 0.0  # updates that set nullable columns to NULL (tables without ignore_null_updates)
     pk_change_rate: float = 0.0  # updates that change the primary key (before-image)
     dq_failure_rate: float = 0.0  # inserts/updates given a value that breaks a raw_to_staging rule
-    schema_drift_rate: float = 0.0  # per table: add a column (and widen a type) mid-stream
+    schema_drift_rate: float = 0.0  # per table: add a column (and widen a type), later rename it, then drop it
     drop_table_rate: float = 0.0  # per table: the source drops it after its last change (drop-table control)
 
 
@@ -97,8 +98,9 @@ class _TableState:
     deleted: _KeySet = field(default_factory=_KeySet)
     hot: list[tuple] = field(default_factory=list)
     counters: dict[tuple, int] = field(default_factory=dict)
-    drift_at: int | None = None
-    drifted: bool = False
+    drift_at: int | None = None  # the change count at which drift starts (add-column, type change)
+    drift_step: int = 0  # drift steps done: 1 added, 2 renamed, 3 dropped
+    drift_every: int = 0  # changes between the steps
 
 
 @dataclass
@@ -205,7 +207,7 @@ class SourceModel:
     def _value(self, st: _TableState, col: str, key_serial: int) -> Any:
         if col in st.refs:
             return self._parent_value(st.refs[col])
-        if col == DRIFT_COLUMN:
+        if col in (DRIFT_COLUMN, DRIFT_RENAMED):
             return f"note-{self.rng.randint(0, 9999)}"
         allowed, bounds = self._rules[st.table.name].get(col, (None, (None, None)))
         return value_for(self.rng, col, st.columns[col], self.now_us, key_serial, allowed, bounds)
@@ -296,10 +298,30 @@ class SourceModel:
         for st in self.states.values():
             if self.opts.schema_drift_rate > 0 and self.rng.random() < self.opts.schema_drift_rate:
                 st.drift_at = self.rng.randint(max(1, total_events // 5), max(2, total_events * 4 // 5))
+                st.drift_every = max(1, (total_events - st.drift_at) // 3)
 
-    def _apply_drift(self, st: _TableState) -> None:
-        st.drifted = True
+    def _drift(self, st: _TableState, done: int) -> None:
+        """The table's next drift step once its change count is reached: add (and widen), rename, drop."""
+        if st.drift_at is None or st.drift_step >= 3 or done < st.drift_at + st.drift_step * st.drift_every:
+            return
+        st.drift_step += 1
         ts = iso_us(self.now_us)
+        if st.drift_step == 1:
+            self._apply_drift(st, ts)
+        elif st.drift_step == 2:  # every stored row carries the column under its new name
+            ty = st.columns.pop(DRIFT_COLUMN)
+            st.columns[DRIFT_RENAMED] = ty
+            for row in st.rows.values():
+                row[DRIFT_RENAMED] = row.pop(DRIFT_COLUMN, None)
+            self._emit(st.table.name, "rename-column", {"column": DRIFT_RENAMED, "old_column": DRIFT_COLUMN,
+                                                        "type": ty}, commit_ts=ts)
+        else:
+            del st.columns[DRIFT_RENAMED]
+            for row in st.rows.values():
+                row.pop(DRIFT_RENAMED, None)
+            self._emit(st.table.name, "drop-column", {"column": DRIFT_RENAMED}, commit_ts=ts)
+
+    def _apply_drift(self, st: _TableState, ts: str) -> None:
         st.columns[DRIFT_COLUMN] = "string"
         self._emit(st.table.name, "add-column", {"column": DRIFT_COLUMN, "type": "string"}, commit_ts=ts)
         for col, ty in st.table.columns.items():
@@ -328,8 +350,7 @@ class SourceModel:
             if end_us is not None and self.now_us > end_us:
                 break
             for st in self.states.values():
-                if st.drift_at is not None and not st.drifted and done >= st.drift_at:
-                    self._apply_drift(st)
+                self._drift(st, done)
             self.txn_id += self.rng.randint(1, 3)
             touched: set[tuple] = set()
             rec = 0
