@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -208,7 +207,8 @@ class CdcflowStack(Stack):
             iam.PolicyStatement(
                 sid="AllowLogsEncryption",
                 principals=[iam.ServicePrincipal(f"logs.{self.region}.amazonaws.com")],
-                actions=["kms:Encrypt*", "kms:Decrypt*", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:Describe*"],
+                actions=["kms:Encrypt", "kms:Decrypt", "kms:ReEncryptFrom", "kms:ReEncryptTo", "kms:GenerateDataKey",
+                         "kms:GenerateDataKeyWithoutPlaintext", "kms:DescribeKey"],
                 resources=["*"],  # in a key policy "*" means this key
                 conditions={"ArnLike": {"kms:EncryptionContext:aws:logs:arn":
                                         f"arn:{self.partition}:logs:{self.region}:{self.account}:*"}},
@@ -323,6 +323,8 @@ class CdcflowStack(Stack):
         self._list(self.redshift_copy_role, "ListWarehouseStaging", self.artifacts_bucket, WAREHOUSE_STAGING)
         self._allow(self.redshift_copy_role, "DecryptStaging", ["kms:Decrypt", "kms:DescribeKey"], [self.key.key_arn])
         self.project = load_project(Path(cfg.config_dir) if cfg.config_dir else CONFIG_DIR, env={})
+        if self.project.pipeline.name != cfg.pipeline:  # the metrics' Pipeline dimension must match
+            raise ValueError(f"context pipeline={cfg.pipeline!r} but pipeline.yaml name={self.project.pipeline.name!r}")
         self.catalog_database = cfg.catalog_database or cfg.pipeline.replace("-", "_")
         self._network()
         self._redshift()
@@ -926,9 +928,11 @@ class CdcflowStack(Stack):
     def _packaging(self) -> None:
         """`cdk deploy` uploads the job bundle (dist/cdcflow.zip), the entry scripts and configs/."""
         cfg = self.settings
-        staging = Path(tempfile.mkdtemp(prefix="cdcflow-assets-"))
+        # Staged under .cache/ (git-ignored), rebuilt on every synthesis; CDK copies it into cdk.out.
+        staging = REPO_ROOT / ".cache" / "cdk-assets" / self.stack_name
+        shutil.rmtree(staging, ignore_errors=True)
         for sub in ("dist", "scripts"):
-            (staging / sub).mkdir()
+            (staging / sub).mkdir(parents=True)
         _write_bundle(staging / "dist" / "cdcflow.zip")
         for script in ENTRY_SCRIPTS:
             shutil.copyfile(REPO_ROOT / script, staging / "scripts" / Path(script).name)

@@ -39,6 +39,25 @@ def template():
 
 
 @pytest.fixture(scope="module")
+def variant(template):
+    """DMS Serverless, an existing Redshift cluster, subnets and security groups from context (after
+    `template`: a second synthesis in the same process takes a few seconds)."""
+    import aws_cdk as cdk
+    from aws_cdk.assertions import Template
+    from cdcflow_stack import CdcflowSettings, CdcflowStack
+
+    settings = CdcflowSettings(dms_serverless=1, redshift_cluster_id="warehouse", subnet_ids=f"{SUBNETS[0]},{SUBNETS[1]}",
+                               security_group_ids=SECURITY_GROUP)  # fmt: skip
+    stack = CdcflowStack(cdk.App(), "CdcflowVariant", settings=settings,
+                         env=cdk.Environment(account=ACCOUNT, region="us-east-1"))  # fmt: skip
+    return Template.from_stack(stack)
+
+
+SUBNETS = ("subnet-0123456789abcdef0", "subnet-0123456789abcdef1")
+SECURITY_GROUP = "sg-0123456789abcdef0"
+
+
+@pytest.fixture(scope="module")
 def template_file(template, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cfn") / "cdcflow.template.json"
     path.write_text(json.dumps(template.to_json(), indent=1))
@@ -549,3 +568,46 @@ def test_checkov_finds_nothing(template_file):
     failed = report["results"]["failed_checks"] if isinstance(report, dict) else []
     assert not failed, [(f["check_id"], f["resource"]) for f in failed]
     assert report["summary"]["passed"] > 100
+
+
+def test_dms_serverless_and_existing_cluster_by_context(variant):
+    _import_infra()
+    from dms_tasks import table_mappings
+
+    from cdcflow.config import load_project
+
+    project = load_project(REPO / "configs", env={})
+    variant.resource_count_is("AWS::DMS::ReplicationInstance", 0)
+    variant.resource_count_is("AWS::DMS::ReplicationTask", 0)
+    variant.resource_count_is("AWS::RedshiftServerless::Namespace", 0)
+    variant.resource_count_is("AWS::RedshiftServerless::Workgroup", 0)
+    configs = {c["Properties"]["ReplicationConfigIdentifier"]: c["Properties"]
+               for c in _resources(variant, "AWS::DMS::ReplicationConfig").values()}  # fmt: skip
+    assert set(configs) == {"cdcflow-shop-kinesis", "cdcflow-shop-s3"}
+    for ident, c in configs.items():
+        assert c["ReplicationType"] == "full-load-and-cdc"
+        assert c["TableMappings"] == table_mappings(project, ident.rsplit("-", 1)[1])
+        assert c["ComputeConfig"]["VpcSecurityGroupIds"] == [SECURITY_GROUP]
+        assert c["ComputeConfig"]["KmsKeyId"]
+    assert "BeforeImageSettings" in configs["cdcflow-shop-kinesis"]["ReplicationSettings"]
+    (group,) = [g["Properties"] for g in _resources(variant, "AWS::DMS::ReplicationSubnetGroup").values()]
+    assert group["SubnetIds"] == list(SUBNETS)
+    assert "Parameters" not in variant.to_json() or "SubnetIds" not in variant.to_json()["Parameters"]
+    creds = next(s["Properties"] for lid, s in _resources(variant, "AWS::SecretsManager::Secret").items()
+                 if lid.startswith("RedshiftCredentials"))  # fmt: skip
+    template = json.loads(creds["GenerateSecretString"]["SecretStringTemplate"])
+    assert template["host"] == "" and template["username"] == "cdcflow"  # filled in for the existing cluster
+    alarms = [a["Properties"] for a in _resources(variant, "AWS::CloudWatch::Alarm").values()
+              if a["Properties"].get("Namespace") == "AWS/DMS"]  # fmt: skip
+    assert len(alarms) == 4
+    assert all(a["Dimensions"][0]["Name"] == "ReplicationConfigIdentifier" for a in alarms)
+
+
+def test_context_pipeline_must_match_pipeline_yaml():
+    _import_infra()
+    import aws_cdk as cdk
+    from cdcflow_stack import CdcflowSettings, CdcflowStack
+
+    with pytest.raises(Exception, match="pipeline.yaml name"):
+        CdcflowStack(cdk.App(), "Mismatch", settings=CdcflowSettings(pipeline="other"),
+                     env=cdk.Environment(account=ACCOUNT, region="us-east-1"))  # fmt: skip
