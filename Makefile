@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 GLUE_VENV := .venv-glue
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-glue-compat test-scale lint bench clean local-up local-down
+.PHONY: install demo test test-glue-compat test-scale test-archive test-localstack demo-localstack lint bench clean local-up local-down
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11+ is required (set PYTHON=/path/to/python3.11)"; exit 1; }
@@ -31,7 +31,30 @@ $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION):
 	$(CHECKOV_VENV)/bin/pip install --quiet "checkov==$(CHECKOV_VERSION)"
 	touch $@
 
-install: $(STAMP) $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
+# The raw archiver (`cdcflow archive`): amazon-kclpy bundles the KCL MultiLangDaemon; building it
+# downloads the KCL jars (amazon-kinesis-client-multilang 3.1.3 and its dependencies) from Maven
+# Central into the package (pip caches the built wheel). hypercorn serves the h2c front that lets the
+# KCL's HTTP/2 Kinesis client talk to the embedded moto server (cdcflow/archive/h2c_proxy.py).
+KCLPY_VERSION := 3.1.3
+KCL_STAMP := $(VENV)/.installed-kclpy-$(KCLPY_VERSION)
+$(KCL_STAMP): | $(PY)
+	$(PY) -m pip install --quiet "amazon-kclpy==$(KCLPY_VERSION)" "hypercorn==0.18.0"
+	@ls $(VENV)/lib/python*/site-packages/amazon_kclpy/jars/amazon-kinesis-client-multilang-*.jar >/dev/null
+	touch $@
+
+# LocalStack in host mode (no Docker), in a venv of its own: localstack-core pins boto3, moto-ext and
+# others, and needs Python 3.13 (PEP 695 syntax and warnings.deprecated; on 3.11/3.12 no runtime component loads).
+LOCALSTACK_VENV := .cache/venv-localstack
+LOCALSTACK_VERSION := 2026.3.0
+LOCALSTACK_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.13)
+$(LOCALSTACK_VENV)/.installed-$(LOCALSTACK_VERSION):
+	rm -rf $(LOCALSTACK_VENV)
+	$(LOCALSTACK_PYTHON) -m venv $(LOCALSTACK_VENV)
+	$(LOCALSTACK_VENV)/bin/pip install --quiet --upgrade pip
+	$(LOCALSTACK_VENV)/bin/pip install --quiet "localstack-core[runtime]==$(LOCALSTACK_VERSION)"
+	touch $@
+
+install: $(STAMP) $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION) $(KCL_STAMP)
 
 demo: install
 	$(VENV)/bin/cdcflow demo
@@ -57,6 +80,23 @@ test-glue-compat: $(GLUE_VENV)/.installed
 # The 1000-table replay (about 25 minutes on 2 cores: one Delta commit per table per batch).
 test-scale: install
 	$(PY) -m pytest -m scale $(PYTEST_ARGS)
+
+# The raw archiver end to end on the embedded stack (KCL daemon, kill -9, reshard, replay, verify):
+# about 3-4 minutes, so not part of `make test` (CI's budget). tests/test_archive_kcl.py
+test-archive: install
+	CDCFLOW_TEST_TIER=kcl $(PY) -m pytest tests/test_archive_kcl.py $(PYTEST_ARGS)
+
+# A real LocalStack in host mode (no Docker): simulate into its Kinesis -> stream -> verify, and the
+# S3 full load. Starts LocalStack from $(LOCALSTACK_VENV) and stops it afterwards; not part of `make test`.
+test-localstack: install $(LOCALSTACK_VENV)/.installed-$(LOCALSTACK_VERSION)
+	CDCFLOW_TEST_TIER=localstack CDCFLOW_LOCALSTACK_PYTHON=$(CURDIR)/$(LOCALSTACK_VENV)/bin/python $(PY) -m pytest tests/test_localstack_host.py $(PYTEST_ARGS)
+
+# Docker hosts: the demo against docker-compose.yml's LocalStack (the embedded Postgres is replaced by
+# the compose one on 5433, so `cdcflow demo` must not start its own: CDCFLOW_PG_PORT moves it aside).
+demo-localstack: install
+	@command -v docker >/dev/null || { echo "demo-localstack needs Docker (docker compose); without Docker use make test-localstack"; exit 1; }
+	docker compose up -d --wait
+	CDCFLOW_AWS_ENDPOINT=http://127.0.0.1:4566 CDCFLOW_PG_PORT=5434 $(VENV)/bin/cdcflow demo --workdir .cdcflow/demo-localstack
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in _extensions():
         register(sub, _COMMANDS)
+
+    from cdcflow.archive.daemon import register_archive  # light: the KCL is imported when it runs
+
+    register_archive(sub, _COMMANDS)
     return parser
 
 

@@ -11,7 +11,8 @@ from cdcflow.errors import UserError
 def register_stream(sub, commands: dict[str, Callable]) -> None:
     p = sub.add_parser("stream", help="consume DMS CDC (Kinesis or replay files) and apply it to Delta tables")
     p.add_argument("--until-caught-up", action="store_true", help="process what is available, then stop")
-    p.add_argument("--replay", metavar="PATH", help="read DMS Kinesis JSON-lines files instead of Kinesis")
+    p.add_argument("--replay", metavar="PATH", help="read DMS Kinesis JSON-lines files, or a raw archive (gzip JSON lines, "
+                                                    "a local folder or s3://), instead of Kinesis")
     p.add_argument("--files-per-batch", type=int, default=1, help="replay: files per micro-batch")
     p.add_argument("--trigger-seconds", type=int, help="micro-batch interval (default: streaming.trigger_seconds)")
     p.add_argument("--metrics-file", help="write EMF metric lines here instead of stdout")
@@ -33,9 +34,14 @@ def run_stream_command(args: argparse.Namespace) -> int:
                       driver_memory=project.pipeline.spark.driver_memory)
     metrics = MetricsSink(project.pipeline.name, path=args.metrics_file)
     if args.replay:
-        if not Path(args.replay).exists():
+        local = args.replay
+        if args.replay.startswith(("s3://", "s3a://")):
+            from cdcflow.archive.replay import stage_s3_replay
+
+            local = str(stage_s3_replay(project, args.replay))
+        elif not Path(args.replay).exists():
             raise UserError(f"replay path {args.replay} does not exist")
-        source = replay_stream(spark, str(Path(args.replay).resolve()), args.files_per_batch)
+        source = replay_stream(spark, str(Path(local).resolve()), args.files_per_batch)
         ck = checkpoint_location(project, "replay")
     else:
         source = kinesis_stream(spark, project, checkpoint_location(project), args.metrics_file)

@@ -1,6 +1,9 @@
 """Streaming sources, each mapped to the columns the processor needs: payload, source_position, arrival_ts.
 
-- replay: DMS Kinesis JSON-lines files (from `cdcflow simulate` or an archive), one record per line.
+- replay: DMS Kinesis JSON-lines files (from `cdcflow simulate`), one record per line, or the raw
+  archiver's gzip JSON lines (`cdcflow archive`: shard, sequence number, arrival and the masked record
+  per line; cdcflow/archive/records.py), in nested folders (`year=/month=/day=/hour=`). Gzip files
+  are read by their `.gz` extension; `s3://` archives are downloaded first (cdcflow.archive.replay).
 - kinesis: the Python Data Source in streaming/kinesis_source.py (pyspark >= 4).
 - glue: Glue's own Kinesis source (see streaming/glue_job.py).
 """
@@ -14,16 +17,26 @@ from cdcflow.config import Project
 
 
 def replay_stream(spark: SparkSession, path: str, files_per_batch: int = 1) -> DataFrame:
-    raw = spark.readStream.format("text").option("maxFilesPerTrigger", files_per_batch).load(path)
+    raw = (spark.readStream.format("text").option("maxFilesPerTrigger", files_per_batch)
+           .option("recursiveFileLookup", "true").load(path))
     return from_replay(raw)
 
 
 def from_replay(raw: DataFrame) -> DataFrame:
-    """Text lines -> processor input; the position is file + line hash (stable across re-reads)."""
+    """Text lines -> processor input. A DMS record's position is file + line hash (stable across
+    re-reads); an archive line's is its shard and sequence number, as read from Kinesis, and its
+    arrival time is the record's Kinesis arrival."""
+    value = F.col("value")
+    shard, seq = F.get_json_object(value, "$.shard_id"), F.get_json_object(value, "$.sequence_number")
+    data = F.get_json_object(value, "$.data")
+    archived = shard.isNotNull() & seq.isNotNull() & data.isNotNull()
+    arrival = (F.get_json_object(value, "$.arrival_ms").cast("double") / 1000).cast("timestamp")
     return raw.filter(F.length(F.trim("value")) > 0).select(
-        F.col("value").alias("payload"),
-        F.concat(F.input_file_name(), F.lit("#"), F.xxhash64("value").cast("string")).alias("source_position"),
-        F.current_timestamp().alias("arrival_ts"),
+        F.when(archived, data).otherwise(value).alias("payload"),
+        F.when(archived, F.concat(shard, F.lit(":"), seq))
+        .otherwise(F.concat(F.input_file_name(), F.lit("#"), F.xxhash64("value").cast("string")))
+        .alias("source_position"),
+        F.when(archived, F.coalesce(arrival, F.current_timestamp())).otherwise(F.current_timestamp()).alias("arrival_ts"),
     )
 
 
