@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from archiver import add_archiver
 from aws_cdk import (
     ArnFormat,
     CfnOutput,
@@ -455,6 +456,9 @@ class CdcflowStack(Stack):
         self._orchestration()
         self._monitoring()
         self._packaging()
+        # the raw archiver (KCL, ECS Fargate): every stream record, PII-masked, to <raw bucket>/kinesis-archive/
+        add_archiver(self, env, self.asset_staging / "dist" / "cdcflow.zip",
+                     Path(cfg.config_dir) if cfg.config_dir else CONFIG_DIR, self.asset_staging)
 
         self._suppress_findings()
 
@@ -469,6 +473,9 @@ class CdcflowStack(Stack):
                   description="DMS S3 target setting ExpectedBucketOwner")
         CfnOutput(self, "AlarmTopicArn", value=self.topic.topic_arn)
         CfnOutput(self, "StreamingJobName", value=self.jobs["stream"].ref)
+        CfnOutput(self, "ArchiverServiceName", value=self.archiver_service.attr_name,
+                  description="ECS service of the raw archiver (cdcflow archive)")
+        CfnOutput(self, "ArchiverLeaseTableName", value=self.archiver_tables["leases"].table_name)
         CfnOutput(self, "RedshiftCopyRoleArn", value=self.redshift_copy_role.role_arn,
                   description="Associate this IAM role with the Redshift cluster (the merge's COPY uses it)")
 
@@ -929,7 +936,7 @@ class CdcflowStack(Stack):
         """`cdk deploy` uploads the job bundle (dist/cdcflow.zip), the entry scripts and configs/."""
         cfg = self.settings
         # Staged under .cache/ (git-ignored), rebuilt on every synthesis; CDK copies it into cdk.out.
-        staging = REPO_ROOT / ".cache" / "cdk-assets" / self.stack_name
+        staging = self.asset_staging = REPO_ROOT / ".cache" / "cdk-assets" / self.stack_name
         shutil.rmtree(staging, ignore_errors=True)
         for sub in ("dist", "scripts"):
             (staging / sub).mkdir(parents=True)

@@ -167,7 +167,7 @@ def test_kinesis_permissions_name_only_the_stream(template):
     kinesis = [s for s in _iam_statements(template) if any(a.startswith("kinesis:") for a in _as_list(s["Action"]))]
     assert kinesis, "some role reads the stream"
     read = [s for s in kinesis if "kinesis:GetRecords" in _as_list(s["Action"])]
-    assert len(read) == 1, "only the streaming job reads the stream"
+    assert len(read) == 2, "only the streaming job and the raw archiver read the stream"
     for s in kinesis:
         assert all(a.startswith("kinesis:") for a in _as_list(s["Action"]))
         assert _as_list(s["Resource"]) == [stream_arn]
@@ -187,7 +187,11 @@ def test_no_wildcard_iam_actions(template):
             # only actions that have no resource ARN: PutMetricData (into the cdcflow namespace only) and the
             # state machine's log delivery setup
             if actions == ["cloudwatch:PutMetricData"]:
-                assert s["Condition"] == {"StringEquals": {"cloudwatch:namespace": "cdcflow"}}
+                # cdcflow's metrics; the archiver's KCL metrics (namespace = its application name)
+                assert s["Condition"] in ({"StringEquals": {"cloudwatch:namespace": "cdcflow"}},
+                                          {"StringEquals": {"cloudwatch:namespace": "cdcflow-shop-archiver"}})
+            elif _as_list(s["Action"]) == ["ecr:GetAuthorizationToken"]:
+                pass  # the archiver image pull; this action has no resource ARN
             else:
                 assert set(actions) <= LOG_DELIVERY_ACTIONS, s
 
@@ -202,7 +206,7 @@ def test_secrets_are_read_only_by_the_jobs_that_need_them(template):
                     readers[r["Ref"]].add(pol["Properties"]["Roles"][0]["Ref"])
     by_prefix = {lid.rstrip("0123456789ABCDEF"): {r.rstrip("0123456789ABCDEF") for r in rs} for lid, rs in readers.items()}
     assert by_prefix == {
-        "PiiSalt": {"JobRoleStream", "JobRoleFullLoad"},
+        "PiiSalt": {"JobRoleStream", "JobRoleFullLoad", "ArchiverTaskExecutionRole"},  # ECS injects it
         "RedshiftCredentials": {"JobRoleWarehouseMerge"},
         "RedshiftAdmin": {"AWS679f53fac002430cb0da5b7982bd2287ServiceRole"},  # the warehouse-schema resource
         "SourceDbCredentials": {"DmsSecretsRole"},
@@ -541,6 +545,50 @@ def test_deploy_uploads_bundle_scripts_and_configs(template, tmp_path):
 
 
 # ---------------------------------------------------------------- linters
+
+
+def test_archiver_is_one_fargate_task_with_a_least_privilege_role_and_its_kcl_tables(template):
+    """The raw archiver (cdcflow archive, KCL): an always-on ECS Fargate service, its role limited to
+    reading the stream, writing the archive prefix and using its own three KCL tables."""
+    service = next(iter(_resources(template, "AWS::ECS::Service").values()))["Properties"]
+    assert service["LaunchType"] == "FARGATE" and service["DesiredCount"] == 1
+    assert service["NetworkConfiguration"]["AwsvpcConfiguration"]["AssignPublicIp"] == "DISABLED"
+    tables = {r["Properties"]["TableName"]: r["Properties"] for r in _resources(template, "AWS::DynamoDB::Table").values()}
+    app = "cdcflow-shop-archiver"
+    assert set(tables) >= {app, f"{app}-CoordinatorState", f"{app}-WorkerMetricStats"}
+    leases = tables[app]
+    assert leases["KeySchema"] == [{"AttributeName": "leaseKey", "KeyType": "HASH"}]
+    assert [g["IndexName"] for g in leases["GlobalSecondaryIndexes"]] == ["LeaseOwnerToLeaseKeyIndex"]
+    for t in tables.values():
+        assert t["SSESpecification"]["SSEEnabled"] and t["SSESpecification"]["SSEType"] == "KMS"
+        assert t["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"]
+
+    statements = [s for lid, pol in _resources(template, "AWS::IAM::Policy").items() if lid.startswith("ArchiverTaskRole")
+                  for s in pol["Properties"]["PolicyDocument"]["Statement"]]
+    by_sid = {s["Sid"]: s for s in statements}
+    assert set(by_sid) == {"ReadStream", "WriteArchive", "UseKey", "KclTables", "KclLeaseIndex", "KclMetrics"}
+    write = json.dumps(by_sid["WriteArchive"]["Resource"])
+    assert "/kinesis-archive/*" in write and _as_list(by_sid["WriteArchive"]["Action"]) == [
+        "s3:PutObject", "s3:AbortMultipartUpload"]
+    assert not any(a.startswith("s3:") for s in statements if s["Sid"] != "WriteArchive" for a in _as_list(s["Action"]))
+    kcl_tables = {r["Fn::GetAtt"][0] for r in _as_list(by_sid["KclTables"]["Resource"])}
+    assert kcl_tables == {lid for lid, r in _resources(template, "AWS::DynamoDB::Table").items()
+                          if r["Properties"]["TableName"].startswith(app)}
+    assert not any("dynamodb:" in a for s in _iam_statements(template) if s.get("Sid") not in ("KclTables", "KclLeaseIndex")
+                   for a in _as_list(s["Action"]))  # nothing else touches DynamoDB
+
+    (task,) = _resources(template, "AWS::ECS::TaskDefinition").values()
+    (container,) = task["Properties"]["ContainerDefinitions"]
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert env["CDCFLOW_ENV"] == "aws" and env["CDCFLOW_AWS_ENDPOINT"] == ""
+    assert "kinesis-archive" in json.dumps(env["CDCFLOW_ARCHIVE_URI"])
+    assert [s["Name"] for s in container["Secrets"]] == ["CDCFLOW_PII_SALT"]
+    assert container["ReadonlyRootFilesystem"] is True
+    # the image installs the same amazon-kclpy as `make install`
+    dockerfile = (INFRA / "archiver" / "Dockerfile").read_text()
+    makefile = (REPO / "Makefile").read_text()
+    version = next(line.split(":=")[1].strip() for line in makefile.splitlines() if line.startswith("KCLPY_VERSION"))
+    assert f'"amazon-kclpy=={version}"' in dockerfile
 
 
 def test_cfn_lint_finds_nothing(template_file):
