@@ -52,6 +52,9 @@ $(LOCALSTACK_VENV)/.installed-$(LOCALSTACK_VERSION):
 	$(LOCALSTACK_PYTHON) -m venv $(LOCALSTACK_VENV)
 	$(LOCALSTACK_VENV)/bin/pip install --quiet --upgrade pip
 	$(LOCALSTACK_VENV)/bin/pip install --quiet "localstack-core[runtime]==$(LOCALSTACK_VERSION)"
+	# what localstack-core 2026.3.0 leaves unpinned and no longer works with: cbor2 6 has no cbor2._decoder
+	# (the import fails), pyOpenSSL 26 has no X509.add_extensions (the gateway's TLS cert fails)
+	$(LOCALSTACK_VENV)/bin/pip install --quiet "cbor2<6" "pyopenssl==24.2.1"
 	touch $@
 
 install: $(STAMP) $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION) $(KCL_STAMP)

@@ -40,6 +40,7 @@ class ArchiverSettings:
     shard_sync_millis: int = 60000
     worker_id: str | None = None
     kinesis_endpoint: str | None = None  # default: endpoint; the h2c proxy's URL in front of moto
+    dynamodb_endpoint: str | None = None  # default: endpoint (LocalStack's DynamoDB needs Java 21: see README)
 
 
 def kcl_jars() -> list[str]:
@@ -76,7 +77,7 @@ def properties(s: ArchiverSettings, python: str = sys.executable) -> str:
         lines["workerId"] = s.worker_id
     if s.endpoint:
         lines["kinesisEndpoint"] = s.kinesis_endpoint or s.endpoint
-        lines["dynamoDBEndpoint"] = s.endpoint
+        lines["dynamoDBEndpoint"] = s.dynamodb_endpoint or s.endpoint
         lines["metricsLevel"] = "NONE"
     return "".join(f"{k} = {v}\n" for k, v in lines.items())
 
@@ -137,6 +138,7 @@ def register_archive(sub, commands: dict[str, Callable]) -> None:
                                                   "s3://<raw bucket>/kinesis-archive)")
     p.add_argument("--application", help="KCL application name = lease table (default <pipeline>-archiver)")
     p.add_argument("--workdir", default=".cdcflow/archiver", help="where the daemon's properties file goes")
+    p.add_argument("--dynamodb-endpoint", help="the lease table's endpoint when it differs from the configured one")
     p.add_argument("--h2c-proxy", action="store_true",
                    help="put an HTTP/2 (h2c) front between the KCL's Kinesis client and the endpoint: needed for "
                         "the embedded moto server, not for LocalStack or AWS")
@@ -150,6 +152,7 @@ def run_archive_command(args: argparse.Namespace) -> int:
 
     project = load_project(args.config)
     s = settings_for(project, args.to, args.application)
+    s.dynamodb_endpoint = args.dynamodb_endpoint
     if not s.archive_uri.startswith("s3://"):
         raise UserError(f"the archive root must be an s3:// URI, got {s.archive_uri}")
     workdir = Path(args.workdir)
