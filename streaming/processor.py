@@ -11,12 +11,12 @@ by sequence, so re-applying a batch changes nothing.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
-from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from tenacity import Retrying, stop_after_attempt, wait_exponential
@@ -43,7 +43,9 @@ class TableOutcome:
     duplicates: int = 0
     isolated: bool = False
     schema_warnings: list[str] = field(default_factory=list)  # control records read with unknown types
+    writer: str | None = None  # who committed the batch's changes to silver: "delta-rs" or "spark"
     visible_at: float | None = None  # wall clock (time.time()) when the batch's changes were committed to silver
+    newest_commit: datetime | None = None  # newest source commit time among the batch's records (UTC)
     quarantine_rows: list[tuple] = field(default_factory=list)
 
 
@@ -133,6 +135,8 @@ class BatchProcessor:
             o.read += r["n"]
             o.duplicates += r["n"] - r["distinct"]
             o.late += r["late"] or 0
+            if r["max_ts"] is not None and (o.newest_commit is None or r["max_ts"] > o.newest_commit):
+                o.newest_commit = r["max_ts"]
         changes = self._schema_changes(controls)
         for name, table_changes in changes.items():
             # A source drop never erases the lake: silver keeps its rows; operators get an alert.
@@ -178,12 +182,14 @@ class BatchProcessor:
         Cached across batches (this job is the table's only writer); dropped when an apply fails.
         """
         if name not in self._silver_cols:
-            if not DeltaTable.isDeltaTable(self.spark, path):
+            meta = apply.silver_metadata(self.spark, path)
+            if meta is None:
                 return None
-            if changed := apply.sync_properties(self.spark, path, self.project.table(name)):
+            if changed := apply.sync_properties(self.spark, path, self.project.table(name), meta.properties):
                 log.info("table %s: table properties set from its config: %s", name, ", ".join(changed))
-            fields = self.spark.read.format("delta").load(path).schema.fields
-            self._silver_cols[name] = {f.name: f.dataType.simpleString() for f in fields if not f.name.startswith("_")}
+            if name not in self._control:
+                self._control[name] = apply.control_state(self.spark, path, meta.properties)
+            self._silver_cols[name] = {c: t for c, t in meta.columns.items() if not c.startswith("_")}
         return self._silver_cols[name]
 
     def _control_state(self, name: str, path: str, exists: bool) -> apply.ControlState:
@@ -225,6 +231,24 @@ class BatchProcessor:
             self._typed[key] = TypedChanges(shape, self.salt)
         return self._typed[key]
 
+    def _sync_catalog(self, name: str, shape: TableShape) -> None:
+        """Keep the table's Glue catalog entry current after schema drift (when the job has a catalog
+        database: CDCFLOW_CATALOG_DATABASE, set by infra/): Glue keeps each schema as a table version."""
+        database = os.environ.get("CDCFLOW_CATALOG_DATABASE")
+        if not database:
+            return
+        from cdcflow.aws import project_client
+        from cdcflow.catalog import glue_table_name, sync_table_columns
+
+        table = self.project.table(name)
+        columns = {**{c: shape.output_type(c) for c in shape.output_columns}, **schema.SILVER_META}
+        try:
+            sync_table_columns(project_client(self.project, "glue"), database, glue_table_name(table), columns,
+                               location=self.project.path(table.delta_path))
+        except Exception as e:  # noqa: BLE001 - the catalog trails the lake; never fail the table for it
+            log.warning("table %s: catalog not updated: %s", name, e)
+            self.metrics.alert("CatalogSyncFailed", name, type(e).__name__)
+
     def _remember_control(self, name: str, changes: list[schema.SchemaChange]) -> None:
         """Keep the newest applied type change's time, so a replayed older one is stale (never "narrowing"),
         and the newest table-def's DMS types, so a later type change is compared column by column."""
@@ -262,14 +286,13 @@ class BatchProcessor:
                         reason = self.blocked[name]
                         return self._quarantine_table(rows, name, "schema_change_unsafe", reason, batch_id, o)
                     bad_rows = []
-                    if o.read:
-                        good, bad = self._typed_changes(shape).apply(rows)
-                        bad_rows = bad.collect()
                     if name in self.fail_tables:
                         raise RuntimeError(f"injected failure for {name}")
                     try:
                         if o.read:
-                            apply.merge(self.spark, self.project.path(table.delta_path), good, shape)
+                            good, bad = self._typed_changes(shape).apply(rows)
+                            applied = apply.merge(self.spark, self.project.path(table.delta_path), good, shape, bad)
+                            bad_rows, o.writer = applied.rejected, applied.writer
                             o.visible_at = time.time()
                         else:  # control records only
                             apply.ensure_silver(self.spark, self.project.path(table.delta_path), shape)
@@ -280,6 +303,7 @@ class BatchProcessor:
                     self._silver_cols[name] = {c: shape.output_type(c) for c in shape.output_columns}
                     if changes:
                         self._remember_control(name, changes)
+                        self._sync_catalog(name, shape)
         except Exception as e:  # noqa: BLE001 - any failure isolates this table, never the others
             log.error("table %s failed after %d attempts: %s", name, self.retries + 1, e)
             self.metrics.alert("TableIsolated", name, type(e).__name__)
@@ -331,12 +355,13 @@ class BatchProcessor:
 
     def _emit_metrics(self, outcomes: list[TableOutcome], batch_id: int, seconds: float) -> None:
         for o in outcomes:
-            self.metrics.emit(
-                {"RowsRead": o.read, "RowsApplied": o.applied, "RowsQuarantined": o.quarantined,
-                 "LateEvents": o.late, "DuplicateEvents": o.duplicates},
-                {"Table": o.table},
-                properties={"batch_id": batch_id},
-            )  # fmt: skip
+            values = {"RowsRead": o.read, "RowsApplied": o.applied, "RowsQuarantined": o.quarantined,
+                      "LateEvents": o.late, "DuplicateEvents": o.duplicates}
+            if o.visible_at is not None and o.newest_commit is not None:
+                # how far silver trailed the source when this batch's changes became visible
+                values["FreshnessSeconds"] = round(o.visible_at - o.newest_commit.replace(tzinfo=UTC).timestamp(), 3)
+            self.metrics.emit(values, {"Table": o.table}, units={"FreshnessSeconds": "Seconds"},
+                              properties={"batch_id": batch_id})
         self.metrics.emit(
             {"BatchDuration": round(seconds, 3), "TablesTouched": len(outcomes),
              "RowsRead": sum(o.read for o in outcomes)},

@@ -139,10 +139,10 @@ def test_full_load_from_s3_stages_one_table_at_a_time_and_archives_in_the_bucket
     staged_tables: list[set[str]] = []
     real_merge = full_load.apply.merge
 
-    def watching_merge(spark, path, changes, shape):
+    def watching_merge(spark, path, changes, shape, rejected=None):
         # staging/<mkdtemp>/<schema>/<table>/...
         staged_tables.append({p.relative_to(staging).parts[2] for p in staging.rglob("*.parquet")})
-        real_merge(spark, path, changes, shape)
+        return real_merge(spark, path, changes, shape, rejected)
 
     monkeypatch.setattr(full_load.apply, "merge", watching_merge)
     result = run_full_load(spark, project)

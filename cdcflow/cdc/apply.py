@@ -14,24 +14,16 @@ import json
 import threading
 from dataclasses import dataclass
 
+import pyarrow as pa
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
 from cdcflow.cdc.changes import TableShape
-from cdcflow.cdc.schema import is_widening
+from cdcflow.cdc.schema import SILVER_META, is_widening
 from cdcflow.config import Table
-from cdcflow.runtime import new_table_options
-
-SILVER_META = {
-    "_is_deleted": "boolean",
-    "_seq": "string",
-    "_op": "string",
-    "_commit_ts": "timestamp",
-    "_deleted_at": "timestamp",
-    "_ingested_at": "timestamp",
-}
+from cdcflow.runtime import new_table_options, to_arrow
 
 
 def silver_options(table: Table) -> dict[str, str]:
@@ -39,10 +31,37 @@ def silver_options(table: Table) -> dict[str, str]:
     return {**new_table_options(table.name), **table.delta_properties}
 
 
-def sync_properties(spark: SparkSession, path: str, table: Table) -> list[str]:
+@dataclass(frozen=True)
+class SilverMetadata:
+    columns: dict[str, str]  # every column -> Spark type
+    properties: dict[str, str]
+
+
+def silver_metadata(spark: SparkSession, path: str) -> SilverMetadata | None:
+    """Silver's columns and table properties, or None before its first write. Read from the log by
+    delta-rs (a few ms, no JVM: at 1000 tables Spark's three metadata queries each cost minutes);
+    by Spark when delta-rs can't read the table (a feature it lacks)."""
+    from deltalake import DeltaTable as RsTable
+
+    try:
+        rs = RsTable(_rs_uri(path))
+        schema = pa.schema(rs.schema().to_arrow())
+        return SilverMetadata({f.name: _spark_type_of(f.type) for f in schema}, dict(rs.metadata().configuration))
+    except Exception as e:  # noqa: BLE001 - no table, or one delta-rs can't read
+        if type(e).__name__ == "TableNotFoundError":
+            return None
+    if not DeltaTable.isDeltaTable(spark, path):
+        return None
+    fields = spark.read.format("delta").load(path).schema.fields
+    props = spark.sql(f"DESCRIBE DETAIL delta.{_q(path)}").first()["properties"] or {}
+    return SilverMetadata({f.name: f.dataType.simpleString() for f in fields}, dict(props))
+
+
+def sync_properties(spark: SparkSession, path: str, table: Table, held: dict[str, str] | None = None) -> list[str]:
     """Set configured properties an existing silver table lacks or holds other values for (one commit
     when something changed); returns the properties set. Properties no longer configured are kept."""
-    held = dict(spark.sql(f"SHOW TBLPROPERTIES delta.`{path}`").collect())  # metadata only, no job
+    if held is None:
+        held = dict(spark.sql(f"SHOW TBLPROPERTIES delta.`{path}`").collect())  # metadata only, no job
     changed = {k: v for k, v in table.delta_properties.items() if held.get(k) != v}
     if changed:
         props = ", ".join(f"'{k}' = '{v}'" for k, v in changed.items())
@@ -112,16 +131,37 @@ def collapse(changes: DataFrame, shape: TableShape) -> DataFrame:
     )
 
 
-def merge(spark: SparkSession, path: str, changes: DataFrame, shape: TableShape) -> None:
-    """Collapse `changes` (key, output columns, _op, _seq, _commit_ts) and MERGE them into silver."""
+REJECTED = ["_rule", "_reason", "_source_position", "_record_hash", "_payload"]
+
+
+@dataclass
+class Applied:
+    writer: str  # "delta-rs" or "spark" (see `silver_writer`)
+    rejected: list  # the rows of `rejected`, as mappings of REJECTED columns
+
+
+def merge(spark: SparkSession, path: str, changes: DataFrame, shape: TableShape,
+          rejected: DataFrame | None = None) -> Applied:
+    """Collapse `changes` (key, output columns, _op, _seq, _commit_ts) and MERGE them into silver.
+
+    `rejected`: the same records' rows that can't be applied (REJECTED columns), collected in the
+    same Spark job as the changes when delta-rs commits, so a small table costs one job."""
     src = collapse(changes, shape)
     if "_partial" not in src.columns:
         src = src.withColumn("_partial", F.lit(False))
+    src = src.withColumn("_ingested_at", F.current_timestamp())
+    writer, table = silver_writer(path, shape.table)
+    if table is not None and _evolves(table, shape):
+        ensure_silver(spark, path, shape)  # rare (schema drift): adds / widens columns through Spark
+        writer, table = silver_writer(path, shape.table)  # widening may add a feature delta-rs can't write
+    if writer == "delta-rs":
+        return Applied(writer, _merge_delta_rs(spark, path, table, src, shape, rejected))
+    bad = rejected.collect() if rejected is not None else []
     if not DeltaTable.isDeltaTable(spark, path):
         # First batch of a table: nothing to merge with, so write the collapsed rows directly (one
         # commit instead of create + MERGE). A crash-replay then finds the table and MERGEs, guarded.
-        _first_write(src, path, shape)
-        return
+        _append_first(first_rows(src, shape).write.format("delta"), path, shape.table)
+        return Applied(writer, bad)
     absent = ensure_silver(spark, path, shape)
     # One SQL statement rather than the Python merge builder: the builder makes a JVM call for every
     # expression and assignment (about 270 per table and micro-batch), the statement one.
@@ -133,14 +173,137 @@ def merge(spark: SparkSession, path: str, changes: DataFrame, shape: TableShape)
         session.sql(merge_sql(path, view, shape, absent))
     finally:
         session.catalog.dropTempView(view)
+    return Applied(writer, bad)
+
+
+# Writer features delta-rs commits to (protocol writer 7); anything else (deletion vectors, type
+# widening, column mapping, row tracking, ...) leaves the table to Spark.
+DELTA_RS_WRITER_FEATURES = {"appendOnly", "invariants", "checkConstraints", "changeDataFeed", "generatedColumns",
+                            "timestampNtz"}
+
+
+def silver_writer(path: str, table: Table):
+    """("delta-rs", its open table or None before the first write) or ("spark", None).
+
+    `writer: auto` picks delta-rs while silver is at most `delta_rs_max_table_mb` and uses only
+    features delta-rs writes: a small MERGE costs it ~15-50 ms against ~0.7 s (9.5 Spark jobs) in
+    Spark; above the size, Spark's distributed rewrite wins (docs/design.md, "Silver writer").
+    """
+    if table.writer == "spark":
+        return "spark", None
+    if table.writer == "auto" and table.delta_properties.get("delta.enableDeletionVectors") == "true":
+        return "spark", None
+    from deltalake import DeltaTable as RsTable
+
+    try:
+        rs = RsTable(_rs_uri(path))
+    except Exception as e:  # noqa: BLE001 - no table yet, or one delta-rs can't read
+        if type(e).__name__ == "TableNotFoundError":
+            return "delta-rs", None
+        return ("delta-rs", None) if table.writer == "delta-rs" else ("spark", None)
+    if table.writer == "delta-rs":
+        return "delta-rs", rs
+    proto = rs.protocol()
+    features = set(proto.writer_features or ())
+    if proto.min_writer_version in (5, 6) or not features <= DELTA_RS_WRITER_FEATURES:
+        return "spark", None
+    size = sum(pa.table(rs.get_add_actions(flatten=True))["size_bytes"].to_pylist())
+    return ("delta-rs", rs) if size <= table.delta_rs_max_table_mb * 1024 * 1024 else ("spark", None)
+
+
+def _rs_uri(path: str) -> str:
+    """delta-rs reads s3:// (not s3a://) and plain local paths."""
+    for prefix in ("s3a://", "s3n://"):
+        if path.startswith(prefix):
+            return "s3://" + path[len(prefix):]
+    return path[len("file:"):] if path.startswith("file:") else path
+
+
+def _collect_with_rejected(rows: DataFrame, rejected: DataFrame | None) -> tuple[pa.Table, list]:
+    """(rows, rejected rows) from one Spark job: both sides of a union, told apart by `_rule`."""
+    if rejected is None:
+        return to_arrow(rows), []
+    both = to_arrow(rows.withColumn("_rule", F.lit(None).cast("string"))
+                    .unionByName(rejected.select(*REJECTED), allowMissingColumns=True))
+    good = pa.compute.is_null(both["_rule"])
+    bad = both.filter(pa.compute.invert(good)).select(REJECTED).to_pylist()
+    return both.filter(good).select(rows.columns), bad
+
+
+def _evolves(rs, shape: TableShape) -> bool:
+    """Whether the shape has columns silver (read by delta-rs) lacks or holds narrower."""
+    types = {f.name: _spark_type_of(f.type) for f in pa.schema(rs.schema().to_arrow())}
+    return any(c not in types or (types[c] != shape.output_type(c) and is_widening(types[c], shape.output_type(c)))
+               for c in shape.output_columns)
+
+
+def _merge_delta_rs(spark: SparkSession, path: str, rs, src: DataFrame, shape: TableShape,
+                    rejected: DataFrame | None) -> list:
+    """The same collapse and guarded MERGE as Spark's, committed by delta-rs: the collapsed rows come
+    to the driver as Arrow (one Spark job) and delta-rs rewrites the touched files (no JVM)."""
+    from deltalake import write_deltalake
+
+    if rs is None:
+        rows, bad = _collect_with_rejected(first_rows(src, shape), rejected)
+        t = shape.table
+        write_deltalake(_rs_uri(path), rows, mode="append", partition_by=t.cfg.delta.partition_by or None,
+                        configuration=silver_options(t))
+        return bad
+    source, bad = _collect_with_rejected(src, rejected)
+    if source.num_rows == 0:
+        return bad
+    held = pa.schema(rs.schema().to_arrow())
+    absent = [c for c in held.names if c not in shape.output_columns and c not in SILVER_META]
+    # the source in silver's types: a narrower shape type (older files) is cast up, as Spark does
+    source = source.select([c for c in source.schema.names if c in held.names or c == "_partial"])
+    source = source.cast(pa.schema([held.field(c) if c in held.names else source.schema.field(c)
+                                    for c in source.schema.names]))
+    m = merge_clauses(shape, absent, _dq)
+    (
+        rs.merge(source, predicate=m.on, source_alias="s", target_alias="t")
+        .when_matched_update(updates=m.update_delete, predicate=m.match_delete)
+        .when_matched_update(updates=m.update_upsert, predicate=m.match_upsert)
+        .when_not_matched_insert(updates=m.insert_delete, predicate="s._op = 'delete'")
+        .when_not_matched_insert(updates=m.insert)
+        .execute()
+    )
+    return bad
+
+
+def _spark_type_of(t: pa.DataType) -> str:
+    from pyspark.sql.pandas.types import from_arrow_type
+
+    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    return from_arrow_type(t).simpleString()
 
 
 def _q(name: str) -> str:
+    """A Spark SQL identifier."""
     return "`" + name.replace("`", "``") + "`"
 
 
-def merge_sql(path: str, source_view: str, shape: TableShape, absent: list[str] = ()) -> str:
-    """The guarded MERGE of a collapsed source view (output columns, _op, _seq, _commit_ts, _partial).
+def _dq(name: str) -> str:
+    """A DataFusion (delta-rs) SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class MergeClauses:
+    """The guarded MERGE as SQL fragments, rendered by Spark (`merge_sql`) and delta-rs alike."""
+
+    on: str
+    match_delete: str
+    update_delete: dict[str, str]
+    match_upsert: str
+    update_upsert: dict[str, str]
+    insert_delete: dict[str, str]
+    insert: dict[str, str]
+
+
+def merge_clauses(shape: TableShape, absent: list[str], q) -> MergeClauses:
+    """The one MERGE rule (collapsed source `s`: output columns, _op, _seq, _commit_ts, _partial,
+    _ingested_at; silver `t`). A change applies only if its `_seq` is newer than the row's.
 
     `absent`: silver columns the changes don't carry (dropped at the source): a full change sets them
     NULL, as the source row has no value; a partial update keeps them."""
@@ -148,15 +311,15 @@ def merge_sql(path: str, source_view: str, shape: TableShape, absent: list[str] 
     key = t.primary_key
     data_cols = [c for c in shape.output_columns if c not in key]
     newer = "(t._seq IS NULL OR s._seq > t._seq)"
-    upsert = {c: f"CASE WHEN s._partial THEN coalesce(s.{_q(c)}, t.{_q(c)}) ELSE s.{_q(c)} END" for c in data_cols}
-    upsert.update({c: f"CASE WHEN s._partial THEN t.{_q(c)} END" for c in absent})
+    upsert = {c: f"CASE WHEN s._partial THEN coalesce(s.{q(c)}, t.{q(c)}) ELSE s.{q(c)} END" for c in data_cols}
+    upsert.update({c: f"CASE WHEN s._partial THEN t.{q(c)} END" for c in absent})
     upsert_meta = {
         "_is_deleted": "false",
         "_seq": "s._seq",
         "_op": "s._op",
         "_commit_ts": "s._commit_ts",
         "_deleted_at": "CAST(NULL AS TIMESTAMP)",
-        "_ingested_at": "current_timestamp()",
+        "_ingested_at": "s._ingested_at",
     }
     tombstone = {
         "_is_deleted": "true",
@@ -164,14 +327,26 @@ def merge_sql(path: str, source_view: str, shape: TableShape, absent: list[str] 
         "_op": "s._op",
         "_commit_ts": "s._commit_ts",
         "_deleted_at": "s._commit_ts",
-        "_ingested_at": "current_timestamp()",
+        "_ingested_at": "s._ingested_at",
     }
     if t.deletes == "hard":
         tombstone = {**{c: "NULL" for c in [*data_cols, *absent]}, **tombstone}
-    from_source = {c: f"s.{_q(c)}" for c in shape.output_columns}
-    insert = {**from_source, **upsert_meta}
+    from_source = {c: f"s.{q(c)}" for c in shape.output_columns}
     keep = key if t.deletes == "hard" else shape.output_columns
-    insert_tombstone = {**{c: from_source[c] for c in keep}, **tombstone}
+    return MergeClauses(
+        on=" AND ".join(f"t.{q(k)} = s.{q(k)}" for k in key),
+        match_delete=f"{newer} AND s._op = 'delete'",
+        update_delete=tombstone,
+        match_upsert=f"{newer} AND s._op != 'delete'",
+        update_upsert={**upsert, **upsert_meta},
+        insert_delete={**{c: from_source[c] for c in keep}, **tombstone},
+        insert={**from_source, **upsert_meta},
+    )
+
+
+def merge_sql(path: str, source_view: str, shape: TableShape, absent: list[str] = ()) -> str:
+    """The guarded MERGE of a collapsed source view, as one Spark SQL statement."""
+    m = merge_clauses(shape, list(absent), _q)
 
     def assign(values: dict[str, str]) -> str:
         return ", ".join(f"{_q(c)} = {v}" for c, v in values.items())
@@ -179,34 +354,37 @@ def merge_sql(path: str, source_view: str, shape: TableShape, absent: list[str] 
     def insert_values(values: dict[str, str]) -> str:
         return f"({', '.join(_q(c) for c in values)}) VALUES ({', '.join(values.values())})"
 
-    on = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in key)
-    return f"""MERGE INTO delta.{_q(path)} AS t USING {source_view} AS s ON {on}
-WHEN MATCHED AND {newer} AND s._op = 'delete' THEN UPDATE SET {assign(tombstone)}
-WHEN MATCHED AND {newer} AND s._op != 'delete' THEN UPDATE SET {assign({**upsert, **upsert_meta})}
-WHEN NOT MATCHED AND s._op = 'delete' THEN INSERT {insert_values(insert_tombstone)}
-WHEN NOT MATCHED THEN INSERT {insert_values(insert)}"""
+    return f"""MERGE INTO delta.{_q(path)} AS t USING {source_view} AS s ON {m.on}
+WHEN MATCHED AND {m.match_delete} THEN UPDATE SET {assign(m.update_delete)}
+WHEN MATCHED AND {m.match_upsert} THEN UPDATE SET {assign(m.update_upsert)}
+WHEN NOT MATCHED AND s._op = 'delete' THEN INSERT {insert_values(m.insert_delete)}
+WHEN NOT MATCHED THEN INSERT {insert_values(m.insert)}"""
 
 
-def _first_write(src: DataFrame, path: str, shape: TableShape) -> None:
+def first_rows(src: DataFrame, shape: TableShape) -> DataFrame:
+    """A new table's rows from the collapsed changes: nothing to merge with (one commit, no MERGE)."""
     t = shape.table
     data_cols = [c for c in shape.output_columns if c not in t.primary_key]
     deleted = F.col("_op") == "delete"
     hard = t.deletes == "hard"
     cols = [
-        (F.when(deleted, F.lit(None)).otherwise(F.col(f"`{c}`")) if hard and c in data_cols else F.col(f"`{c}`"))
+        (F.when(deleted, F.lit(None)).otherwise(F.col(_q(c))) if hard and c in data_cols else F.col(_q(c)))
         .cast(shape.output_type(c)).alias(c)
         for c in shape.output_columns
     ]
-    out = src.select(
+    return src.select(
         *cols,
         deleted.alias("_is_deleted"),
         F.col("_seq"),
         F.col("_op"),
         F.col("_commit_ts"),
         F.when(deleted, F.col("_commit_ts")).cast("timestamp").alias("_deleted_at"),
-        F.current_timestamp().alias("_ingested_at"),
+        F.col("_ingested_at"),
     )
-    writer = out.write.format("delta").mode("append").options(**silver_options(t))
+
+
+def _append_first(writer, path: str, t: Table) -> None:
+    writer = writer.mode("append").options(**silver_options(t))
     if t.cfg.delta.partition_by:
         writer = writer.partitionBy(*t.cfg.delta.partition_by)
     writer.save(path)
@@ -241,8 +419,9 @@ class ControlState:
     table_def: dict[str, str] | None = None  # column -> DMS type text of the newest table-def
 
 
-def control_state(spark: SparkSession, path: str) -> ControlState:
-    props = spark.sql(f"DESCRIBE DETAIL delta.{_q(path)}").first()["properties"] or {}
+def control_state(spark: SparkSession, path: str, props: dict[str, str] | None = None) -> ControlState:
+    if props is None:
+        props = spark.sql(f"DESCRIBE DETAIL delta.{_q(path)}").first()["properties"] or {}
     table_def = props.get(TABLE_DEF_PROPERTY)
     return ControlState(props.get(CONTROL_TS_PROPERTY), json.loads(table_def) if table_def else None)
 

@@ -18,6 +18,17 @@ import json
 import re
 from dataclasses import dataclass, field
 
+# Silver's metadata columns, after the data columns (cdcflow.cdc.apply writes them, cdcflow.catalog
+# registers them).
+SILVER_META = {
+    "_is_deleted": "boolean",
+    "_seq": "string",
+    "_op": "string",
+    "_commit_ts": "timestamp",
+    "_deleted_at": "timestamp",
+    "_ingested_at": "timestamp",
+}
+
 # Names that mean the same in both namings.
 _COMMON = {
     "STRING": "string", "WSTRING": "string", "CLOB": "string", "NCLOB": "string", "BOOLEAN": "boolean",

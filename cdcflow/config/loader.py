@@ -35,6 +35,8 @@ class Table:
     target_file_size_mb: int
     tombstone_retention_hours: int
     delta_properties: dict[str, str] = field(default_factory=dict)  # silver's table properties
+    writer: str = "auto"  # auto | spark | delta-rs (cdcflow.cdc.apply.silver_writer)
+    delta_rs_max_table_mb: int = 1024
 
     @property
     def name(self) -> str:
@@ -287,6 +289,8 @@ def load_project(config_dir: str | Path = DEFAULT_CONFIG_DIR, env: dict[str, str
                 else d.tombstone_retention_hours
             ),
             delta_properties={**d.delta_properties, **t.delta.properties},
+            writer=t.delta.writer or d.writer,
+            delta_rs_max_table_mb=d.delta_rs_max_table_mb,
         )
         for t, f in parsed
     }

@@ -217,6 +217,7 @@ class DeltaTarget(Strict):
     zorder_by: list[str] = Field(default_factory=list)
     target_file_size_mb: int | None = Field(default=None, gt=0)
     tombstone_retention_hours: int | None = Field(default=None, ge=0)
+    writer: Literal["auto", "spark", "delta-rs"] | None = None  # who commits silver (defaults.writer)
     # Table properties of silver, over the pipeline's defaults.delta_properties.
     properties: dict[str, str | bool | int] = Field(default_factory=dict)
 
@@ -358,6 +359,10 @@ class TableDefaults(Strict):
     target_file_size_mb: int = Field(default=128, gt=0)
     tombstone_retention_hours: int = Field(default=168, ge=0)
     delta_properties: dict[str, str | bool | int] = Field(default_factory=dict)  # every silver table's
+    # Who commits a silver table's changes: delta-rs (no JVM, ~15 ms a commit) while the table is at most
+    # delta_rs_max_table_mb and has only features delta-rs writes; Spark MERGE above that ("auto").
+    writer: Literal["auto", "spark", "delta-rs"] = "auto"
+    delta_rs_max_table_mb: int = Field(default=1024, ge=0)
 
     _check_properties = field_validator("delta_properties")(classmethod(lambda cls, v: check_delta_properties(v)))
 
