@@ -94,12 +94,23 @@ test-archive: install
 test-localstack: install $(LOCALSTACK_VENV)/.installed-$(LOCALSTACK_VERSION)
 	CDCFLOW_TEST_TIER=localstack CDCFLOW_LOCALSTACK_PYTHON=$(CURDIR)/$(LOCALSTACK_VENV)/bin/python $(PY) -m pytest tests/test_localstack_host.py $(PYTEST_ARGS)
 
-# Docker hosts: the demo against docker-compose.yml's LocalStack (the embedded Postgres is replaced by
-# the compose one on 5433, so `cdcflow demo` must not start its own: CDCFLOW_PG_PORT moves it aside).
+# Docker hosts: the pipeline against docker-compose.yml's LocalStack, with the same commands the
+# host-mode tier (make test-localstack) runs. (`cdcflow demo` always uses the embedded stack.)
+DEMO_LS := .cdcflow/demo-localstack
 demo-localstack: install
-	@command -v docker >/dev/null || { echo "demo-localstack needs Docker (docker compose); without Docker use make test-localstack"; exit 1; }
-	docker compose up -d --wait
-	CDCFLOW_AWS_ENDPOINT=http://127.0.0.1:4566 CDCFLOW_PG_PORT=5434 $(VENV)/bin/cdcflow demo --workdir .cdcflow/demo-localstack
+	@command -v docker >/dev/null || { echo "demo-localstack needs Docker (docker compose); without Docker: make test-localstack"; exit 1; }
+	docker compose up -d --wait localstack
+	rm -rf $(DEMO_LS)
+	export CDCFLOW_AWS_ENDPOINT=http://127.0.0.1:4566 AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test \
+	  CDCFLOW_STREAM=cdcflow-demo-$$(date +%s) CDCFLOW_RAW_URI=s3://cdcflow-demo-raw/dms \
+	  CDCFLOW_LAKE_ROOT=$(DEMO_LS)/lake CDCFLOW_CHECKPOINT_ROOT=$(DEMO_LS)/checkpoints && \
+	$(VENV)/bin/cdcflow simulate --out $(DEMO_LS)/sim --events 2000 --duplicate-rate 0.05 --out-of-order-rate 0.05 \
+	  --malformed-json-rate 0.01 --kinesis --s3 && \
+	$(VENV)/bin/cdcflow stream --until-caught-up && \
+	$(VENV)/bin/cdcflow verify --history $(DEMO_LS)/sim && \
+	CDCFLOW_LAKE_ROOT=$(DEMO_LS)/lake-full-load $(VENV)/bin/cdcflow full-load && \
+	CDCFLOW_LAKE_ROOT=$(DEMO_LS)/lake-full-load $(VENV)/bin/cdcflow verify --history $(DEMO_LS)/sim --target s3
+	@echo "LocalStack keeps running: docker compose down stops it"
 
 lint: install
 	$(VENV)/bin/ruff check .
