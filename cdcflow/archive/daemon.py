@@ -169,13 +169,17 @@ def run_archive_command(args: argparse.Namespace) -> int:
     console.print(f"archiving Kinesis {s.stream} -> {s.archive_uri}/{s.stream}/ (KCL application {s.application})")
     proc = start_daemon(s, args.config, workdir)
 
+    stopping = []
+
     def stop(signum, _frame):
-        os.killpg(proc.pid, signal.SIGTERM)
+        stopping.append(signum)
+        os.killpg(proc.pid, signal.SIGTERM)  # the daemon shuts its record processors down
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        return proc.wait()
+        code = proc.wait()
+        return 0 if stopping else code  # stopped on request: the JVM's 143 is not a failure
     finally:
         if proxy:
             os.killpg(proxy.pid, signal.SIGTERM)
