@@ -136,7 +136,9 @@ def test_a_batch_is_written_before_it_is_checkpointed_and_a_failed_write_is_not_
 
 
 def test_archive_line_keeps_shard_sequence_and_arrival(project):
-    line = json.loads(archive_line(RawRecord("shardId-1", "42", 0, "pk", 1234, b"{}"), project, SALT))
+    text = archive_line(RawRecord("shardId-1", "42", 0, "pk", 1234, b"{}"), project, SALT)
+    assert text.startswith('{"shard_id":')  # how streaming.sources.from_replay tells archive lines apart
+    line = json.loads(text)
     assert (line["shard_id"], line["sequence_number"], line["arrival_ms"], line["partition_key"]) == (
         "shardId-1", "42", 1234, "pk")
 
