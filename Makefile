@@ -44,6 +44,9 @@ $(KCL_STAMP): | $(PY)
 
 # LocalStack in host mode (no Docker), in a venv of its own: localstack-core pins boto3, moto-ext and
 # others, and needs Python 3.13 (PEP 695 syntax and warnings.deprecated; on 3.11/3.12 no runtime component loads).
+# Two pins localstack-core 2026.3.0 leaves open and no longer works with: cbor2 6 has no cbor2._decoder
+# (the import fails), pyOpenSSL 26 has no X509.add_extensions (the gateway's TLS cert fails). pyOpenSSL
+# 24.2.1 takes cryptography 43, below joserfc's wish (pip warns; the services used here don't need it).
 LOCALSTACK_VENV := .cache/venv-localstack
 LOCALSTACK_VERSION := 2026.3.0
 LOCALSTACK_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.13)
@@ -52,8 +55,6 @@ $(LOCALSTACK_VENV)/.installed-$(LOCALSTACK_VERSION):
 	$(LOCALSTACK_PYTHON) -m venv $(LOCALSTACK_VENV)
 	$(LOCALSTACK_VENV)/bin/pip install --quiet --upgrade pip
 	$(LOCALSTACK_VENV)/bin/pip install --quiet "localstack-core[runtime]==$(LOCALSTACK_VERSION)"
-	# what localstack-core 2026.3.0 leaves unpinned and no longer works with: cbor2 6 has no cbor2._decoder
-	# (the import fails), pyOpenSSL 26 has no X509.add_extensions (the gateway's TLS cert fails)
 	$(LOCALSTACK_VENV)/bin/pip install --quiet "cbor2<6" "pyopenssl==24.2.1"
 	touch $@
 
