@@ -38,6 +38,7 @@ class ArchiveProcessor(processor.RecordProcessorBase):
         key = object_key(self.base, self.stream, records)
         body = gzip_lines(archive_line(r, self.project, self.salt) for r in records)
         self._put(key, body)
+        _test_crash_point(key)
         last = records[-1]
         self._checkpoint(process_records_input.checkpointer, last.sequence_number, last.sub_sequence_number)
         _log(f"archived {len(records)} records of {self.shard_id} to s3://{self.bucket}/{key}")
@@ -78,6 +79,17 @@ class ArchiveProcessor(processor.RecordProcessorBase):
     def shutdown_requested(self, shutdown_requested_input):
         # Every delivered batch is already written and checkpointed; nothing is buffered.
         pass
+
+
+def _test_crash_point(key: str) -> None:
+    """Tests only: with CDCFLOW_ARCHIVE_TEST_CRASH_FILE set, the first processor to get here dies between
+    writing a batch and checkpointing it (once: the file, holding the batch's key, marks that it happened)."""
+    marker = os.environ.get("CDCFLOW_ARCHIVE_TEST_CRASH_FILE")
+    if marker and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(key)
+        _log("test crash point: exiting after the write, before the checkpoint")
+        os._exit(1)
 
 
 def _log(msg: str) -> None:
