@@ -86,7 +86,7 @@ test-scale: install
 	$(PY) -m pytest -m scale $(PYTEST_ARGS)
 
 # The raw archiver end to end on the embedded stack (KCL daemon, kill -9, reshard, replay, verify):
-# about 3-4 minutes, so not part of `make test` (CI's budget). tests/test_archive_kcl.py
+# about 7-8 minutes, so not part of `make test` (CI's budget). tests/test_archive_kcl.py
 test-archive: install
 	CDCFLOW_TEST_TIER=kcl $(PY) -m pytest tests/test_archive_kcl.py $(PYTEST_ARGS)
 
