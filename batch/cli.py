@@ -42,24 +42,84 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register_compact(sub, commands: dict[str, Callable]) -> None:
-    p = sub.add_parser("compact", help="OPTIMIZE / Z-ORDER / tombstone GC / VACUUM the Delta tables")
+    p = sub.add_parser("compact", help="OPTIMIZE / Z-ORDER / tombstone GC / VACUUM the Delta tables that need it")
     p.add_argument("--table", action="append", help="only this table (schema.table); repeatable")
-    p.add_argument("--vacuum-hours", type=int, default=168, help="VACUUM retention in hours (default 168)")
+    p.add_argument("--vacuum-hours", type=int, default=None,
+                   help="VACUUM retention in hours (default and minimum: defaults.vacuum_min_retention_hours, 168)")
+    p.add_argument("--allow-short-retention", action="store_true",
+                   help="allow --vacuum-hours below the floor (a running stream or reader may then fail)")
+    p.add_argument("--every", default=None, help="run again every DURATION (e.g. 1h, 30m) until stopped; "
+                                                "SIGTERM/Ctrl-C end it between tables")
+    p.add_argument("--metrics-file", default=None, help="write EMF metric lines here instead of stdout")
     commands["compact"] = run_compact
 
 
+def _seconds(text: str) -> float:
+    from cdcflow.errors import UserError
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise UserError(f"--every {text!r}: use a number with s, m, h or d (e.g. 1h)") from None
+
+
 def run_compact(args: argparse.Namespace) -> int:
-    from batch.compaction import compact
-    from cdcflow.cli import print_table
+    import signal
+    import time
+
+    from batch.compaction import Stop, check_retention
+    from cdcflow.cli import console
     from cdcflow.config import load_project
     from cdcflow.errors import UserError
+    from cdcflow.metrics import MetricsSink
     from cdcflow.runtime import get_spark
 
     project = load_project(args.config)
     unknown = [t for t in args.table or [] if t not in project.tables]
     if unknown:
         raise UserError(f"unknown table(s): {', '.join(unknown)}")
-    results = compact(get_spark("cdcflow-compact"), project, args.table, vacuum_hours=args.vacuum_hours)
-    print_table("compaction", ["table", "files before", "files after", "tombstones removed"],
-                [[r.table, r.files_before, r.files_after, r.tombstones_removed] for r in results])
+    hours = project.pipeline.defaults.vacuum_min_retention_hours if args.vacuum_hours is None else args.vacuum_hours
+    check_retention(project, hours, args.allow_short_retention)  # before Spark starts: one clear line
+    every = _seconds(args.every) if args.every else None
+
+    def stop(signum, _frame) -> None:
+        console.print(f"signal {signum}: stopping after the current table")
+        Stop.requested = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    spark = get_spark("cdcflow-compact")
+    metrics = MetricsSink(project.pipeline.name, path=args.metrics_file)
+    while not Stop.requested:
+        next_run = time.monotonic() + (every or 0)
+        run_compaction(spark, project, args.table, hours, args.allow_short_retention, metrics, console.print)
+        if every is None:
+            break
+        while not Stop.requested and time.monotonic() < next_run:
+            time.sleep(1)
     return 0
+
+
+def run_compaction(spark, project, tables, vacuum_hours: int, allow_short_retention: bool, metrics, say) -> dict:
+    """One compaction run: compact, print the per-table summary, write the JSON report, emit EMF."""
+    import time
+    from datetime import UTC, datetime
+
+    from batch.compaction import compact, emit_metrics, report
+    from cdcflow.cli import print_table
+    from cdcflow.reports import write_report
+
+    started, t0 = datetime.now(UTC), time.perf_counter()
+    results = compact(spark, project, tables, vacuum_hours=vacuum_hours, allow_short_retention=allow_short_retention)
+    summary = report(results, started, time.perf_counter() - t0)
+    print_table("compaction", ["table", "partition", "action", "files before", "files after", "MB before",
+                               "MB after", "tombstones removed", "seconds"],
+                [[r.table, r.partition or "", r.action, r.files_before, r.files_after,
+                  round(r.bytes_before / 2**20, 1), round(r.bytes_after / 2**20, 1), r.tombstones_removed,
+                  r.seconds] for r in results if r.action == "compacted" or len(results) <= 50])
+    where = write_report(project, "compaction", started.strftime("%Y%m%dT%H%M%SZ"), summary)
+    say(f"{summary['tables_compacted']} compacted, {summary['tables_skipped']} skipped (healthy), "
+        f"{summary['files_removed']} files removed, {summary['seconds']} s; report {where}")
+    emit_metrics(metrics, summary)
+    return summary

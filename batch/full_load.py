@@ -114,6 +114,29 @@ class RawStore:
         s3.delete_object(Bucket=bucket, Key=src)
 
 
+    def expire_archive(self, older_than: datetime) -> int:
+        """Delete archived raw files last written before `older_than`; returns how many. (On AWS the raw
+        bucket's lifecycle rule does the same; this keeps local and emulator runs bounded too.)"""
+        prefix = self.project.pipeline.dms.archive_prefix.strip("/")
+        if not self.is_s3:
+            root = Path(self.uri) / prefix
+            old = [p for p in root.rglob("*") if p.is_file()
+                   and datetime.fromtimestamp(p.stat().st_mtime, UTC) < older_than] if root.exists() else []
+            for p in old:
+                p.unlink()
+            return len(old)
+        from cdcflow.aws import project_client, split_s3
+
+        bucket, base = split_s3(self.uri)
+        s3 = project_client(self.project, "s3")
+        old_keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+                        Bucket=bucket, Prefix=f"{base.strip('/')}/{prefix}/".lstrip("/"))
+                    for o in page.get("Contents", []) if o["LastModified"] < older_than]
+        for i in range(0, len(old_keys), 1000):
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in old_keys[i:i + 1000]]})
+        return len(old_keys)
+
+
 def classify(table: Table, rels: list[str]) -> list[FileRef]:
     """LOAD files first (hex counter order), then CDC files in time order; other files are ignored."""
     loads = [FileRef(table.name, r, "load") for r in rels if LOAD_FILE.search(r)]

@@ -26,12 +26,10 @@ merge is still picked up, and the SCD2 merge puts it at its place in history. A 
 
 from __future__ import annotations
 
-import json
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -273,17 +271,9 @@ def _emit(metrics: MetricsSink, rep: StageReport) -> None:
 
 def write_report(project: Project, run: WarehouseRun) -> str:
     """`<lake>/_reports/dq/<run-id>.json` (local folder or s3://)."""
-    path = project.path(f"_reports/dq/{run.run_id}.json")
-    body = json.dumps(run.as_dict(), indent=2, default=str)
-    if path.startswith(("s3://", "s3a://")):
-        from cdcflow.aws import project_client, split_s3
+    from cdcflow.reports import write_report as write_json_report
 
-        bucket, key = split_s3(path)
-        project_client(project, "s3").put_object(Bucket=bucket, Key=key, Body=body.encode())
-    else:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(body)
-    return path
+    return write_json_report(project, "dq", run.run_id, run.as_dict())
 
 
 def summary_rows(run: WarehouseRun) -> list[list[Any]]:

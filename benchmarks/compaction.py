@@ -1,93 +1,177 @@
-"""Benchmark: `cdcflow compact` over many small silver tables, as the scheduled compaction job runs it.
+"""Benchmark: what `cdcflow compact` buys and what a scheduled run over many tables costs.
 
-    python -m benchmarks.compaction [--tables 16] [--batches 4] [--events 3000]
+    python -m benchmarks.compaction [--commits 2000] [--tables 1000]
 
-Streams a simulated history of the sample tables plus N synthetic ones into a scratch lake in a few
-micro-batches (several files per table), then times `compact` (tombstone GC, OPTIMIZE / Z-ORDER,
-VACUUM per table, then bronze and quarantine) twice: with Spark's default folder-listing
-parallelism for VACUUM (10,000 tasks) and with `compact`'s (one task per core). The
-second pass runs on a fresh copy of the lake, so both do the same work. Writes
-benchmarks/results/compaction.json.
+1. `small_commits`: a silver table built by N small commits the way the stream's delta-rs writer
+   makes them (a guarded MERGE of a few changes each: `apply.merge_clauses`), and bronze after the
+   same load (one append per micro-batch, partitioned by table and date). Files before and after
+   `compact`, and a point lookup by primary key and an aggregate query (Spark, median of 3) before
+   and after, in the same run: `files_ratio`, `point_lookup_speedup`, `aggregate_speedup`.
+2. `many_tables`: a lake of N synthetic tables where 5% have enough small files to need work; one
+   `compact` run end to end (the others are skipped from the Delta log alone).
+
+Writes benchmarks/results/compaction.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import shutil
+import statistics
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import save_result
-from benchmarks.streaming import REPO, _project, _simulate, _split
+from benchmarks.streaming import REPO, _project
 
 RESULTS = REPO / "benchmarks" / "results" / "compaction.json"
 
 
-def _build_lake(spark, work: Path, tables: int, events: int, batches: int):
-    from cdcflow.sim.synthetic import write_configs
-    from streaming.processor import BatchProcessor
-    from streaming.sources import from_replay
+def _orders(keys: list[int], seq: int, op: str = "upsert"):
+    import pyarrow as pa
 
-    config_dir = write_configs(REPO / "configs", work / "configs", tables)
-    project = _project(work, config_dir)
-    _simulate(project, work / "sim", events, config_dir, tables)
-    proc = BatchProcessor(spark, project)
-    for i, chunk in enumerate(_split(work / "sim", work / "replay", batches)):
-        proc.process(from_replay(spark.createDataFrame([(x,) for x in chunk], "value string")), i)
-    proc.pool.shutdown()
-    return config_dir
+    now = datetime.now(UTC)
+    n = len(keys)
+    return pa.table({
+        "order_id": pa.array(keys, pa.int64()), "customer_id": pa.array([k % 97 for k in keys], pa.int64()),
+        "status": pa.array(["placed" if op == "insert" else "shipped"] * n),
+        "order_date": pa.array([now.date()] * n, pa.date32()),
+        "total_amount": pa.array([f"{k % 500}.25" for k in keys]).cast(pa.decimal128(12, 2)),
+        "shipping_phone": pa.array(["[REDACTED]"] * n), "updated_at": pa.array([now] * n, pa.timestamp("us", "UTC")),
+        "_op": pa.array([op] * n), "_seq": pa.array([f"{seq:020d}"] * n),
+        "_commit_ts": pa.array([now] * n, pa.timestamp("us", "UTC")), "_partial": pa.array([False] * n),
+        "_ingested_at": pa.array([now] * n, pa.timestamp("us", "UTC")),
+    })  # fmt: skip
 
 
-def _timed_compact(spark, project, listing_tasks: int | None) -> dict:
-    import batch.compaction as compaction
+def _build_silver(project, commits: int, rows: int) -> str:
+    """Silver of shop.orders by `commits` small delta-rs MERGEs (the stream's commit, without Spark)."""
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
 
-    ours = compaction.vacuum_listing_tasks
-    if listing_tasks:
-        compaction.vacuum_listing_tasks = lambda spark: listing_tasks
-    try:
-        start = time.perf_counter()
-        results = compaction.compact(spark, project)
-        seconds = time.perf_counter() - start
-    finally:
-        compaction.vacuum_listing_tasks = ours
+    from cdcflow.cdc.apply import SILVER_META, merge_clauses, rs_uri, silver_options
+    from cdcflow.cdc.changes import TableShape
+
+    table = project.table("shop.orders")
+    shape = TableShape(table)
+    path = rs_uri(project.path(table.delta_path))
+    first = _orders(list(range(rows)), 0, "insert")
+    first = first.append_column("_is_deleted", pa.array([False] * rows)).append_column(
+        "_deleted_at", pa.array([None] * rows, pa.timestamp("us", "UTC")))
+    cols = [*shape.output_columns, *SILVER_META]
+    write_deltalake(path, first.select(cols), mode="append", configuration=silver_options(table))
+    m = merge_clauses(shape, [], lambda c: '"' + c + '"')
+    rng = random.Random(3)
+    next_key = rows
+    for i in range(1, commits):
+        # mostly new orders (a new small file each commit), now and then an update of a recent one
+        keys = list(range(next_key, next_key + 9)) + ([rng.randrange(next_key - 50, next_key)] if i % 10 == 0 else [])
+        next_key += 9
+        src = _orders(keys, i)
+        (DeltaTable(path).merge(src, predicate=m.on, source_alias="s", target_alias="t")
+         .when_matched_update(updates=m.update_upsert, predicate=m.match_upsert)
+         .when_not_matched_insert(updates=m.insert).execute())
+    return path
+
+
+def _build_bronze(project, commits: int) -> str:
+    """Bronze after the same load: one small append per micro-batch into the (table, date) partition."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from cdcflow.cdc.apply import rs_uri
+
+    path = rs_uri(project.path("bronze"))
+    today = datetime.now(UTC).date()
+    for i in range(commits):
+        n = 10
+        write_deltalake(path, pa.table({
+            "table": pa.array(["shop.orders"] * n), "date": pa.array([today] * n, pa.date32()),
+            "op": pa.array(["update"] * n), "payload": pa.array([f'{{"order_id": {i * n + k}}}' for k in range(n)]),
+            "batch_id": pa.array([i] * n, pa.int64()),
+        }), mode="append", partition_by=["table", "date"])  # fmt: skip
+    return path
+
+
+def _median_seconds(fn, runs: int = 3) -> float:
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def small_commits(spark, work: Path, commits: int) -> dict:
+    from batch.compaction import compact, log_files
+
+    project = _project(work, REPO / "configs", CDCFLOW_RAW_URI=str(work / "raw"))
+    silver = _build_silver(project, commits, rows=20_000)
+    bronze = _build_bronze(project, commits)
+    df = lambda: spark.read.format("delta").load(silver)  # noqa: E731 - re-read: a new snapshot each time
+    lookup = lambda: df().filter("order_id = 12345").collect()  # noqa: E731
+    aggregate = lambda: df().groupBy("status").agg({"total_amount": "sum", "order_id": "count"}).collect()  # noqa: E731
+    lookup()  # warm the JVM and the code paths once
+    before = {"silver_files": len(log_files(silver)[()].sizes), "bronze_files": sum(len(f.sizes) for f in
+                                                                                     log_files(bronze, ("table", "date")).values()),
+              "lookup_s": _median_seconds(lookup), "aggregate_s": _median_seconds(aggregate)}  # fmt: skip
+    started = time.perf_counter()
+    compact(spark, project, now=datetime.now(UTC))
+    seconds = time.perf_counter() - started
+    after = {"silver_files": len(log_files(silver)[()].sizes), "bronze_files": sum(len(f.sizes) for f in
+                                                                                    log_files(bronze, ("table", "date")).values()),
+             "lookup_s": _median_seconds(lookup), "aggregate_s": _median_seconds(aggregate)}  # fmt: skip
     return {
-        "seconds": round(seconds, 1),
-        "seconds_per_table": round(seconds / len(results), 2),
-        "files_before": sum(r.files_before for r in results),
-        "files_after": sum(r.files_after for r in results),
-    }
+        "commits": commits, "before": before, "after": after, "compact_seconds": round(seconds, 1),
+        "files_ratio": round(before["silver_files"] / max(1, after["silver_files"]), 1),
+        "bronze_files_ratio": round(before["bronze_files"] / max(1, after["bronze_files"]), 1),
+        "point_lookup_speedup": round(before["lookup_s"] / after["lookup_s"], 1),
+        "aggregate_speedup": round(before["aggregate_s"] / after["aggregate_s"], 1),
+    }  # fmt: skip
+
+
+def many_tables(spark, work: Path, tables: int) -> dict:
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from batch.compaction import compact
+    from cdcflow.cdc.apply import rs_uri
+    from cdcflow.sim.synthetic import write_configs
+
+    project = _project(work, write_configs(REPO / "configs", work / "configs", tables),
+                       CDCFLOW_RAW_URI=str(work / "raw"))
+    synth = sorted(n for n in project.tables if n.startswith("synth."))
+    needy = set(synth[:: 20])  # 5%
+    for name in synth:
+        path = rs_uri(project.path(project.table(name).delta_path))
+        for i in range(12 if name in needy else 1):
+            write_deltalake(path, pa.table({"id": pa.array([i], pa.int64()), "_seq": pa.array([str(i)])}), mode="append")
+    started = time.perf_counter()
+    results = compact(spark, project, tables=synth, now=datetime.now(UTC))
+    seconds = time.perf_counter() - started
+    return {"tables": len(synth), "needing_work": len(needy),
+            "compacted": sum(1 for r in results if r.action == "compacted"),
+            "skipped": sum(1 for r in results if r.action.startswith("skipped")),
+            "seconds": round(seconds, 1)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     from cdcflow.runtime import get_spark
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tables", type=int, default=16, help="synthetic tables beside the 4 sample ones")
-    ap.add_argument("--events", type=int, default=3000)
-    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--commits", type=int, default=2000)
+    ap.add_argument("--tables", type=int, default=1000)
     args = ap.parse_args(argv)
     spark = get_spark("cdcflow-bench-compaction")
     work = Path(tempfile.mkdtemp(prefix="cdcflow-bench-compaction-"))
     try:
-        config_dir = _build_lake(spark, work, args.tables, args.events, args.batches)
-        shutil.copytree(work / "lake", work / "lake-copy")
-        project = _project(work, config_dir)
-        default = _timed_compact(spark, project, listing_tasks=10000)
-        shutil.rmtree(work / "lake")
-        shutil.move(work / "lake-copy", work / "lake")
-        ours = _timed_compact(spark, project, listing_tasks=None)
-        tables = len(project.tables) + 2
+        result = {"small_commits": small_commits(spark, work / "a", args.commits),
+                  "many_tables": many_tables(spark, work / "b", args.tables), "date": time.strftime("%Y-%m-%d")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {
-        "tables": tables,
-        "note": "silver tables + bronze + quarantine; tombstone GC, OPTIMIZE / Z-ORDER, VACUUM (168 h) each",
-        "vacuum_listing_spark_default_10000": default,
-        "vacuum_listing_one_task_per_core": ours,
-        "speedup": round(default["seconds"] / ours["seconds"], 1),
-        "date": time.strftime("%Y-%m-%d"),
-    }
     save_result(RESULTS, result)
     return 0
 

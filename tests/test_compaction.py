@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from batch.compaction import compact
+from batch.compaction import Files, compact, log_files
+from cdcflow.config.models import CompactionThresholds
 from streaming.processor import BatchProcessor
 from streaming.sources import from_replay
 from tests.dms import record
@@ -23,7 +28,7 @@ def order(i: int, **kw) -> dict:
 def test_compaction_reduces_files_keeps_data_and_gcs_old_hard_tombstones(spark, tmp_path):
     import json
 
-    project = project_in(tmp_path)
+    project = project_in(tmp_path, CDCFLOW_RAW_URI=str(tmp_path / "raw"))
     proc = BatchProcessor(spark, project)
     batches = [[record("orders", "insert", order(i), f"2026-11-25T10:0{i}:00Z", i, 1)] for i in range(1, 7)]
     batches.append([record("orders", "delete", {"order_id": 1}, "2026-11-25T10:10:00Z", 10, 1),
@@ -37,13 +42,71 @@ def test_compaction_reduces_files_keeps_data_and_gcs_old_hard_tombstones(spark, 
 
     # Retention 168 h: at 10:30 + 168 h the 10:10 delete has expired, the 10:50 one has not.
     now = datetime(2026, 11, 25, 10, 30, tzinfo=UTC) + timedelta(hours=168)
-    results = {r.table: r for r in compact(spark, project, now=now, vacuum_hours=0)}
-    r = results["shop.orders"]
-    assert r.files_before >= 4 and r.files_after == 1
+    orders = project.table("shop.orders")
+    files = log_files(path)[()]
+    assert not files.needs_work(orders.compaction)  # 8 small files at least, by default
+    healthy = {(r.table, r.partition): r for r in compact(spark, project, now=now, vacuum_hours=0,
+                                                          allow_short_retention=True)}
+    assert healthy[("shop.orders", None)].action.startswith("skipped") and log_files(path)[()] == files  # untouched
+    # bronze per (table, date): the day is closed (before `now`), so its several files were bin-packed
+    bronze = healthy[("bronze", "table=shop.orders/date=2026-11-25")]
+    assert bronze.action == "compacted" and bronze.files_before > 1 and bronze.files_after == 1
+
+    project.tables["shop.orders"] = replace(orders, compaction=CompactionThresholds(min_small_files=2))
+    results = {(r.table, r.partition): r for r in compact(spark, project, now=now, vacuum_hours=0,
+                                                          allow_short_retention=True)}
+    r = results[("shop.orders", None)]
+    assert r.action == "compacted" and r.engine == "delta-rs"
+    assert r.files_before >= 4 and r.files_after == 1 and r.bytes_rewritten > 0
     assert r.tombstones_removed == 1
     rows = spark.read.format("delta").load(path)
     assert sorted(map(str, rows.filter("not _is_deleted").drop("_ingested_at").collect())) == live_before
     assert [x.order_id for x in rows.filter("_is_deleted").collect()] == [2]
-    assert results["bronze"].files_after <= results["bronze"].files_before
+    assert results[("bronze", "table=shop.orders/date=2026-11-25")].action == "skipped: closed, one file"
     history = spark.sql(f"DESCRIBE HISTORY delta.`{path}`").select("operation").collect()
     assert {"OPTIMIZE", "DELETE", "VACUUM END"} <= {h.operation for h in history}
+
+
+def test_vacuum_below_the_retention_floor_is_refused_in_one_line(tmp_path):
+    from tests.conftest import REPO
+
+    env = {**os.environ, "CDCFLOW_LAKE_ROOT": str(tmp_path / "lake")}
+    out = subprocess.run([sys.executable, "-m", "cdcflow.cli", "compact", "--vacuum-hours", "1"], cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr + out.stdout
+    lines = [x for x in (out.stderr + out.stdout).splitlines() if x.strip()]
+    assert len(lines) == 1 and "below the 168 h floor" in lines[0] and "--allow-short-retention" in lines[0]
+
+
+def test_thresholds_decide_from_file_sizes():
+    limits = CompactionThresholds(small_file_mb=32, min_small_files=3, small_file_share=0.5)
+    mb = 1024 * 1024
+    assert Files((mb, mb, mb)).needs_work(limits)
+    assert not Files((mb, mb)).needs_work(limits)  # too few small files
+    assert not Files((mb, mb, mb, *[100 * mb] * 4)).needs_work(limits)  # 3 of 7: under half
+    assert Files((mb, mb, mb, 100 * mb)).needs_work(limits)
+
+
+def test_archived_raw_files_expire_after_the_configured_days(tmp_path):
+    from batch.full_load import RawStore
+    from tests.streaming_helpers import project_in
+
+    raw = tmp_path / "raw"
+    project = project_in(tmp_path, CDCFLOW_RAW_URI=str(raw))
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    files = {}
+    for age in (10, 89, 91, 400):
+        f = raw / "archive" / "year=2026" / "month=01" / "shop" / "orders" / f"age{age}.parquet"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x")
+        stamp = (now - timedelta(days=age)).timestamp()
+        os.utime(f, (stamp, stamp))
+        files[age] = f
+    live = raw / "shop" / "orders" / "20260101-000000.parquet"  # not archived yet: never expired
+    live.parent.mkdir(parents=True)
+    live.write_bytes(b"x")
+    os.utime(live, (0, 0))
+    days = project.pipeline.dms.archive_expire_days
+    assert days == 90
+    assert RawStore(project).expire_archive(now - timedelta(days=days)) == 2
+    assert {a for a, f in files.items() if f.exists()} == {10, 89} and live.exists()

@@ -295,21 +295,19 @@ def test_full_load_main_runs_the_cli_function(fake_glue, capsys):
     assert "3 files applied, 1 already applied, 42 rows, 2 quarantined" in out
 
 
-def test_compaction_main_runs_the_cli_function(fake_glue, capsys):
+def test_compaction_main_runs_the_cli_function(fake_glue):
     calls = []
-
-    def compact(spark, project, *args, **kwargs):
-        calls.append((spark, project, args, kwargs))
-        return [SimpleNamespace(table="shop.orders", files_before=9, files_after=1, tombstones_removed=4)]
-
-    fake_glue.module("batch.compaction", compact=compact)
+    fake_glue.module("batch.cli", run_compaction=lambda *args: calls.append(args) or {})
     from batch.glue_compaction import main
 
     main(["glue_compaction.py"])
-
     _check_glue_setup(fake_glue, ["glue_compaction.py"])
-    assert calls == [(fake_glue.spark, fake_glue.project, (), {})]  # every table, 168 h VACUUM retention
-    assert "shop.orders | 9 | 1 | 4" in capsys.readouterr().out
+    spark, project, tables, hours, allow_short, _metrics, _say = calls[0]
+    # every table, the retention floor, never shorter
+    assert (spark, project, tables, hours, allow_short) == (fake_glue.spark, fake_glue.project, None, 168, False)
+    # the state machine's --tables: the configured ones among them
+    main(["glue_compaction.py", "--tables", "shop.orders,shop.gone"])
+    assert calls[1][2] == ["shop.orders"]
 
 
 def test_warehouse_merge_main_runs_the_cli_function(fake_glue, capsys):

@@ -19,6 +19,7 @@ from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from cdcflow.cdc.changes import TableShape
 from cdcflow.cdc.schema import SILVER_META, is_widening
@@ -44,7 +45,7 @@ def silver_metadata(spark: SparkSession, path: str) -> SilverMetadata | None:
     from deltalake import DeltaTable as RsTable
 
     try:
-        rs = RsTable(_rs_uri(path))
+        rs = RsTable(rs_uri(path))
         schema = pa.schema(rs.schema().to_arrow())
         return SilverMetadata({f.name: _spark_type_of(f.type) for f in schema}, dict(rs.metadata().configuration))
     except Exception as e:  # noqa: BLE001 - no table, or one delta-rs can't read
@@ -170,7 +171,7 @@ def merge(spark: SparkSession, path: str, changes: DataFrame, shape: TableShape,
     view = f"cdcflow_merge_source_{threading.get_ident()}"  # one MERGE at a time per thread
     src.createOrReplaceTempView(view)
     try:
-        session.sql(merge_sql(path, view, shape, absent))
+        _spark_sql(session, merge_sql(path, view, shape, absent))
     finally:
         session.catalog.dropTempView(view)
     return Applied(writer, bad)
@@ -196,7 +197,7 @@ def silver_writer(path: str, table: Table):
     from deltalake import DeltaTable as RsTable
 
     try:
-        rs = RsTable(_rs_uri(path))
+        rs = RsTable(rs_uri(path))
     except Exception as e:  # noqa: BLE001 - no table yet, or one delta-rs can't read
         if type(e).__name__ == "TableNotFoundError":
             return "delta-rs", None
@@ -211,7 +212,7 @@ def silver_writer(path: str, table: Table):
     return ("delta-rs", rs) if size <= table.delta_rs_max_table_mb * 1024 * 1024 else ("spark", None)
 
 
-def _rs_uri(path: str) -> str:
+def rs_uri(path: str) -> str:
     """delta-rs reads s3:// (not s3a://) and plain local paths."""
     for prefix in ("s3a://", "s3n://"):
         if path.startswith(prefix):
@@ -246,7 +247,7 @@ def _merge_delta_rs(spark: SparkSession, path: str, rs, src: DataFrame, shape: T
     if rs is None:
         rows, bad = _collect_with_rejected(first_rows(src, shape), rejected)
         t = shape.table
-        write_deltalake(_rs_uri(path), rows, mode="append", partition_by=t.cfg.delta.partition_by or None,
+        write_deltalake(rs_uri(path), rows, mode="append", partition_by=t.cfg.delta.partition_by or None,
                         configuration=silver_options(t))
         return bad
     source, bad = _collect_with_rejected(src, rejected)
@@ -258,16 +259,39 @@ def _merge_delta_rs(spark: SparkSession, path: str, rs, src: DataFrame, shape: T
     source = source.select([c for c in source.schema.names if c in held.names or c == "_partial"])
     source = source.cast(pa.schema([held.field(c) if c in held.names else source.schema.field(c)
                                     for c in source.schema.names]))
-    m = merge_clauses(shape, absent, _dq)
+    _rs_merge(path, source, merge_clauses(shape, absent, _dq))
+    return bad
+
+
+def is_commit_conflict(exc: BaseException) -> bool:
+    """A commit lost to a concurrent one (compaction beside the stream, two jobs on one table): retry it."""
+    text = f"{type(exc).__name__} {exc}"
+    return any(s in text for s in ("Concurrent", "ProtocolChanged", "MetadataChanged", "CommitFailed",
+                                   "concurrent transaction", "Version mismatch"))
+
+
+# Each attempt reads the table's newest version again, so the guarded MERGE stays correct.
+retry_commit_conflicts = retry(retry=retry_if_exception(is_commit_conflict), stop=stop_after_attempt(10),
+                               wait=wait_random_exponential(multiplier=0.3, max=10), reraise=True)
+
+
+@retry_commit_conflicts
+def _rs_merge(path: str, source: pa.Table, m: MergeClauses) -> None:
+    from deltalake import DeltaTable as RsTable
+
     (
-        rs.merge(source, predicate=m.on, source_alias="s", target_alias="t")
+        RsTable(rs_uri(path)).merge(source, predicate=m.on, source_alias="s", target_alias="t")
         .when_matched_update(updates=m.update_delete, predicate=m.match_delete)
         .when_matched_update(updates=m.update_upsert, predicate=m.match_upsert)
         .when_not_matched_insert(updates=m.insert_delete, predicate="s._op = 'delete'")
         .when_not_matched_insert(updates=m.insert)
         .execute()
     )
-    return bad
+
+
+@retry_commit_conflicts
+def _spark_sql(session: SparkSession, statement: str) -> None:
+    session.sql(statement)
 
 
 def _spark_type_of(t: pa.DataType) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from cdcflow.config.models import RULE_TYPES, STAGES, PipelineConfig, TableConfig
+from cdcflow.config.models import RULE_TYPES, STAGES, CompactionThresholds, PipelineConfig, TableConfig
 from cdcflow.errors import ConfigError, ConfigProblem
 
 try:  # the C loader is ~10x faster, which keeps 1000 table files well under the 2 s budget
@@ -37,6 +37,7 @@ class Table:
     delta_properties: dict[str, str] = field(default_factory=dict)  # silver's table properties
     writer: str = "auto"  # auto | spark | delta-rs (cdcflow.cdc.apply.silver_writer)
     delta_rs_max_table_mb: int = 1024
+    compaction: CompactionThresholds = field(default_factory=CompactionThresholds)
 
     @property
     def name(self) -> str:
@@ -291,6 +292,7 @@ def load_project(config_dir: str | Path = DEFAULT_CONFIG_DIR, env: dict[str, str
             delta_properties={**d.delta_properties, **t.delta.properties},
             writer=t.delta.writer or d.writer,
             delta_rs_max_table_mb=d.delta_rs_max_table_mb,
+            compaction=d.compaction.model_copy(update=t.delta.compaction.model_dump(exclude_none=True)),
         )
         for t, f in parsed
     }

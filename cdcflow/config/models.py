@@ -211,6 +211,22 @@ def check_delta_properties(value: dict[str, str | bool | int]) -> dict[str, str]
     return out
 
 
+class CompactionThresholds(Strict):
+    """When `cdcflow compact` rewrites a table (or bronze partition): at least `min_small_files` files
+    under `small_file_mb`, and those at least `small_file_share` of its files. Others are skipped
+    without reading their data (the Delta log has every file's size)."""
+
+    small_file_mb: int = Field(default=32, gt=0)
+    min_small_files: int = Field(default=8, ge=1)
+    small_file_share: float = Field(default=0.2, ge=0, le=1)
+
+
+class CompactionOverride(Strict):
+    small_file_mb: int | None = Field(default=None, gt=0)
+    min_small_files: int | None = Field(default=None, ge=1)
+    small_file_share: float | None = Field(default=None, ge=0, le=1)
+
+
 class DeltaTarget(Strict):
     path: str | None = None  # relative to lake.root; default silver/<schema>/<table>
     partition_by: list[str] = Field(default_factory=list)
@@ -218,6 +234,7 @@ class DeltaTarget(Strict):
     target_file_size_mb: int | None = Field(default=None, gt=0)
     tombstone_retention_hours: int | None = Field(default=None, ge=0)
     writer: Literal["auto", "spark", "delta-rs"] | None = None  # who commits silver (defaults.writer)
+    compaction: CompactionOverride = Field(default_factory=CompactionOverride)  # over defaults.compaction
     # Table properties of silver, over the pipeline's defaults.delta_properties.
     properties: dict[str, str | bool | int] = Field(default_factory=dict)
 
@@ -304,6 +321,7 @@ class KinesisSettings(Strict):
 class DmsSettings(Strict):
     raw_uri: str  # where DMS writes S3 Parquet: s3://bucket/prefix or a local directory
     archive_prefix: str = "archive"
+    archive_expire_days: int = Field(default=90, ge=1)  # `cdcflow compact` deletes older archived raw files
     before_image_field: str = "before-image"  # BeforeImageSettings.FieldName of the DMS task
 
 
@@ -363,6 +381,10 @@ class TableDefaults(Strict):
     # delta_rs_max_table_mb and has only features delta-rs writes; Spark MERGE above that ("auto").
     writer: Literal["auto", "spark", "delta-rs"] = "auto"
     delta_rs_max_table_mb: int = Field(default=1024, ge=0)
+    compaction: CompactionThresholds = Field(default_factory=CompactionThresholds)
+    # VACUUM never keeps less history than this (running streams and readers need it); `cdcflow compact
+    # --vacuum-hours` below it is refused unless --allow-short-retention is given.
+    vacuum_min_retention_hours: int = Field(default=168, ge=0)
 
     _check_properties = field_validator("delta_properties")(classmethod(lambda cls, v: check_delta_properties(v)))
 
