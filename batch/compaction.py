@@ -29,7 +29,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from batch.full_load import RawStore
-from cdcflow.cdc.apply import retry_commit_conflicts, silver_writer
+from cdcflow.cdc.apply import retry_commit_conflicts, rs_uri, silver_writer
 from cdcflow.config import Project
 from cdcflow.config.models import CompactionThresholds
 from cdcflow.errors import UserError
@@ -83,7 +83,6 @@ def log_files(path: str, partition_by: tuple[str, ...] = ()) -> dict[tuple, File
     import pyarrow as pa
     from deltalake import DeltaTable as RsTable
 
-    from cdcflow.cdc.apply import rs_uri
 
     try:
         actions = pa.table(RsTable(rs_uri(path)).get_add_actions(flatten=True))
@@ -149,7 +148,6 @@ def vacuum_listing_tasks(spark: SparkSession) -> int:
 def _rs_gc_tombstones(path: str, retention_hours: int, now: datetime) -> int:
     from deltalake import DeltaTable as RsTable
 
-    from cdcflow.cdc.apply import rs_uri
 
     cutoff = (now - timedelta(hours=retention_hours)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
     metrics = RsTable(rs_uri(path)).delete(f"_is_deleted AND _deleted_at < '{cutoff}'")
@@ -160,7 +158,6 @@ def _rs_gc_tombstones(path: str, retention_hours: int, now: datetime) -> int:
 def _rs_optimize(path: str, zorder: list[str], target_mb: int) -> dict:
     from deltalake import DeltaTable as RsTable
 
-    from cdcflow.cdc.apply import rs_uri
 
     opt = RsTable(rs_uri(path)).optimize
     return opt.z_order(zorder, target_size=target_mb * MB) if zorder else opt.compact(target_size=target_mb * MB)
@@ -170,7 +167,6 @@ def _rs_optimize(path: str, zorder: list[str], target_mb: int) -> dict:
 def _rs_vacuum(path: str, retention_hours: int) -> None:
     from deltalake import DeltaTable as RsTable
 
-    from cdcflow.cdc.apply import rs_uri
 
     # the floor is checked by `compact` (defaults.vacuum_min_retention_hours), not by delta-rs' own
     RsTable(rs_uri(path)).vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False)
