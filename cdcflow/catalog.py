@@ -2,21 +2,31 @@
 
 The CDK stack (infra/) registers every silver table, bronze and quarantine in the pipeline's Glue
 database as native Delta tables (`table_type = DELTA`, the form Athena reads; the columns are the
-config's). When schema drift adds a column or widens a type, the job that evolved the silver table
-calls `sync_table_columns` with the table's new columns: Glue `UpdateTable` keeps the previous
-definition as a table version (GetTableVersions), so the catalog records every schema change.
+config's). When a job creates a silver table or schema drift adds a column or widens a type, the job
+(the stream and the full load alike) calls `sync_silver_table` with the table's columns, which calls
+`sync_table_columns`: Glue `UpdateTable` keeps the previous definition as a table version
+(GetTableVersions), so the catalog records every schema change.
 
 Spark-free (boto3 only): the jobs pass Spark's `simpleString()` types, which are Hive types.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cdcflow.cdc.schema import SILVER_META, is_widening
-from cdcflow.config import Table
+from cdcflow.config import Project, Table
+
+if TYPE_CHECKING:
+    from cdcflow.metrics import MetricsSink
+
+log = logging.getLogger("cdcflow.catalog")
+# The Glue database the jobs keep current; set by infra/ (unset locally: no catalog calls at all).
+CATALOG_DATABASE_ENV = "CDCFLOW_CATALOG_DATABASE"
 
 # What Athena and Glue's Delta crawler use for a native Delta table (schema read from the Delta log).
 DELTA_TABLE_PARAMETERS = {
@@ -133,3 +143,29 @@ def sync_table_columns(glue: Any, database: str, name: str, columns: Mapping[str
     sd["Columns"] = cols
     glue.update_table(DatabaseName=database, TableInput=table_input, SkipArchive=False)
     return SyncResult(created=False, updated=True, added=tuple(added), widened=tuple(widened))
+
+
+def sync_silver_table(project: Project, table: str, columns: Mapping[str, str],
+                      metrics: MetricsSink | None = None) -> SyncResult | None:
+    """Keep silver table `table`'s catalog entry current after a job created or evolved it.
+
+    `columns` are silver's data columns ({column: Spark/Hive type}, in table order; PII-masked
+    columns as strings); the metadata columns are appended. Does nothing without a catalog database
+    (env CDCFLOW_CATALOG_DATABASE, set by infra/). The catalog trails the lake, so a failed call is
+    logged and alerted (CatalogSyncFailed), never raised: the data is already committed. Called by
+    the stream (`BatchProcessor._sync_catalog`) and the full load alike.
+    """
+    database = os.environ.get(CATALOG_DATABASE_ENV)
+    if not database:
+        return None
+    from cdcflow.aws import project_client
+
+    t = project.table(table)
+    try:
+        return sync_table_columns(project_client(project, "glue"), database, glue_table_name(t),
+                                  {**columns, **SILVER_META}, location=project.path(t.delta_path))
+    except Exception as e:  # noqa: BLE001 - never fail a table whose data is committed for its catalog entry
+        log.warning("table %s: catalog not updated: %s", table, e)
+        if metrics is not None:
+            metrics.alert("CatalogSyncFailed", table, type(e).__name__)
+        return None

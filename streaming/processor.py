@@ -233,21 +233,13 @@ class BatchProcessor:
 
     def _sync_catalog(self, name: str, shape: TableShape) -> None:
         """Keep the table's Glue catalog entry current after schema drift (when the job has a catalog
-        database: CDCFLOW_CATALOG_DATABASE, set by infra/): Glue keeps each schema as a table version."""
-        database = os.environ.get("CDCFLOW_CATALOG_DATABASE")
-        if not database:
-            return
-        from cdcflow.aws import project_client
-        from cdcflow.catalog import glue_table_name, sync_table_columns
+        database: CDCFLOW_CATALOG_DATABASE, set by infra/): Glue keeps each schema as a table version.
+        The full load calls the same function (cdcflow.catalog.sync_silver_table)."""
+        if not os.environ.get("CDCFLOW_CATALOG_DATABASE"):
+            return  # local runs: no catalog, nothing to import
+        from cdcflow.catalog import sync_silver_table
 
-        table = self.project.table(name)
-        columns = {**{c: shape.output_type(c) for c in shape.output_columns}, **schema.SILVER_META}
-        try:
-            sync_table_columns(project_client(self.project, "glue"), database, glue_table_name(table), columns,
-                               location=self.project.path(table.delta_path))
-        except Exception as e:  # noqa: BLE001 - the catalog trails the lake; never fail the table for it
-            log.warning("table %s: catalog not updated: %s", name, e)
-            self.metrics.alert("CatalogSyncFailed", name, type(e).__name__)
+        sync_silver_table(self.project, name, {c: shape.output_type(c) for c in shape.output_columns}, self.metrics)
 
     def _remember_control(self, name: str, changes: list[schema.SchemaChange]) -> None:
         """Keep the newest applied type change's time, so a replayed older one is stale (never "narrowing"),

@@ -105,3 +105,35 @@ def test_missing_entry_is_created_as_a_delta_table(glue):
     again = sync_table_columns(glue, DB, "bronze", {**BRONZE_COLUMNS, "table": "string"},
                                location="s3://lake/lake/bronze")
     assert not again.updated
+
+
+def test_sync_silver_table_is_gated_by_the_catalog_database_and_never_raises(glue, monkeypatch):
+    """The one function the stream and the full load call: no database set -> no call; a Glue error ->
+    a CatalogSyncFailed alert, not an exception (the data is already committed)."""
+    import io
+    import json
+
+    from cdcflow.catalog import CATALOG_DATABASE_ENV, sync_silver_table
+    from cdcflow.metrics import MetricsSink
+
+    project = load_project(CONFIGS, env={"CDCFLOW_AWS_ENDPOINT": "", "CDCFLOW_LAKE_ROOT": "s3://lake/lake"})
+    columns = {"customer_id": "bigint", "email": "string"}
+    monkeypatch.delenv(CATALOG_DATABASE_ENV, raising=False)
+    assert sync_silver_table(project, "shop.customers", columns) is None
+    assert glue.get_tables(DatabaseName=DB)["TableList"] == []
+
+    monkeypatch.setenv(CATALOG_DATABASE_ENV, DB)
+    created = sync_silver_table(project, "shop.customers", columns)
+    assert created is not None and created.created
+    t = glue.get_table(DatabaseName=DB, Name="shop_customers")["Table"]
+    assert t["StorageDescriptor"]["Location"] == project.path(project.table("shop.customers").delta_path)
+    assert list(_columns(glue, "shop_customers")) == [*columns, *SILVER_META]  # metadata columns appended
+    drifted = sync_silver_table(project, "shop.customers", {**columns, "tier": "string"})
+    assert drifted is not None and drifted.added == ("tier",)
+    assert len(_versions(glue, "shop_customers")) == 2
+
+    out = io.StringIO()
+    monkeypatch.setenv(CATALOG_DATABASE_ENV, "no_such_database")
+    assert sync_silver_table(project, "shop.orders", columns, MetricsSink("cdcflow-shop", stream=out)) is None
+    alert = json.loads(out.getvalue().splitlines()[-1])
+    assert alert["CatalogSyncFailed"] == 1 and alert["Table"] == "shop.orders"
