@@ -22,6 +22,7 @@ from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from cdcflow.catalog import sync_silver_table
 from cdcflow.cdc import apply, schema
 from cdcflow.cdc.bronze import append_bronze, bronze_rows, next_full_load_batch
 from cdcflow.cdc.changes import VALUES, TableShape, typed_changes
@@ -29,6 +30,7 @@ from cdcflow.cdc.masking import pii_salt
 from cdcflow.cdc.quarantine import append_quarantine
 from cdcflow.cdc.sequence import S3_ORDERING
 from cdcflow.config import Project, Table
+from cdcflow.metrics import MetricsSink
 from cdcflow.runtime import read_delta
 
 LOAD_FILE = re.compile(r"(^|/)(SEGMENT\d+_)?LOAD[0-9A-F]{8}\.parquet$")
@@ -202,6 +204,8 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
     result = LoadResult()
     work = [(name, classify(project.table(name), store.list(project.table(name)))) for name in names]
     bars = _Bars(progress, sum(len(f) for _, f in work))
+    catalogued: dict[str, dict[str, str]] = {}  # silver columns last synced to the Glue catalog, per table
+    catalog_alerts = MetricsSink(project.pipeline.name)  # CatalogSyncFailed, as the stream reports it
     for name, files in work:
         try:
             bars.start(name, len(files))
@@ -237,6 +241,12 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
                 append_bronze(bronze, bronze_path)
                 next_batch[name] = batch_id + 1
                 bad_rows = apply.merge(spark, path, good, shape, bad).rejected
+                # The table was created or drifted: keep its catalog entry current (once per table per
+                # run, then only when a group's columns differ; a no-op without a catalog database)
+                columns = {c: shape.output_type(c) for c in shape.output_columns}
+                if catalogued.get(name) != columns:
+                    sync_silver_table(project, name, columns, catalog_alerts)
+                    catalogued[name] = columns
                 counts = [_parquet_rows(p) for p in local_paths]
                 _record(spark, project, manifest_path, name, group, counts, bad_rows)
                 result.files += len(group)

@@ -158,16 +158,22 @@ def test_full_load_from_s3_stages_one_table_at_a_time_and_archives_in_the_bucket
     assert all(k.startswith("dms/archive/year=") for k in keys)
 
 
-def test_full_load_follows_columns_added_widened_renamed_and_dropped_in_the_parquet_files(spark, tmp_path):
-    """DMS S3 output after source DDL: files gain a column, widen one, rename it, then lose it."""
+def test_full_load_follows_columns_added_widened_renamed_and_dropped_in_the_parquet_files(spark, tmp_path,
+                                                                                        monkeypatch):
+    """DMS S3 output after source DDL: files gain a column, widen one, rename it, then lose it. The
+    full load keeps the Glue catalog current as it creates and drifts tables (moto's Glue API): each
+    schema change is a new table version, as the stream's are."""
+    import boto3
     import pyarrow.parquet as pq
+    from moto import mock_aws
 
     from cdcflow.oracle import build_oracle, load_history, resolve_salt
     from cdcflow.verify import read_actual, verify
 
     sim = tmp_path / "sim"
     raw = tmp_path / "raw"
-    project = project_in(tmp_path, CDCFLOW_RAW_URI=str(raw))
+    # CDCFLOW_AWS_ENDPOINT empty = real AWS endpoints, which moto intercepts in-process
+    project = project_in(tmp_path, CDCFLOW_RAW_URI=str(raw), CDCFLOW_AWS_ENDPOINT="")
     simulate_to(project, sim, events=150, schema_drift_rate=1.0)
     shutil.copytree(sim / "s3", raw)
     names = [pq.read_schema(f).names for f in sorted((raw / "shop" / "order_items").glob("2*.parquet"))]
@@ -175,10 +181,28 @@ def test_full_load_follows_columns_added_widened_renamed_and_dropped_in_the_parq
     widened = [pq.read_schema(f).field("quantity").type for f in sorted((raw / "shop" / "order_items").glob("2*"))]
     assert str(widened[0]) == "int32" and str(widened[-1]) == "int64"
 
-    run_full_load(spark, project)
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "CDCFLOW_CATALOG_DATABASE": "cdcflow_shop"}.items():  # fmt: skip
+        monkeypatch.setenv(k, v)
+    with mock_aws():
+        glue = boto3.client("glue", region_name=project.pipeline.aws.region)
+        glue.create_database(DatabaseInput={"Name": "cdcflow_shop"})
+        run_full_load(spark, project)
+        versions = glue.get_table_versions(DatabaseName="cdcflow_shop", TableName="shop_order_items")["TableVersions"]
+        tables = {t["Name"] for t in glue.get_tables(DatabaseName="cdcflow_shop")["TableList"]}
     oracle = build_oracle(project, load_history(sim), resolve_salt(project), "s3")
     bad = [d for d in verify(project, oracle, read_actual(project, spark)) if not d.ok]
     assert not bad, [(d.table, d.kind, d.missing[:3], d.extra[:3], d.different[:3]) for d in bad]
     items = spark.read.format("delta").load(project.path(project.table("shop.order_items").delta_path))
     types = {f.name: f.dataType.simpleString() for f in items.schema.fields}
     assert types["quantity"] == "bigint" and {"drift_note", "drift_label"} <= types.keys()
+
+    # the catalog: every loaded table has an entry; order_items' first version is the LOAD snapshot's
+    # schema, the newest holds the added and widened columns (never dropped: Delta keeps them too)
+    assert tables == {"shop_customers", "shop_order_items", "shop_orders", "shop_products"}
+    versions.sort(key=lambda v: int(v["VersionId"]))
+    cols = [{c["Name"]: c["Type"] for c in v["Table"]["StorageDescriptor"]["Columns"]} for v in versions]
+    assert len(cols) >= 2, "a drifted column is a new table version"
+    assert cols[0]["quantity"] == "int" and "drift_note" not in cols[0]
+    assert cols[-1]["quantity"] == "bigint" and {"drift_note", "drift_label"} <= cols[-1].keys()
+    assert {c: t for c, t in cols[-1].items() if c in types} == {c: types[c] for c in cols[-1] if c in types}
