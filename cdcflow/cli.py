@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cdcflow.archive.daemon import register_archive  # light: the KCL is imported when it runs
 
     register_archive(sub, _COMMANDS)
+    from cdcflow.status import register_status  # light: delta-rs is imported when it runs
+
+    register_status(sub, _COMMANDS)
     return parser
 
 

@@ -7,12 +7,15 @@ pipeline detects type mismatches itself (a non-null value whose cast is null).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -175,6 +178,74 @@ def new_table_options(name: str) -> dict[str, str]:
     return {"delta.checkpointInterval": str(interval)}
 
 
+# Where the JVM's output goes when set (a file path): log4j2 lines and anything the launcher or the JVM
+# writes to stdout/stderr. `cdcflow demo` sets it so the console shows cdcflow's own output only.
+SPARK_LOG_ENV = "CDCFLOW_SPARK_LOG"
+
+LOG4J2_TEMPLATE = """# Written by cdcflow (runtime.spark_log_conf): every Spark / JVM log line goes to one file.
+rootLogger.level = warn
+rootLogger.appenderRef.file.ref = file
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {path}
+appender.file.append = true
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = %d{{yy/MM/dd HH:mm:ss}} %p %c{{1}}: %m%n%ex
+# Known-noisy loggers (as in Spark's log4j2-defaults.properties)
+logger.jetty.name = org.sparkproject.jetty
+logger.jetty.level = warn
+logger.parquet.name = org.apache.parquet
+logger.parquet.level = error
+logger.rdd.name = org.apache.spark.rdd.MapPartitionsRDD
+logger.rdd.level = error
+"""
+
+
+def spark_log_file() -> Path | None:
+    value = os.environ.get(SPARK_LOG_ENV)
+    return Path(value).resolve() if value else None
+
+
+def spark_log_conf(log_file: Path, driver_java_options: str) -> dict[str, str]:
+    """Write a log4j2 properties file beside `log_file` routing every logger to it; the driver's
+    java options that load it. Spark then skips its default console config (and its "Setting default
+    log level" banner), which it only installs when log4j2 has no user configuration."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    props = log_file.with_name(log_file.name + ".log4j2.properties")
+    props.write_text(LOG4J2_TEMPLATE.format(path=log_file))
+    return {"spark.driver.extraJavaOptions": f"{driver_java_options} -Dlog4j2.configurationFile=file:{props}".strip()}
+
+
+@contextmanager
+def jvm_output_to(log_file: Path | None) -> Iterator[None]:
+    """Point this process's stdout/stderr (file descriptors 1 and 2) at `log_file` while the JVM is
+    launched: spark-submit's launcher and the JVM inherit them (JVM warnings such as "Using incubator
+    modules", Ivy output, Python workers' stderr), then ours are restored."""
+    if log_file is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log_file, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+def quiet_python_logging() -> None:
+    """py4j logs connection chatter (and an ERROR when the JVM goes away at exit): not the user's concern."""
+    logging.getLogger("py4j").setLevel(logging.CRITICAL)
+
+
 def get_spark(
     app_name: str = "cdcflow",
     mode: str = "local",
@@ -201,9 +272,14 @@ def get_spark(
     builder = SparkSession.builder.appName(app_name)
     conf = local_conf(shuffle_partitions, driver_memory)
     conf.update(extra_conf or {})
+    log_file = spark_log_file()
+    if log_file is not None:
+        conf.update(spark_log_conf(log_file, conf.get("spark.driver.extraJavaOptions", "")))
+        quiet_python_logging()
     for k, v in conf.items():
         builder = builder.config(k, v)
-    _session = builder.getOrCreate()
+    with jvm_output_to(log_file):
+        _session = builder.getOrCreate()
     _session.sparkContext.setLogLevel("WARN")
     # Delta MERGE keeps its source with a local checkpoint and unpersists it when done; each time the
     # RDD logs a WARN that the rows can't be recomputed, which is intended there. Not worth a line per MERGE.
