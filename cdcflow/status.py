@@ -244,7 +244,7 @@ def bronze_batches(project: Project) -> dict[str, dict[str, int]]:
             mixed.append(f)
     if mixed:
         data = dt.to_pyarrow_table(columns=["table", "feed", "batch_id"],
-                                   partitions=[("table", "in", sorted({f["partition.table"] for f in mixed}))])
+                                   filters=[("table", "in", sorted({f["partition.table"] for f in mixed}))])
         grouped = data.group_by(["table", "feed"]).aggregate([("batch_id", "max")])
         for r in grouped.filter(pc.is_valid(grouped["feed"])).to_pylist():
             note(r["table"], r["feed"], r["batch_id_max"])
