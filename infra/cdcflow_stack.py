@@ -35,20 +35,23 @@ from aws_cdk import (
     CfnOutput,
     CfnParameter,
     CfnResource,
+    CustomResource,
     Duration,
+    Fn,
     RemovalPolicy,
-    SecretValue,
     Stack,
 )
 from aws_cdk import aws_cloudwatch as cw
 from aws_cdk import aws_cloudwatch_actions as cw_actions
 from aws_cdk import aws_dms as dms
+from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_glue as glue
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kinesis as kinesis
 from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_redshiftserverless as rs
 from aws_cdk import aws_s3 as s3
@@ -78,6 +81,12 @@ BUNDLE_PACKAGES = ("cdcflow", "streaming", "batch")  # dist/cdcflow.zip (--extra
 ENTRY_SCRIPTS = ("streaming/glue_job.py", "batch/glue_full_load.py", "batch/glue_warehouse_merge.py",
                  "batch/glue_compaction.py")
 REDSHIFT_ADMIN = "cdcflow_admin"
+REDSHIFT_PORT = 5439
+REDSHIFT_USER_HANDLER = Path(__file__).resolve().parent / "redshift_user"  # the ETL user custom resource
+# What a Glue job with a NETWORK connection needs to place its ENIs in the subnet (the managed
+# AWSGlueServiceRole's EC2 part); the Describe calls have no resource-level permissions.
+GLUE_VPC_DESCRIBE = ["ec2:DescribeVpcEndpoints", "ec2:DescribeRouteTables", "ec2:DescribeNetworkInterfaces",
+                     "ec2:DescribeSecurityGroups", "ec2:DescribeSubnets", "ec2:DescribeVpcAttribute"]
 # Glue API errors worth retrying (throttling, capacity, service faults); a FAILED job run is not retried
 # by the state machine (the job has its own MaxRetries, and a DQ failure must stop the flow).
 TRANSIENT_GLUE_ERRORS = [
@@ -135,6 +144,14 @@ class CdcflowSettings:
     # --- networking (DMS and Redshift Serverless): comma-separated ids; empty = CloudFormation parameters
     subnet_ids: str = ""
     security_group_ids: str = ""
+    # the VPC of subnet_ids (the stack's security groups for Glue and Redshift); empty = VpcId parameter
+    vpc_id: str = ""
+    # Glue NETWORK connection (the warehouse merge reaches the private Redshift endpoint through it):
+    # its subnet (default: the first of subnet_ids) and that subnet's AZ (empty = GlueAvailabilityZone parameter)
+    glue_subnet_id: str = ""
+    glue_availability_zone: str = ""
+    # existing cluster only: its security group, given ingress on 5439 from the Glue security group
+    redshift_security_group_id: str = ""
     # --- DMS
     dms_serverless: int = 0  # 1 = DMS Serverless replication configs instead of an instance + tasks
     dms_instance_class: str = "dms.t3.medium"
@@ -156,6 +173,7 @@ class CdcflowSettings:
     redshift_database: str = "dev"
     redshift_base_rpu: int = 8
     redshift_max_rpu: int = 32
+    redshift_etl_user: str = "cdcflow_etl"  # the merge's least-privilege user (never the admin)
     # --- alarms
     freshness_threshold_seconds: int = 300
     quarantine_rate_percent: int = 5
@@ -370,6 +388,7 @@ class CdcflowStack(Stack):
         # Redshift COPYs (with its own role, which may only read them).
         merge_role = self._job_role("warehouse-merge", lake_write=False, lake_write_paths=("quarantine", "_reports"))
         self.redshift_secret.grant_read(merge_role)
+        self._allow_glue_vpc(merge_role)
         self._allow(merge_role, "WarehouseStaging", S3_WRITE, [staging_objects])
         merge_env = {
             **env,
@@ -378,7 +397,8 @@ class CdcflowStack(Stack):
         }
         self._job("warehouse-merge", merge_role, command="glueetl", script="scripts/glue_warehouse_merge.py",
                   workers=cfg.batch_workers, env=merge_env, modules=WAREHOUSE_MODULES,
-                  args={"--redshift-secret-id": self.redshift_secret.secret_arn})
+                  args={"--redshift-secret-id": self.redshift_secret.secret_arn},
+                  connections=[self.glue_connection.ref])  # the private Redshift endpoint, through the VPC
 
         compaction_role = self._job_role("compaction", lake_write=True)
         self._job("compaction", compaction_role, command="glueetl", script="scripts/glue_compaction.py",
@@ -493,7 +513,77 @@ class CdcflowStack(Stack):
         self.subnet_ids = ids(cfg.subnet_ids, "SubnetIds", "List<AWS::EC2::Subnet::Id>",
                               "Private subnets (two AZs at least) for DMS and Redshift Serverless")
         self.security_group_ids = ids(cfg.security_group_ids, "SecurityGroupIds", "List<AWS::EC2::SecurityGroup::Id>",
-                                      "Security groups for DMS (reaches the source DB) and Redshift")
+                                      "Security groups for DMS (reaches the source DB) and the raw archiver")
+        vpc_id = cfg.vpc_id or CfnParameter(self, "VpcId", type="AWS::EC2::VPC::Id",
+                                            description="The VPC of SubnetIds (Glue and Redshift security groups)").value_as_string
+        glue_subnet = cfg.glue_subnet_id or Fn.select(0, self.subnet_ids)
+        glue_az = cfg.glue_availability_zone or CfnParameter(
+            self, "GlueAvailabilityZone", type="AWS::EC2::AvailabilityZone::Name",
+            description="Availability Zone of the Glue connection's subnet (the first of SubnetIds)").value_as_string
+
+        # Glue: all TCP among its own workers (a Glue requirement: the self-referencing rule), HTTPS out
+        # (S3, Glue, Secrets Manager, CloudWatch, KMS, PyPI for --additional-python-modules: NAT or VPC
+        # endpoints), Redshift's port out. Listing an egress rule drops the default allow-all.
+        https_out = ec2.CfnSecurityGroup.EgressProperty(
+            ip_protocol="tcp", from_port=443, to_port=443, cidr_ip="0.0.0.0/0",
+            description="HTTPS to AWS APIs (VPC endpoints or NAT)")
+        self.glue_sg = ec2.CfnSecurityGroup(
+            self, "GlueSecurityGroup", vpc_id=vpc_id,
+            group_description=f"cdcflow {cfg.pipeline}: Glue jobs with the VPC connection (warehouse merge)",
+            security_group_egress=[https_out])
+        glue_sg_id = self.glue_sg.attr_group_id
+        ec2.CfnSecurityGroupIngress(
+            self, "GlueSelfIngress", group_id=glue_sg_id, source_security_group_id=glue_sg_id,
+            ip_protocol="tcp", from_port=0, to_port=65535, description="Glue workers talk to each other")
+        ec2.CfnSecurityGroupEgress(
+            self, "GlueSelfEgress", group_id=glue_sg_id, destination_security_group_id=glue_sg_id,
+            ip_protocol="tcp", from_port=0, to_port=65535, description="Glue workers talk to each other")
+
+        # Redshift Serverless: reachable on 5439 from the Glue security group only.
+        self.redshift_sg = None
+        redshift_sg_id = cfg.redshift_security_group_id
+        if not cfg.redshift_cluster_id:
+            self.redshift_sg = ec2.CfnSecurityGroup(
+                self, "RedshiftSecurityGroup", vpc_id=vpc_id,
+                group_description=f"cdcflow {cfg.pipeline}: Redshift Serverless workgroup",
+                security_group_egress=[https_out])  # COPY reads S3 through the VPC (enhanced VPC routing)
+            redshift_sg_id = self.redshift_sg.attr_group_id
+        if redshift_sg_id:
+            ec2.CfnSecurityGroupIngress(
+                self, "RedshiftFromGlue", group_id=redshift_sg_id, source_security_group_id=glue_sg_id,
+                ip_protocol="tcp", from_port=REDSHIFT_PORT, to_port=REDSHIFT_PORT,
+                description="The warehouse merge (Glue) connects to Redshift")
+            ec2.CfnSecurityGroupEgress(
+                self, "GlueToRedshift", group_id=glue_sg_id, destination_security_group_id=redshift_sg_id,
+                ip_protocol="tcp", from_port=REDSHIFT_PORT, to_port=REDSHIFT_PORT, description="Glue to Redshift")
+        else:  # an existing cluster whose security group the stack was not told: add its ingress yourself
+            ec2.CfnSecurityGroupEgress(
+                self, "GlueToRedshift", group_id=glue_sg_id, cidr_ip="0.0.0.0/0",
+                ip_protocol="tcp", from_port=REDSHIFT_PORT, to_port=REDSHIFT_PORT, description="Glue to Redshift")
+
+        # The NETWORK connection puts the merge's workers in the subnet (ENIs with the Glue security group).
+        self.glue_connection = glue.CfnConnection(
+            self, "GlueVpcConnection", catalog_id=self.account,
+            connection_input=glue.CfnConnection.ConnectionInputProperty(
+                name=f"{cfg.pipeline}-vpc", connection_type="NETWORK",
+                description=f"cdcflow {cfg.pipeline}: the warehouse merge's path to the private Redshift endpoint",
+                physical_connection_requirements=glue.CfnConnection.PhysicalConnectionRequirementsProperty(
+                    subnet_id=glue_subnet, availability_zone=glue_az, security_group_id_list=[glue_sg_id]),
+            ),
+        )
+
+    def _allow_glue_vpc(self, role: iam.Role) -> None:
+        """What a job with the VPC connection needs: read the connection, manage its ENIs in the subnet."""
+        self._allow(role, "GlueConnection", ["glue:GetConnection"],
+                    [self.format_arn(service="glue", resource="catalog"),
+                     self.format_arn(service="glue", resource="connection", resource_name=f"{self.settings.pipeline}-vpc")])
+        self._allow(role, "GlueVpcDescribe", GLUE_VPC_DESCRIBE, ["*"])  # no resource-level permissions
+        ec2_arn = f"arn:{self.partition}:ec2:{self.region}:{self.account}"
+        self._allow(role, "GlueVpcEni", ["ec2:CreateNetworkInterface", "ec2:DeleteNetworkInterface"],
+                    [f"{ec2_arn}:network-interface/*", f"{ec2_arn}:subnet/*",
+                     Fn.join("", [f"{ec2_arn}:security-group/", self.glue_sg.attr_group_id])])
+        self._allow(role, "GlueVpcEniTags", ["ec2:CreateTags", "ec2:DeleteTags"], [f"{ec2_arn}:network-interface/*"],
+                    {"ForAllValues:StringEquals": {"aws:TagKeys": ["aws-glue-service-resource"]}})
 
     def _dms(self) -> None:
         cfg, p = self.settings, self.project
@@ -695,7 +785,7 @@ class CdcflowStack(Stack):
                 description=f"cdcflow {cfg.pipeline}: Redshift user for the warehouse merge (fill in host/dbname)",
                 encryption_key=self.key,
                 generate_secret_string=secretsmanager.SecretStringGenerator(
-                    secret_string_template=json.dumps({"username": "cdcflow", "host": "", "port": 5439,
+                    secret_string_template=json.dumps({"username": cfg.redshift_etl_user, "host": "", "port": REDSHIFT_PORT,
                                                        "dbname": cfg.redshift_database}),
                     generate_string_key="password", exclude_punctuation=True, password_length=32),
             )
@@ -727,45 +817,65 @@ class CdcflowStack(Stack):
             base_capacity=cfg.redshift_base_rpu,
             max_capacity=cfg.redshift_max_rpu,
             subnet_ids=self.subnet_ids,
-            security_group_ids=self.security_group_ids,
+            security_group_ids=[self.redshift_sg.attr_group_id],  # 5439 from the Glue security group only
             publicly_accessible=False,
             enhanced_vpc_routing=True,
         )
         workgroup.node.add_dependency(namespace)
         self.redshift_workgroup = workgroup
-        # What the warehouse merge reads (cdcflow/glue.py: username, password, host, port, dbname).
+        # What the warehouse merge reads (cdcflow/glue.py: username, password, host, port, dbname): the
+        # least-privilege ETL user's credentials, never the admin's. The password is generated here; the
+        # user itself is created in the database by the custom resource below.
+        template = self.to_json_string({"username": cfg.redshift_etl_user, "host": workgroup.attr_workgroup_endpoint_address,
+                                        "port": REDSHIFT_PORT, "dbname": cfg.redshift_database})
         self.redshift_secret = secretsmanager.Secret(
             self, "RedshiftCredentials",
-            description=f"cdcflow {cfg.pipeline}: Redshift Serverless connection for the warehouse merge",
+            description=f"cdcflow {cfg.pipeline}: Redshift user {cfg.redshift_etl_user} (warehouse merge, not an admin)",
             encryption_key=self.key,
-            secret_object_value={
-                "username": SecretValue.unsafe_plain_text(REDSHIFT_ADMIN),
-                "password": admin.secret_value_from_json("password"),
-                "host": SecretValue.unsafe_plain_text(workgroup.attr_workgroup_endpoint_address),
-                "port": SecretValue.unsafe_plain_text("5439"),
-                "dbname": SecretValue.unsafe_plain_text(cfg.redshift_database),
-            },
+            generate_secret_string=secretsmanager.SecretStringGenerator(
+                secret_string_template=template, generate_string_key="password",
+                exclude_punctuation=True, password_length=32),
         )
-        # The warehouse schema, created once through the Redshift Data API (the merge also creates it if
-        # missing); DIST/SORT keys stay the merge's, generated from the table configs.
+        # The warehouse schema and the ETL user with its grants, run as the admin through the Redshift Data
+        # API by a custom resource that waits for each statement (infra/redshift_user/index.py); DIST/SORT
+        # keys stay the merge's, generated from the table configs.
         schema = self.project.pipeline.warehouse.schema_
         wg_arn = workgroup.attr_workgroup_workgroup_arn
-        call = cr.AwsSdkCall(
-            service="redshift-data", action="executeStatement",
-            parameters={"WorkgroupName": workgroup.workgroup_name, "Database": cfg.redshift_database,
-                        "SecretArn": admin.secret_arn, "Sql": f'create schema if not exists "{schema}"'},
-            physical_resource_id=cr.PhysicalResourceId.of(f"{cfg.pipeline}-schema-{schema}"),
+        handler_role = iam.Role(self, "RedshiftUserHandlerRole", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+                                description="cdk deploy: creates the warehouse schema and the ETL user in Redshift")
+        self._allow(handler_role, "ExecuteAsAdmin", ["redshift-data:ExecuteStatement"], [wg_arn])
+        # DescribeStatement / GetStatementResult have no resource ARN; a caller only sees its own statements
+        self._allow(handler_role, "StatementResults", ["redshift-data:DescribeStatement", "redshift-data:GetStatementResult"],
+                    ["*"])
+        self._allow(handler_role, "AdminCredentials", ["redshift-serverless:GetCredentials"], [wg_arn])
+        self._allow(handler_role, "ReadSecrets", ["secretsmanager:GetSecretValue"],
+                    [admin.secret_arn, self.redshift_secret.secret_arn])
+        self._allow(handler_role, "DecryptSecrets", ["kms:Decrypt"], [self.key.key_arn])
+        self._allow(handler_role, "Logs", ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
+                    [self.format_arn(service="logs", resource="log-group", resource_name="/aws/lambda/*",
+                                     arn_format=ArnFormat.COLON_RESOURCE_NAME)])
+        fixed = handler_role.without_policy_updates()
+        handler = lambda_.Function(
+            self, "RedshiftUserHandler", runtime=lambda_.Runtime.PYTHON_3_12, handler="index.on_event",
+            code=lambda_.Code.from_asset(str(REDSHIFT_USER_HANDLER), exclude=["__pycache__", "*.pyc"]),
+            timeout=Duration.minutes(5), role=fixed,
+            description="cdcflow: warehouse schema + least-privilege ETL user (Redshift Data API)")
+        provider_role = iam.Role(self, "RedshiftUserProviderRole", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+                                 description="cdk deploy: the custom resource framework calling RedshiftUserHandler")
+        self._allow(provider_role, "InvokeHandler", ["lambda:InvokeFunction"],
+                    [handler.function_arn, f"{handler.function_arn}:*"])
+        self._allow(provider_role, "Logs", ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
+                    [self.format_arn(service="logs", resource="log-group", resource_name="/aws/lambda/*",
+                                     arn_format=ArnFormat.COLON_RESOURCE_NAME)])
+        provider = cr.Provider(self, "RedshiftUserProvider", on_event_handler=handler,
+                               framework_on_event_role=provider_role.without_policy_updates())
+        self.warehouse_user = CustomResource(
+            self, "WarehouseUser", service_token=provider.service_token, resource_type="Custom::RedshiftEtlUser",
+            properties={"WorkgroupName": workgroup.workgroup_name, "Database": cfg.redshift_database,
+                        "Schema": schema, "UserName": cfg.redshift_etl_user,
+                        "AdminSecretArn": admin.secret_arn, "EtlSecretArn": self.redshift_secret.secret_arn},
         )
-        self.warehouse_schema = cr.AwsCustomResource(
-            self, "WarehouseSchema", on_create=call, on_update=call,
-            install_latest_aws_sdk=False,
-            policy=cr.AwsCustomResourcePolicy.from_statements([
-                iam.PolicyStatement(actions=["redshift-data:ExecuteStatement"], resources=[wg_arn]),
-                iam.PolicyStatement(actions=["redshift-serverless:GetCredentials"], resources=[wg_arn]),
-                iam.PolicyStatement(actions=["secretsmanager:GetSecretValue"], resources=[admin.secret_arn]),
-                iam.PolicyStatement(actions=["kms:Decrypt"], resources=[self.key.key_arn]),
-            ]),
-        )
+        self.warehouse_user.node.add_dependency(workgroup)
 
     def _orchestration(self) -> None:
         """Step Functions: full load -> warehouse merge -> compaction; Catch -> SNS with the failed step."""
@@ -1080,7 +1190,7 @@ class CdcflowStack(Stack):
         return role
 
     def _job(self, job: str, role: iam.Role, *, command: str, script: str, workers: int, env: dict[str, str],
-             args: dict[str, str] | None = None, modules: str = "") -> glue.CfnJob:
+             args: dict[str, str] | None = None, modules: str = "", connections: list[str] | None = None) -> glue.CfnJob:
         cfg = self.settings
         art = self.artifacts_bucket.bucket_name
         default_arguments = {
@@ -1113,6 +1223,7 @@ class CdcflowStack(Stack):
             default_arguments=default_arguments,
             execution_property=glue.CfnJob.ExecutionPropertyProperty(max_concurrent_runs=1),
             security_configuration=self.glue_security.ref,
+            connections=glue.CfnJob.ConnectionsListProperty(connections=connections) if connections else None,
             max_retries=0 if command == "gluestreaming" else 1,
             timeout=None if command == "gluestreaming" else cfg.batch_job_timeout_minutes,
         )

@@ -47,7 +47,8 @@ def variant(template):
     from cdcflow_stack import CdcflowSettings, CdcflowStack
 
     settings = CdcflowSettings(dms_serverless=1, redshift_cluster_id="warehouse", subnet_ids=f"{SUBNETS[0]},{SUBNETS[1]}",
-                               security_group_ids=SECURITY_GROUP)  # fmt: skip
+                               security_group_ids=SECURITY_GROUP, vpc_id=VPC, glue_availability_zone="us-east-1a",
+                               redshift_security_group_id=CLUSTER_SECURITY_GROUP)  # fmt: skip
     stack = CdcflowStack(cdk.App(), "CdcflowVariant", settings=settings,
                          env=cdk.Environment(account=ACCOUNT, region="us-east-1"))  # fmt: skip
     return Template.from_stack(stack)
@@ -55,6 +56,8 @@ def variant(template):
 
 SUBNETS = ("subnet-0123456789abcdef0", "subnet-0123456789abcdef1")
 SECURITY_GROUP = "sg-0123456789abcdef0"
+CLUSTER_SECURITY_GROUP = "sg-0fedcba9876543210"
+VPC = "vpc-0123456789abcdef0"
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +195,10 @@ def test_no_wildcard_iam_actions(template):
                                           {"StringEquals": {"cloudwatch:namespace": "cdcflow-shop-archiver"}})
             elif _as_list(s["Action"]) == ["ecr:GetAuthorizationToken"]:
                 pass  # the archiver image pull; this action has no resource ARN
+            elif s.get("Sid") == "GlueVpcDescribe":  # the merge's VPC connection: EC2 Describe* calls
+                assert all(a.startswith("ec2:Describe") for a in actions), s
+            elif s.get("Sid") == "StatementResults":  # the Redshift user custom resource awaits its statements
+                assert set(actions) == {"redshift-data:DescribeStatement", "redshift-data:GetStatementResult"}
             else:
                 assert set(actions) <= LOG_DELIVERY_ACTIONS, s
 
@@ -207,8 +214,9 @@ def test_secrets_are_read_only_by_the_jobs_that_need_them(template):
     by_prefix = {lid.rstrip("0123456789ABCDEF"): {r.rstrip("0123456789ABCDEF") for r in rs} for lid, rs in readers.items()}
     assert by_prefix == {
         "PiiSalt": {"JobRoleStream", "JobRoleFullLoad", "ArchiverTaskExecutionRole"},  # ECS injects it
-        "RedshiftCredentials": {"JobRoleWarehouseMerge"},
-        "RedshiftAdmin": {"AWS679f53fac002430cb0da5b7982bd2287ServiceRole"},  # the warehouse-schema resource
+        # the ETL user's credentials: the merge, and the custom resource that sets that password in Redshift
+        "RedshiftCredentials": {"JobRoleWarehouseMerge", "RedshiftUserHandlerRole"},
+        "RedshiftAdmin": {"RedshiftUserHandlerRole"},  # only the custom resource (schema, ETL user, grants)
         "SourceDbCredentials": {"DmsSecretsRole"},
     }
 
@@ -471,11 +479,147 @@ def test_redshift_serverless_with_copy_role_and_schema(template):
     assert wg["SubnetIds"] == {"Ref": "SubnetIds"}
     creds = next(s["Properties"] for lid, s in _resources(template, "AWS::SecretsManager::Secret").items()
                  if lid.startswith("RedshiftCredentials"))  # fmt: skip
-    text = json.dumps(creds["SecretString"])
+    text = json.dumps(creds["GenerateSecretString"]["SecretStringTemplate"])
     assert "Endpoint.Address" in text and "dbname" in text  # the merge's secret points at the workgroup
-    (schema,) = _resources(template, "Custom::AWS").values()
-    create = json.dumps(schema["Properties"]["Create"])
-    assert "executeStatement" in create and "create schema if not exists" in create and "analytics" in create
+    assert '"username":"cdcflow_etl"' in "".join(
+        p for p in creds["GenerateSecretString"]["SecretStringTemplate"]["Fn::Join"][1] if isinstance(p, str))
+    assert "cdcflow_admin" not in text  # the merge never logs in as the admin
+    assert creds["GenerateSecretString"]["GenerateStringKey"] == "password"
+    (user,) = _resources(template, "Custom::RedshiftEtlUser").values()
+    props = user["Properties"]
+    assert props["UserName"] == "cdcflow_etl" and props["Schema"] == "analytics" and props["Database"] == "dev"
+    assert props["AdminSecretArn"]["Ref"].startswith("RedshiftAdmin")
+    assert props["EtlSecretArn"]["Ref"].startswith("RedshiftCredentials")
+    template.resource_count_is("Custom::AWS", 0)  # no fire-and-forget Data API call any more
+    handler = next(f["Properties"] for lid, f in _resources(template, "AWS::Lambda::Function").items()
+                   if lid.startswith("RedshiftUserHandler"))  # fmt: skip
+    assert handler["Handler"] == "index.on_event" and handler["Role"]["Fn::GetAtt"][0].startswith("RedshiftUserHandlerRole")
+    merge = next(j["Properties"] for j in _resources(template, "AWS::Glue::Job").values()
+                 if j["Properties"]["Name"].endswith("warehouse-merge"))  # fmt: skip
+    assert merge["DefaultArguments"]["--redshift-secret-id"]["Ref"].startswith("RedshiftCredentials")
+
+
+def test_warehouse_merge_reaches_the_private_workgroup_through_a_glue_network_connection(template):
+    """The workgroup is private: the merge gets there through a NETWORK connection in the VPC, whose
+    security group is the only one Redshift accepts on 5439."""
+    (conn,) = [c["Properties"] for c in _resources(template, "AWS::Glue::Connection").values()]
+    conn_id = _logical_id(template, "AWS::Glue::Connection")
+    ci = conn["ConnectionInput"]
+    assert ci["ConnectionType"] == "NETWORK" and ci["Name"] == "cdcflow-shop-vpc"
+    req = ci["PhysicalConnectionRequirements"]
+    assert req["SubnetId"] == {"Fn::Select": [0, {"Ref": "SubnetIds"}]}
+    assert req["AvailabilityZone"] == {"Ref": "GlueAvailabilityZone"}
+    glue_sg = req["SecurityGroupIdList"][0]["Fn::GetAtt"][0]
+    assert glue_sg.startswith("GlueSecurityGroup") and len(req["SecurityGroupIdList"]) == 1
+
+    jobs = {j["Properties"]["Name"]: j["Properties"] for j in _resources(template, "AWS::Glue::Job").values()}
+    assert jobs["cdcflow-shop-warehouse-merge"]["Connections"] == {"Connections": [{"Ref": conn_id}]}
+    assert [n for n, j in jobs.items() if "Connections" in j] == ["cdcflow-shop-warehouse-merge"]
+
+    groups = _resources(template, "AWS::EC2::SecurityGroup")
+    (redshift_sg,) = [lid for lid in groups if lid.startswith("RedshiftSecurityGroup")]
+    for lid in (glue_sg, redshift_sg):  # an explicit egress list: no default allow-all
+        assert groups[lid]["Properties"]["SecurityGroupEgress"] == [
+            {"CidrIp": "0.0.0.0/0", "Description": "HTTPS to AWS APIs (VPC endpoints or NAT)", "FromPort": 443,
+             "IpProtocol": "tcp", "ToPort": 443}]  # fmt: skip
+        assert "SecurityGroupIngress" not in groups[lid]["Properties"]
+    (wg,) = [w["Properties"] for w in _resources(template, "AWS::RedshiftServerless::Workgroup").values()]
+    assert wg["SecurityGroupIds"] == [{"Fn::GetAtt": [redshift_sg, "GroupId"]}]
+
+    def rules(type_: str) -> list[tuple]:
+        out = []
+        for r in _resources(template, type_).values():
+            p = r["Properties"]
+            peer = p.get("SourceSecurityGroupId") or p.get("DestinationSecurityGroupId") or p.get("CidrIp")
+            out.append((p["GroupId"]["Fn::GetAtt"][0], p["IpProtocol"], p["FromPort"], p["ToPort"],
+                        peer["Fn::GetAtt"][0] if isinstance(peer, dict) else peer))
+        return sorted(out)
+
+    # Redshift: 5439 from the Glue security group, nothing else; Glue: the self-referencing all-TCP rule
+    assert rules("AWS::EC2::SecurityGroupIngress") == sorted([
+        (redshift_sg, "tcp", 5439, 5439, glue_sg), (glue_sg, "tcp", 0, 65535, glue_sg)])  # fmt: skip
+    assert rules("AWS::EC2::SecurityGroupEgress") == sorted([
+        (glue_sg, "tcp", 0, 65535, glue_sg), (glue_sg, "tcp", 5439, 5439, redshift_sg)])  # fmt: skip
+
+    by_sid = {s["Sid"]: s for s in _role_statements(template, "JobRoleWarehouseMerge") if "Sid" in s}
+    assert _as_list(by_sid["GlueConnection"]["Action"]) == ["glue:GetConnection"]
+    assert "connection/cdcflow-shop-vpc" in json.dumps(by_sid["GlueConnection"]["Resource"])
+    assert set(_as_list(by_sid["GlueVpcEni"]["Action"])) == {"ec2:CreateNetworkInterface", "ec2:DeleteNetworkInterface"}
+    assert by_sid["GlueVpcEniTags"]["Condition"] == {
+        "ForAllValues:StringEquals": {"aws:TagKeys": ["aws-glue-service-resource"]}}
+    for other in ("JobRoleStream", "JobRoleFullLoad", "JobRoleCompaction"):
+        assert not [s for s in _role_statements(template, other) if "ec2:" in json.dumps(s["Action"])], other
+
+
+class _FakeDataApi:
+    """The Redshift Data API calls the ETL-user handler makes: statements run in order; a statement
+    whose SQL contains `fail` fails; `pg_user` answers `user_exists`."""
+
+    def __init__(self, user_exists: bool = False, pending: int = 1):
+        self.sql: list[str] = []
+        self.user_exists, self.pending = user_exists, pending
+        self._polls: dict[str, int] = {}
+
+    def execute_statement(self, **kw):
+        assert kw["WorkgroupName"] == "cdcflow-shop" and kw["SecretArn"] == "arn:admin"
+        self.sql.append(kw["Sql"])
+        return {"Id": str(len(self.sql))}
+
+    def describe_statement(self, Id):  # noqa: N803 - boto3's argument name
+        self._polls[Id] = self._polls.get(Id, 0) + 1
+        if self._polls[Id] <= self.pending:
+            return {"Status": "STARTED"}
+        if "fail" in self.sql[int(Id) - 1]:
+            return {"Status": "FAILED", "Error": "ERROR: permission denied"}
+        return {"Status": "FINISHED"}
+
+    def get_statement_result(self, Id):  # noqa: N803
+        return {"Records": [[{"longValue": int(self.user_exists)}]]}
+
+
+class _FakeSecrets:
+    def get_secret_value(self, SecretId):  # noqa: N803
+        assert SecretId == "arn:etl"
+        return {"SecretString": json.dumps({"username": "cdcflow_etl", "password": "Secret123abc", "host": "h"})}
+
+
+def _user_event(request: str = "Create") -> dict:
+    return {"RequestType": request, "ResourceProperties": {
+        "WorkgroupName": "cdcflow-shop", "Database": "dev", "Schema": "analytics", "UserName": "cdcflow_etl",
+        "AdminSecretArn": "arn:admin", "EtlSecretArn": "arn:etl"}}  # fmt: skip
+
+
+def test_etl_user_handler_creates_the_user_with_a_hashed_password_and_only_its_grants(monkeypatch):
+    import hashlib
+
+    sys.path.insert(0, str(INFRA / "redshift_user"))
+    import index
+
+    monkeypatch.setattr(index.time, "sleep", lambda _s: None)
+    api = _FakeDataApi()
+    out = index.on_event(_user_event(), clients={"redshift-data": api, "secretsmanager": _FakeSecrets()})
+    assert out["PhysicalResourceId"] == "cdcflow-shop/dev/cdcflow_etl"
+    digest = "md5" + hashlib.md5(b"Secret123abccdcflow_etl").hexdigest()
+    assert api.sql == [
+        'create schema if not exists "analytics"',
+        "select count(*) from pg_user where usename = :user",
+        f"create user \"cdcflow_etl\" password '{digest}'",
+        'alter schema "analytics" owner to "cdcflow_etl"',
+        'grant create on database "dev" to "cdcflow_etl"',
+    ]
+    assert not any("Secret123abc" in q for q in api.sql), "the plain password is never in a statement"
+    assert not any("superuser" in q.lower() or "createuser" in q.lower() for q in api.sql)
+
+    # an existing user gets the secret's password again (alter), a failed statement fails the deploy
+    again = _FakeDataApi(user_exists=True)
+    index.on_event(_user_event("Update"), clients={"redshift-data": again, "secretsmanager": _FakeSecrets()})
+    assert again.sql[2].startswith('alter user "cdcflow_etl" password \'md5')
+    failing = index.DataApi(_FakeDataApi(), "cdcflow-shop", "dev", "arn:admin", sleep=lambda _s: None)
+    with pytest.raises(RuntimeError, match="permission denied"):
+        failing.run("grant fail")
+    # Delete drops nothing (the user owns the warehouse's tables)
+    assert index.on_event({**_user_event("Delete"), "PhysicalResourceId": "x"}, clients={})["PhysicalResourceId"] == "x"
+    assert index.quote_ident('we"ird') == '"we""ird"'
 
 
 # ---------------------------------------------------------------- monitoring
@@ -644,7 +788,17 @@ def test_dms_serverless_and_existing_cluster_by_context(variant):
     creds = next(s["Properties"] for lid, s in _resources(variant, "AWS::SecretsManager::Secret").items()
                  if lid.startswith("RedshiftCredentials"))  # fmt: skip
     template = json.loads(creds["GenerateSecretString"]["SecretStringTemplate"])
-    assert template["host"] == "" and template["username"] == "cdcflow"  # filled in for the existing cluster
+    assert template["host"] == "" and template["username"] == "cdcflow_etl"  # filled in for the existing cluster
+    # the existing cluster's security group gets 5439 from the Glue security group; no parameters asked
+    params = variant.to_json().get("Parameters", {})
+    assert not {"SubnetIds", "SecurityGroupIds", "VpcId", "GlueAvailabilityZone"} & params.keys()
+    (ingress,) = [r["Properties"] for r in _resources(variant, "AWS::EC2::SecurityGroupIngress").values()
+                  if r["Properties"]["GroupId"] == CLUSTER_SECURITY_GROUP]  # fmt: skip
+    assert (ingress["FromPort"], ingress["ToPort"]) == (5439, 5439)
+    assert ingress["SourceSecurityGroupId"]["Fn::GetAtt"][0].startswith("GlueSecurityGroup")
+    (conn,) = [c["Properties"]["ConnectionInput"] for c in _resources(variant, "AWS::Glue::Connection").values()]
+    assert conn["PhysicalConnectionRequirements"]["SubnetId"] == SUBNETS[0]
+    assert conn["PhysicalConnectionRequirements"]["AvailabilityZone"] == "us-east-1a"
     alarms = [a["Properties"] for a in _resources(variant, "AWS::CloudWatch::Alarm").values()
               if a["Properties"].get("Namespace") == "AWS/DMS"]  # fmt: skip
     assert len(alarms) == 4
