@@ -13,8 +13,10 @@ What is here:
 - a Step Functions state machine (full load -> warehouse merge -> compaction, .sync, retries, Catch ->
   SNS) started by an EventBridge schedule;
 - the Glue Data Catalog database with every silver table, bronze and quarantine as Delta tables;
-- Redshift Serverless (namespace + workgroup, the COPY role associated, the admin secret, the schema),
-  or an existing cluster by context;
+- Redshift Serverless (namespace + workgroup, the COPY role associated, the admin secret, the schema and
+  the merge's least-privilege user made by a custom resource), or an existing cluster by context;
+- a Glue NETWORK connection (own security group) through which the warehouse merge reaches Redshift,
+  whose security group accepts 5439 from that group only;
 - CloudWatch alarms (pipeline EMF metrics, DMS latency, Kinesis, freshness, quarantine rate, heartbeat,
   Glue job failures) -> SNS, and a dashboard;
 - the job bundle, entry scripts and configs uploaded to the artifacts bucket as CDK assets.
