@@ -48,7 +48,8 @@ def variant(template):
 
     settings = CdcflowSettings(dms_serverless=1, redshift_cluster_id="warehouse", subnet_ids=f"{SUBNETS[0]},{SUBNETS[1]}",
                                security_group_ids=SECURITY_GROUP, vpc_id=VPC, glue_availability_zone="us-east-1a",
-                               redshift_security_group_id=CLUSTER_SECURITY_GROUP)  # fmt: skip
+                               redshift_security_group_id=CLUSTER_SECURITY_GROUP,
+                               s3_cdc_max_batch_interval_seconds=120, s3_cdc_min_file_size_kb=32_768)  # fmt: skip
     stack = CdcflowStack(cdk.App(), "CdcflowVariant", settings=settings,
                          env=cdk.Environment(account=ACCOUNT, region="us-east-1"))  # fmt: skip
     return Template.from_stack(stack)
@@ -651,6 +652,17 @@ def test_dms_kinesis_freshness_quarantine_heartbeat_alarms(template):
     assert hb["Period"] == 15 * 60
 
 
+def test_glue_job_failures_notify_the_topic(template):
+    topic = _logical_id(template, "AWS::SNS::Topic")
+    (rule,) = [r["Properties"] for r in _resources(template, "AWS::Events::Rule").values()
+               if r["Properties"].get("EventPattern", {}).get("source") == ["aws.glue"]]  # fmt: skip
+    detail = rule["EventPattern"]["detail"]
+    assert rule["EventPattern"]["detail-type"] == ["Glue Job State Change"]
+    assert set(detail["state"]) == {"FAILED", "TIMEOUT", "STOPPED"}
+    assert sorted(j["Ref"] for j in detail["jobName"]) == sorted(_resources(template, "AWS::Glue::Job"))
+    assert rule["Targets"][0]["Arn"] == {"Ref": topic}
+
+
 def test_dashboard_shows_lag_freshness_throughput_quarantine_dms_and_jobs(template):
     (dash,) = [d["Properties"] for d in _resources(template, "AWS::CloudWatch::Dashboard").values()]
     body = json.dumps(dash["DashboardBody"])
@@ -789,6 +801,8 @@ def test_dms_serverless_and_existing_cluster_by_context(variant):
                  if lid.startswith("RedshiftCredentials"))  # fmt: skip
     template = json.loads(creds["GenerateSecretString"]["SecretStringTemplate"])
     assert template["host"] == "" and template["username"] == "cdcflow_etl"  # filled in for the existing cluster
+    s3 = _endpoint(variant, "s3")["S3Settings"]  # the DMS S3 batching is configurable by context
+    assert (s3["CdcMaxBatchInterval"], s3["CdcMinFileSize"]) == (120, 32_768)
     # the existing cluster's security group gets 5439 from the Glue security group; no parameters asked
     params = variant.to_json().get("Parameters", {})
     assert not {"SubnetIds", "SecurityGroupIds", "VpcId", "GlueAvailabilityZone"} & params.keys()
