@@ -114,12 +114,15 @@ def run_compaction(spark, project, tables, vacuum_hours: int, allow_short_retent
     results = compact(spark, project, tables, vacuum_hours=vacuum_hours, allow_short_retention=allow_short_retention)
     summary = report(results, started, time.perf_counter() - t0)
     print_table("compaction", ["table", "partition", "action", "files before", "files after", "MB before",
-                               "MB after", "tombstones removed", "seconds"],
+                               "MB after", "tombstones removed", "spectrum manifest", "seconds"],
                 [[r.table, r.partition or "", r.action, r.files_before, r.files_after,
                   round(r.bytes_before / 2**20, 1), round(r.bytes_after / 2**20, 1), r.tombstones_removed,
-                  r.seconds] for r in results if r.action == "compacted" or len(results) <= 50])
+                  r.manifest, r.seconds] for r in results
+                 if r.action == "compacted" or r.manifest.startswith(("skipped", "failed")) or len(results) <= 50])
     where = write_report(project, "compaction", started.strftime("%Y%m%dT%H%M%SZ"), summary)
     say(f"{summary['tables_compacted']} compacted, {summary['tables_skipped']} skipped (healthy), "
-        f"{summary['files_removed']} files removed, {summary['seconds']} s; report {where}")
+        f"{summary['files_removed']} files removed, {summary['manifests_written']} Spectrum manifests rewritten"
+        + (f" (not readable by Spectrum: {', '.join(summary['manifests_skipped'])})" if summary["manifests_skipped"]
+           else "") + f", {summary['seconds']} s; report {where}")
     emit_metrics(metrics, summary)
     return summary

@@ -12,23 +12,34 @@ for the small silver tables it writes, Spark for the others and for bronze and q
 Spark), so every commit to a table goes through one commit protocol. The stream keeps committing
 meanwhile; a commit conflict is retried with backoff, so compaction never breaks the stream and the
 stream never breaks compaction.
+
+After each table (compacted or skipped), and for bronze and quarantine, the table's symlink manifests
+(`_symlink_format_manifest/`, what Redshift Spectrum reads) are rewritten from the Delta log by
+delta-rs, after that table's VACUUM: Spectrum sees the snapshot of the last pass, and a manifest never
+lists a file VACUUM deleted while passes run closer together than the VACUUM retention (168 h floor).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
 
 from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from batch.full_load import RawStore
+from cdcflow.catalog import glue_table_name
 from cdcflow.cdc.apply import retry_commit_conflicts, rs_uri, silver_writer
 from cdcflow.config import Project
 from cdcflow.config.models import CompactionThresholds
@@ -57,6 +68,7 @@ class CompactResult:
     tombstones_removed: int = 0
     vacuumed: bool = False
     seconds: float = 0.0
+    manifest: str = ""  # the Spectrum manifest: "written", "unchanged", "removed" or "skipped: <why>"
     notes: list[str] = field(default_factory=list)
 
 
@@ -172,6 +184,184 @@ def _rs_vacuum(path: str, retention_hours: int) -> None:
     RsTable(rs_uri(path)).vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False)
 
 
+# ------------------------------------------------------------ symlink manifests (Redshift Spectrum)
+
+MANIFEST_DIR = "_symlink_format_manifest"
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+DV_SKIP = ("skipped: deletion vectors enabled (reader feature deletionVectors): a manifest lists whole "
+           "files, so Spectrum would read rows the table has deleted")
+
+
+@dataclass(frozen=True)
+class Manifests:
+    """What `write_manifests` did: per manifest folder ("" unpartitioned, else `col=value/...`), whether
+    it was written, unchanged or removed (its partition is gone); or why the table was skipped."""
+
+    status: dict[str, str]
+    partitions: tuple[dict[str, str], ...] = ()  # current partitions' values, for the Glue catalog
+    skipped: str | None = None
+
+    def summary(self) -> str:
+        if self.skipped:
+            return self.skipped
+        counts: dict[str, int] = defaultdict(int)
+        for s in self.status.values():
+            counts[s] += 1
+        if set(self.status) <= {""}:
+            return self.status.get("", "empty")
+        return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"
+
+
+def partition_dir(columns: tuple[str, ...], values: tuple[Any, ...]) -> str:
+    """`col=value/...`: the manifest folder of one partition (escaped, so a value never makes a folder)."""
+    return "/".join(f"{c}={HIVE_NULL if v is None else quote(str(v), safe='')}"
+                    for c, v in zip(columns, values, strict=True))
+
+
+def snapshot_files(path: str) -> tuple[dict[str, list[str]], tuple[dict[str, str], ...]] | str | None:
+    """The current snapshot's data files as absolute URIs, per manifest folder, with the partitions'
+    values; a skip reason when a manifest can't express the table; None when there is no table."""
+    import pyarrow as pa
+    from deltalake import DeltaTable as RsTable
+
+    try:
+        dt = RsTable(rs_uri(path))
+    except Exception:  # noqa: BLE001 - no table (yet)
+        return None
+    if "deletionVectors" in (dt.protocol().reader_features or []):
+        return DV_SKIP
+    columns = tuple(dt.metadata().partition_columns)
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    root = dt.table_uri.rstrip("/") + "/"
+    if root.startswith("file://"):
+        root = root[len("file://"):]
+    groups: dict[str, list[str]] = defaultdict(list)
+    partitions: dict[str, dict[str, str]] = {}
+    values = [actions[f"partition.{c}"].to_pylist() for c in columns]
+    for i, rel in enumerate(actions["path"].to_pylist()):
+        rel = unquote(rel)  # the log holds the path URI-encoded
+        uri = rel if "://" in rel else root + rel
+        key = tuple(v[i] for v in values)
+        folder = partition_dir(columns, key)
+        groups[folder].append(uri)
+        partitions[folder] = {c: HIVE_NULL if v is None else str(v) for c, v in zip(columns, key, strict=True)}
+    return {k: sorted(v) for k, v in groups.items()}, tuple(partitions[k] for k in sorted(partitions) if k)
+
+
+class _ManifestStore:
+    """The manifest folder of one table: local files (written to a temp file, then renamed) or S3
+    objects (one PUT replaces an object atomically: a reader sees the old list or the new one)."""
+
+    def __init__(self, table_path: str, s3: Any = None):
+        self.root = rs_uri(table_path).rstrip("/") + "/" + MANIFEST_DIR
+        self.s3 = s3
+        if self.root.startswith("s3://"):
+            from cdcflow.aws import split_s3
+
+            self.bucket, self.prefix = split_s3(self.root)
+            if self.s3 is None:
+                import boto3
+
+                self.s3 = boto3.client("s3")
+
+    def _key(self, folder: str) -> str:
+        return "/".join(x for x in (self.prefix, folder, "manifest") if x)
+
+    def _file(self, folder: str) -> Path:
+        return Path(self.root, folder, "manifest")
+
+    def read(self, folder: str) -> str | None:
+        if self.s3 is None:
+            f = self._file(folder)
+            return f.read_text() if f.exists() else None
+        try:
+            return self.s3.get_object(Bucket=self.bucket, Key=self._key(folder))["Body"].read().decode()
+        except self.s3.exceptions.NoSuchKey:
+            return None
+
+    def write(self, folder: str, text: str) -> None:
+        if self.s3 is not None:
+            self.s3.put_object(Bucket=self.bucket, Key=self._key(folder), Body=text.encode(), ContentType="text/plain")
+            return
+        f = self._file(folder)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=".manifest.")
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, f)  # atomic on one file system: never a half-written manifest
+
+    def delete(self, folder: str) -> None:
+        if self.s3 is not None:
+            self.s3.delete_object(Bucket=self.bucket, Key=self._key(folder))
+        else:
+            self._file(folder).unlink(missing_ok=True)
+
+    def folders(self) -> set[str]:
+        """Folders that hold a manifest now."""
+        if self.s3 is None:
+            root = Path(self.root)
+            return {"" if f.parent == root else f.parent.relative_to(root).as_posix() for f in root.rglob("manifest")}
+        out = set()
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + "/")
+        for page in pages:
+            for o in page.get("Contents", []):
+                rel = o["Key"][len(self.prefix) + 1:]
+                if rel == "manifest" or rel.endswith("/manifest"):
+                    out.add(rel[: -len("manifest")].rstrip("/"))
+        return out
+
+
+def write_manifests(path: str, s3: Any = None) -> Manifests | None:
+    """Rewrite the table's symlink manifests from its current snapshot (delta-rs reads the log; no
+    Spark): one `manifest` per partition folder (at the root when unpartitioned) listing the absolute
+    URIs of that partition's live Parquet files, one per line. A manifest is written only when its list
+    changed; a partition that no longer has files loses its manifest (an empty one is not valid to
+    Spectrum). A table with deletion vectors is skipped and its old manifests removed: they would go
+    stale and, after VACUUM, point at deleted files. None when there is no table."""
+    snap = snapshot_files(path)
+    if snap is None:
+        return None
+    store = _ManifestStore(path, s3)
+    existing = store.folders()
+    if isinstance(snap, str):
+        for folder in existing:
+            store.delete(folder)
+        return Manifests({f: "removed" for f in existing}, skipped=snap)
+    groups, partitions = snap
+    status: dict[str, str] = {}
+    for folder, uris in sorted(groups.items()):
+        text = "\n".join(uris) + "\n"
+        if folder in existing and store.read(folder) == text:
+            status[folder] = "unchanged"
+        else:
+            store.write(folder, text)
+            status[folder] = "written"
+    for folder in existing - set(groups):
+        store.delete(folder)
+        status[folder] = "removed"
+    return Manifests(status, partitions)
+
+
+def _refresh_manifests(project: Project, path: str, catalog_name: str | None) -> Manifests | None:
+    """`write_manifests`, then the Spectrum table's Glue partitions (partitioned tables; only with a
+    catalog database). Never raises: Spectrum's view trails the lake, compaction goes on."""
+    try:
+        s3 = None
+        if rs_uri(path).startswith("s3://"):
+            from cdcflow.aws import project_client
+
+            s3 = project_client(project, "s3")
+        m = write_manifests(path, s3)
+    except Exception as e:  # noqa: BLE001 - a manifest is a derived view: report it, compact the rest
+        log.warning("%s: manifest not written: %s", path, e)
+        return Manifests({}, skipped=f"failed: {type(e).__name__}: {e}")
+    if m is not None and m.partitions and catalog_name:
+        from cdcflow.catalog import sync_spectrum_partitions
+
+        sync_spectrum_partitions(project, catalog_name, path, m.partitions)
+    return m
+
+
 # ------------------------------------------------------------ the job
 
 
@@ -216,12 +406,30 @@ def compact(spark: SparkSession, project: Project, tables: list[str] | None = No
         finally:
             forget_delta_table(spark, path)  # one table at a time: 1000 tables must not pile up in heap
         if r is not None:
+            # after this table's VACUUM (in _compact_silver): the manifest lists no file VACUUM removed
+            m = _refresh_manifests(project, path, glue_table_name(t))
+            r.manifest = m.summary() if m is not None else ""
             done(r, started)
-    if tables is None:
-        for extra in ("bronze", "quarantine"):
-            partitioned = ("table", "date") if extra == "bronze" else ()
+    for extra in ("bronze", "quarantine"):
+        if Stop.requested:
+            break
+        partitioned = ("table", "date") if extra == "bronze" else ()
+        rows: list[CompactResult] = []
+        started = time.perf_counter()
+        if tables is None:  # a run for some tables doesn't compact bronze/quarantine, but keeps their manifests
             for r, started in _compact_appended(spark, project, extra, partitioned, now, vacuum_hours):
                 done(r, started)
+                rows.append(r)
+        # the generator has run to its end, VACUUM included, before the manifests are rewritten
+        m = _refresh_manifests(project, project.path(extra), extra)
+        if m is None:
+            continue
+        if not rows:
+            rows.append(CompactResult(extra, engine="delta-rs", action="skipped: not selected"))
+            done(rows[0], started)
+        for r in rows:
+            r.manifest = m.skipped or m.status.get(r.partition or "", m.summary())
+    if tables is None:
         if not Stop.requested:
             started = time.perf_counter()
             days = project.pipeline.dms.archive_expire_days
@@ -321,6 +529,9 @@ def report(results: list[CompactResult], started: datetime, seconds: float) -> d
         "raw_archive_expired": sum(r.files_removed for r in results if r.table == "raw archive"),
         "files_removed": sum(r.files_removed for r in results if r.table != "raw archive"),
         "bytes_rewritten": sum(r.bytes_rewritten for r in results),
+        # Redshift Spectrum's view: manifests rewritten (a list changed) and tables it can't read
+        "manifests_written": sum(1 for r in results if r.manifest and "written" in r.manifest),
+        "manifests_skipped": sorted({r.table for r in results if r.manifest.startswith(("skipped", "failed"))}),
         "results": [asdict(r) for r in results],
     }  # fmt: skip
 

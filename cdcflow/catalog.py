@@ -7,6 +7,14 @@ config's). When a job creates a silver table or schema drift adds a column or wi
 `sync_table_columns`: Glue `UpdateTable` keeps the previous definition as a table version
 (GetTableVersions), so the catalog records every schema change.
 
+Redshift Spectrum can't read a Delta log: it reads the symlink manifests compaction writes
+(`batch.compaction.write_manifests`) through a second table per lake table, in a separate database
+(`spectrum_database`, `<database>_spectrum`): `SymlinkTextInputFormat` + the Parquet SerDe, LOCATION
+the table's `_symlink_format_manifest/`. A separate database because Spectrum's external schema maps a
+whole database: the Delta entries above read by Spectrum would list every Parquet file ever written
+(removed ones too) and return wrong rows; Athena users keep one entry per table. `sync_silver_table`
+keeps both entries' columns current; compaction registers a partitioned table's partitions.
+
 Spark-free (boto3 only): the jobs pass Spark's `simpleString()` types, which are Hive types.
 """
 
@@ -14,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +46,12 @@ DELTA_TABLE_PARAMETERS = {
 PARQUET_SERDE = "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe"
 PARQUET_INPUT = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat"
 PARQUET_OUTPUT = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat"
+# Redshift Spectrum over Delta symlink manifests (the Delta Lake docs' table definition): splits come
+# from the manifest's file list, the Parquet SerDe reads them; the output format is never used by reads.
+SYMLINK_INPUT = "org.apache.hadoop.hive.ql.io.SymlinkTextInputFormat"
+SYMLINK_OUTPUT = "org.apache.hadoop.hive.ql.io.HiveIgnoreKeyTextOutputFormat"
+MANIFEST_DIR = "_symlink_format_manifest"
+SPECTRUM_SUFFIX = "_spectrum"
 
 # cdcflow.cdc.bronze.bronze_rows (partitioned by table, date) and cdcflow.cdc.quarantine.QUARANTINE_SCHEMA.
 BRONZE_COLUMNS = {
@@ -98,6 +112,43 @@ def delta_table_input(name: str, location: str, columns: Mapping[str, str],
     }
 
 
+def spectrum_database(database: str) -> str:
+    """The Glue database Redshift Spectrum's external schema maps: the manifest tables only."""
+    return f"{database}{SPECTRUM_SUFFIX}"
+
+
+def manifest_location(table_root: str) -> str:
+    """Where a table's symlink manifests are (s3://, as Spectrum reads it; compaction writes there)."""
+    root = table_root.rstrip("/")
+    for prefix in ("s3a://", "s3n://"):
+        if root.startswith(prefix):
+            root = "s3://" + root[len(prefix):]
+    return f"{root}/{MANIFEST_DIR}/"
+
+
+def spectrum_table_input(name: str, table_root: str, columns: Mapping[str, str],
+                         partition_keys: Mapping[str, str] | None = None, description: str = "") -> dict[str, Any]:
+    """A Glue TableInput Spectrum reads: a Hive table over the symlink manifests of the Delta table
+    at `table_root` (partition keys as the Delta table's; each partition is registered by compaction
+    with LOCATION its manifest folder)."""
+    parts = dict(partition_keys or {})
+    location = manifest_location(table_root)
+    return {
+        "Name": name,
+        "Description": description,
+        "TableType": "EXTERNAL_TABLE",
+        "Parameters": {"EXTERNAL": "TRUE", "classification": "parquet", "cdcflow.delta_location": table_root},
+        "PartitionKeys": [{"Name": c, "Type": t} for c, t in parts.items()],
+        "StorageDescriptor": {
+            "Columns": [{"Name": c, "Type": t} for c, t in columns.items() if c not in parts],
+            "Location": location,
+            "InputFormat": SYMLINK_INPUT,
+            "OutputFormat": SYMLINK_OUTPUT,
+            "SerdeInfo": {"SerializationLibrary": PARQUET_SERDE, "Parameters": {"serialization.format": "1"}},
+        },
+    }
+
+
 def _table_input(existing: dict[str, Any]) -> dict[str, Any]:
     """GetTable's Table -> the TableInput UpdateTable takes (only the keys TableInput allows)."""
     keys = ("Name", "Description", "Owner", "Retention", "StorageDescriptor", "PartitionKeys", "TableType",
@@ -106,20 +157,21 @@ def _table_input(existing: dict[str, Any]) -> dict[str, Any]:
 
 
 def sync_table_columns(glue: Any, database: str, name: str, columns: Mapping[str, str], *, location: str,
-                       partition_keys: Mapping[str, str] | None = None) -> SyncResult:
+                       partition_keys: Mapping[str, str] | None = None,
+                       table_input: Callable[..., dict[str, Any]] = delta_table_input) -> SyncResult:
     """Make the catalog entry `database.name` hold `columns` ({column: Spark/Hive type}, in table order).
 
     Columns are only ever added (at the end, in the given order) or widened (`is_widening`); a column
     missing from `columns` is kept (Delta never drops one) and a narrower type is ignored, as silver
     keeps its wider type. When something changed, `UpdateTable` (archive on) keeps the previous
-    definition as a table version. A missing entry is created (`location` is the Delta table's root).
+    definition as a table version. A missing entry is created by `table_input` (`location` is the
+    Delta table's root).
     Returns what changed; no call is made to UpdateTable when nothing did, so re-running is free.
     """
     try:
         current = glue.get_table(DatabaseName=database, Name=name)["Table"]
     except glue.exceptions.EntityNotFoundException:
-        glue.create_table(DatabaseName=database,
-                          TableInput=delta_table_input(name, location, columns, partition_keys))
+        glue.create_table(DatabaseName=database, TableInput=table_input(name, location, columns, partition_keys))
         return SyncResult(created=True, updated=False, added=tuple(columns))
     table_input = _table_input(current)
     sd = table_input.setdefault("StorageDescriptor", {})
@@ -147,7 +199,8 @@ def sync_table_columns(glue: Any, database: str, name: str, columns: Mapping[str
 
 def sync_silver_table(project: Project, table: str, columns: Mapping[str, str],
                       metrics: MetricsSink | None = None) -> SyncResult | None:
-    """Keep silver table `table`'s catalog entry current after a job created or evolved it.
+    """Keep silver table `table`'s catalog entries current after a job created or evolved it: the
+    Delta one and the Spectrum one (`spectrum_database`, over the symlink manifests).
 
     `columns` are silver's data columns ({column: Spark/Hive type}, in table order; PII-masked
     columns as strings); the metadata columns are appended. Does nothing without a catalog database
@@ -161,11 +214,70 @@ def sync_silver_table(project: Project, table: str, columns: Mapping[str, str],
     from cdcflow.aws import project_client
 
     t = project.table(table)
+    columns = {**columns, **SILVER_META}
+    location = project.path(t.delta_path)
+    parts = {c: columns[c] for c in t.cfg.delta.partition_by if c in columns}
+    result = None
+    # the Delta entry (Athena, Spark), then the Spectrum one (same columns; partition keys as the Delta
+    # table's); each on its own, so one failing doesn't keep the other stale
+    for db, kw in ((database, {}),
+                   (spectrum_database(database), {"partition_keys": parts, "table_input": spectrum_table_input})):
+        try:
+            synced = sync_table_columns(project_client(project, "glue"), db, glue_table_name(t), columns,
+                                        location=location, **kw)
+        except Exception as e:  # noqa: BLE001 - never fail a table whose data is committed for its catalog entry
+            log.warning("table %s: catalog %s not updated: %s", table, db, e)
+            if metrics is not None:
+                metrics.alert("CatalogSyncFailed", table, type(e).__name__)
+            continue
+        if db == database:
+            result = synced
+    return result
+
+
+def sync_partitions(glue: Any, database: str, name: str, partitions: tuple[dict[str, str], ...]) -> tuple[int, int]:
+    """Make the Spectrum table `database.name`'s partitions the given ones (each {column: value}, for
+    the table's partition keys), each at its manifest folder; returns (added, removed). Spectrum finds a
+    partitioned table's files only through registered partitions."""
+    table = glue.get_table(DatabaseName=database, Name=name)["Table"]
+    keys = [k["Name"] for k in table.get("PartitionKeys", [])]
+    if not keys:
+        return 0, 0
+    sd = table["StorageDescriptor"]
+    root = sd["Location"].rstrip("/")
+    want = {tuple(p[k] for k in keys) for p in partitions}
+    have: set[tuple[str, ...]] = set()
+    for page in glue.get_paginator("get_partitions").paginate(DatabaseName=database, TableName=name):
+        have |= {tuple(p["Values"]) for p in page["Partitions"]}
+
+    def entry(values: tuple[str, ...]) -> dict[str, Any]:
+        from urllib.parse import quote
+
+        folder = "/".join(f"{k}={v if v == '__HIVE_DEFAULT_PARTITION__' else quote(v, safe='')}"
+                          for k, v in zip(keys, values, strict=True))
+        return {"Values": list(values), "StorageDescriptor": {**sd, "Location": f"{root}/{folder}/"}}
+
+    added, removed = sorted(want - have), sorted(have - want)
+    for i in range(0, len(added), 100):  # BatchCreatePartition: 100 per call
+        glue.batch_create_partition(DatabaseName=database, TableName=name,
+                                    PartitionInputList=[entry(v) for v in added[i:i + 100]])
+    for i in range(0, len(removed), 25):  # BatchDeletePartition: 25 per call
+        glue.batch_delete_partition(DatabaseName=database, TableName=name,
+                                    PartitionsToDelete=[{"Values": list(v)} for v in removed[i:i + 25]])
+    return len(added), len(removed)
+
+
+def sync_spectrum_partitions(project: Project, name: str, table_root: str,
+                             partitions: tuple[dict[str, str], ...]) -> tuple[int, int] | None:
+    """`sync_partitions` on the Spectrum entry `name` (compaction, after writing the manifests); gated
+    by the catalog database like `sync_silver_table`, and never raises (logged)."""
+    database = os.environ.get(CATALOG_DATABASE_ENV)
+    if not database:
+        return None
+    from cdcflow.aws import project_client
+
     try:
-        return sync_table_columns(project_client(project, "glue"), database, glue_table_name(t),
-                                  {**columns, **SILVER_META}, location=project.path(t.delta_path))
-    except Exception as e:  # noqa: BLE001 - never fail a table whose data is committed for its catalog entry
-        log.warning("table %s: catalog not updated: %s", table, e)
-        if metrics is not None:
-            metrics.alert("CatalogSyncFailed", table, type(e).__name__)
+        return sync_partitions(project_client(project, "glue"), spectrum_database(database), name, partitions)
+    except Exception as e:  # noqa: BLE001 - Spectrum's partitions trail the lake; the next pass retries
+        log.warning("%s (%s): Spectrum partitions not updated: %s", name, table_root, e)
         return None

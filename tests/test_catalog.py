@@ -13,6 +13,9 @@ from cdcflow.catalog import (
     delta_table_input,
     glue_table_name,
     silver_columns,
+    spectrum_database,
+    spectrum_table_input,
+    sync_partitions,
     sync_table_columns,
 )
 from cdcflow.config import load_project
@@ -30,6 +33,7 @@ def glue(monkeypatch):
     with mock_aws():
         client = boto3.client("glue", region_name="us-east-1")
         client.create_database(DatabaseInput={"Name": DB})
+        client.create_database(DatabaseInput={"Name": spectrum_database(DB)})
         yield client
 
 
@@ -137,3 +141,53 @@ def test_sync_silver_table_is_gated_by_the_catalog_database_and_never_raises(glu
     assert sync_silver_table(project, "shop.orders", columns, MetricsSink("cdcflow-shop", stream=out)) is None
     alert = json.loads(out.getvalue().splitlines()[-1])
     assert alert["CatalogSyncFailed"] == 1 and alert["Table"] == "shop.orders"
+
+
+def _spectrum(glue, name: str) -> dict:
+    return glue.get_table(DatabaseName=spectrum_database(DB), Name=name)["Table"]
+
+
+def test_sync_silver_table_keeps_the_spectrum_entry_over_the_manifests_current(glue, monkeypatch):
+    """Spectrum's entry: its own database (the external schema maps a whole database, and Spectrum would
+    read a Delta entry's folder as plain Parquet, removed files included), SymlinkTextInputFormat over
+    the manifest folder, the Parquet SerDe, silver's columns; drift makes a new version there too."""
+    from cdcflow.catalog import CATALOG_DATABASE_ENV, SYMLINK_INPUT, sync_silver_table
+
+    project = load_project(CONFIGS, env={"CDCFLOW_AWS_ENDPOINT": "", "CDCFLOW_LAKE_ROOT": "s3a://lake/lake"})
+    monkeypatch.setenv(CATALOG_DATABASE_ENV, DB)
+    columns = {"customer_id": "bigint", "email": "string"}
+    assert sync_silver_table(project, "shop.customers", columns).created
+    t = _spectrum(glue, "shop_customers")
+    sd = t["StorageDescriptor"]
+    assert sd["InputFormat"] == SYMLINK_INPUT == "org.apache.hadoop.hive.ql.io.SymlinkTextInputFormat"
+    assert sd["SerdeInfo"]["SerializationLibrary"] == "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe"
+    assert sd["Location"] == "s3://lake/lake/silver/shop/customers/_symlink_format_manifest/"  # s3://, not s3a://
+    assert [c["Name"] for c in sd["Columns"]] == [*columns, *SILVER_META]
+    assert "table_type" not in t["Parameters"]  # a Hive table, not a Delta one
+    assert glue.get_table(DatabaseName=DB, Name="shop_customers")["Table"]["Parameters"]["table_type"] == "DELTA"
+
+    sync_silver_table(project, "shop.customers", {**columns, "tier": "string"})
+    versions = glue.get_table_versions(DatabaseName=spectrum_database(DB), TableName="shop_customers")["TableVersions"]
+    assert len(versions) == 2 and [c["Name"] for c in _spectrum(glue, "shop_customers")["StorageDescriptor"]
+                                   ["Columns"]][-1] == "tier"
+    assert _spectrum(glue, "shop_customers")["StorageDescriptor"]["InputFormat"] == SYMLINK_INPUT  # kept on update
+
+
+def test_spectrum_partitions_point_at_their_manifest_folders_and_follow_the_lake(glue):
+    root = "s3://lake/lake/bronze"
+    glue.create_table(DatabaseName=spectrum_database(DB),
+                      TableInput=spectrum_table_input("bronze", root, BRONZE_COLUMNS, {"table": "string", "date": "date"}))
+    db = spectrum_database(DB)
+    first = ({"table": "shop.orders", "date": "2026-11-25"}, {"table": "shop.orders", "date": "2026-11-26"})
+    assert sync_partitions(glue, db, "bronze", first) == (2, 0)
+    parts = glue.get_partitions(DatabaseName=db, TableName="bronze")["Partitions"]
+    locations = {tuple(p["Values"]): p["StorageDescriptor"]["Location"] for p in parts}
+    assert locations[("shop.orders", "2026-11-25")] == \
+        f"{root}/_symlink_format_manifest/table=shop.orders/date=2026-11-25/"
+    assert all(p["StorageDescriptor"]["InputFormat"].endswith("SymlinkTextInputFormat") for p in parts)
+    assert sync_partitions(glue, db, "bronze", first) == (0, 0)  # nothing to do: no calls
+    # a day is gone from the lake, another arrived
+    later = (first[1], {"table": "shop.customers", "date": "2026-11-26"})
+    assert sync_partitions(glue, db, "bronze", later) == (1, 1)
+    have = {tuple(p["Values"]) for p in glue.get_partitions(DatabaseName=db, TableName="bronze")["Partitions"]}
+    assert have == {("shop.orders", "2026-11-26"), ("shop.customers", "2026-11-26")}
