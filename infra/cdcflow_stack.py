@@ -74,6 +74,8 @@ from cdcflow.catalog import (
     delta_table_input,
     glue_table_name,
     silver_columns,
+    spectrum_database,
+    spectrum_table_input,
 )
 from cdcflow.config import load_project
 
@@ -176,6 +178,8 @@ class CdcflowSettings:
     redshift_base_rpu: int = 8
     redshift_max_rpu: int = 32
     redshift_etl_user: str = "cdcflow_etl"  # the merge's least-privilege user (never the admin)
+    # Redshift Spectrum: the external schema over the Spectrum Glue database (manifest tables)
+    redshift_spectrum_schema: str = "lake"
     # --- alarms
     freshness_threshold_seconds: int = 300
     quarantine_rate_percent: int = 5
@@ -347,6 +351,8 @@ class CdcflowStack(Stack):
         if self.project.pipeline.name != cfg.pipeline:  # the metrics' Pipeline dimension must match
             raise ValueError(f"context pipeline={cfg.pipeline!r} but pipeline.yaml name={self.project.pipeline.name!r}")
         self.catalog_database = cfg.catalog_database or cfg.pipeline.replace("-", "_")
+        self.spectrum_database = spectrum_database(self.catalog_database)
+        self._spectrum_role()
         self._network()
         self._redshift()
 
@@ -403,6 +409,10 @@ class CdcflowStack(Stack):
                   connections=[self.glue_connection.ref])  # the private Redshift endpoint, through the VPC
 
         compaction_role = self._job_role("compaction", lake_write=True)
+        # compaction registers the partitions of partitioned Spectrum tables (their manifest folders)
+        self._allow(compaction_role, "SpectrumPartitions",
+                    ["glue:GetTable", "glue:GetPartitions", "glue:BatchCreatePartition", "glue:BatchDeletePartition"],
+                    self._glue_database_arns(self.spectrum_database))
         self._job("compaction", compaction_role, command="glueetl", script="scripts/glue_compaction.py",
                   workers=cfg.batch_workers, env=env)
 
@@ -494,6 +504,9 @@ class CdcflowStack(Stack):
         CfnOutput(self, "ExpectedBucketOwner", value=self.account,
                   description="DMS S3 target setting ExpectedBucketOwner")
         CfnOutput(self, "AlarmTopicArn", value=self.topic.topic_arn)
+        CfnOutput(self, "RedshiftSpectrumRoleArn", value=self.redshift_spectrum_role.role_arn,
+                  description=f"Spectrum's role: external schema {cfg.redshift_spectrum_schema} over Glue database "
+                              f"{self.spectrum_database} (associate it with an existing cluster)")
         CfnOutput(self, "StreamingJobName", value=self.jobs["stream"].ref)
         CfnOutput(self, "ArchiverServiceName", value=self.archiver_service.attr_name,
                   description="ECS service of the raw archiver (cdcflow archive)")
@@ -766,15 +779,80 @@ class CdcflowStack(Stack):
             )
             t.node.add_dependency(self.glue_database)
             self.catalog_tables[name] = t
+        self._spectrum_catalog(tables)
+
+    def _spectrum_catalog(self, tables: list[tuple[str, str, dict[str, str], dict[str, str]]]) -> None:
+        """The Glue database Redshift Spectrum's external schema maps: per lake table, a Hive table
+        over its symlink manifests (compaction writes them; SymlinkTextInputFormat + Parquet SerDe).
+        A database of its own: the Delta entries, read by Spectrum, would list removed files too."""
+        cfg = self.settings
+        self.spectrum_glue_database = glue.CfnDatabase(
+            self, "SpectrumDatabase", catalog_id=self.account,
+            database_input=glue.CfnDatabase.DatabaseInputProperty(
+                name=self.spectrum_database,
+                description=f"cdcflow {cfg.pipeline}: Redshift Spectrum tables over the Delta tables' manifests"),
+        )
+        partitioned = {t.name: list(t.cfg.delta.partition_by) for t in self.project.tables.values()}
+        by_glue_name = {glue_table_name(t): t.name for t in self.project.tables.values()}
+        self.spectrum_tables: dict[str, glue.CfnTable] = {}
+        for name, location, columns, partitions in tables:
+            parts = partitions or {c: columns[c] for c in partitioned.get(by_glue_name.get(name, ""), [])}
+            ti = spectrum_table_input(name, location, columns, parts, description=f"cdcflow {name} (Spectrum manifests)")
+            sd = ti["StorageDescriptor"]
+            t = glue.CfnTable(
+                self, f"SpectrumTable{_camel(name)}", catalog_id=self.account, database_name=self.spectrum_database,
+                table_input=glue.CfnTable.TableInputProperty(
+                    name=name, description=ti["Description"], table_type=ti["TableType"], parameters=ti["Parameters"],
+                    partition_keys=[glue.CfnTable.ColumnProperty(name=c["Name"], type=c["Type"])
+                                    for c in ti["PartitionKeys"]],
+                    storage_descriptor=glue.CfnTable.StorageDescriptorProperty(
+                        location=sd["Location"],
+                        columns=[glue.CfnTable.ColumnProperty(name=c["Name"], type=c["Type"]) for c in sd["Columns"]],
+                        input_format=sd["InputFormat"], output_format=sd["OutputFormat"],
+                        serde_info=glue.CfnTable.SerdeInfoProperty(
+                            serialization_library=sd["SerdeInfo"]["SerializationLibrary"],
+                            parameters=sd["SerdeInfo"]["Parameters"]),
+                    ),
+                ),
+            )
+            t.node.add_dependency(self.spectrum_glue_database)
+            self.spectrum_tables[name] = t
+        if getattr(self, "warehouse_user", None) is not None:  # `create external schema` needs the database
+            self.warehouse_user.node.add_dependency(self.spectrum_glue_database)
+
+    def _glue_database_arns(self, database: str) -> list[str]:
+        """The catalog, one Glue database and its tables (Glue authorizes a table call on all three)."""
+        return [self.format_arn(service="glue", resource="catalog"),
+                self.format_arn(service="glue", resource="database", resource_name=database),
+                self.format_arn(service="glue", resource="table", resource_name=f"{database}/*")]
 
     def _allow_catalog_update(self, role: iam.Role) -> None:
-        """GetTable / CreateTable / UpdateTable (and versions) on this pipeline's catalog database only."""
+        """GetTable / CreateTable / UpdateTable (and versions) on this pipeline's catalog databases only
+        (the Delta one and the Spectrum one)."""
         self._allow(role, "CatalogSync",
                     ["glue:GetTable", "glue:GetTableVersions", "glue:CreateTable", "glue:UpdateTable",
                      "glue:GetDatabase"],
-                    [self.format_arn(service="glue", resource="catalog"),
-                     self.format_arn(service="glue", resource="database", resource_name=self.catalog_database),
-                     self.format_arn(service="glue", resource="table", resource_name=f"{self.catalog_database}/*")])
+                    self._glue_database_arns(self.catalog_database) + self._glue_database_arns(self.spectrum_database)[1:])
+
+    def _spectrum_role(self) -> None:
+        """The role Redshift reads the lake with through Spectrum: the Spectrum Glue database's
+        definitions and the lake prefix's objects (the manifests and the Parquet files they list),
+        decrypted with the stack's key; nothing else (no Glue writes, no other bucket)."""
+        cfg = self.settings
+        lake = cfg.lake_prefix.strip("/")
+        self.redshift_spectrum_role = role = iam.Role(
+            self, "RedshiftSpectrumRole",
+            description=f"cdcflow {cfg.pipeline}: Redshift Spectrum reads the lake's manifest tables",
+            assumed_by=iam.ServicePrincipal(
+                "redshift.amazonaws.com", conditions={"StringEquals": {"aws:SourceAccount": self.account}}),
+        )
+        # GetPartition(s): bronze (and any partitioned silver table) is read through its partitions
+        self._allow(role, "ReadSpectrumCatalog",
+                    ["glue:GetDatabase", "glue:GetTable", "glue:GetTables", "glue:GetPartition", "glue:GetPartitions"],
+                    self._glue_database_arns(self.spectrum_database))
+        self._allow(role, "ReadLake", S3_READ, [self.lake_bucket.arn_for_objects(f"{lake}/*")])
+        self._list(role, "ListLake", self.lake_bucket, lake)
+        self._allow(role, "DecryptLake", ["kms:Decrypt"], [self.key.key_arn])
 
     def _redshift(self) -> None:
         """Redshift Serverless (namespace + workgroup, COPY role associated) or an existing cluster."""
@@ -808,7 +886,7 @@ class CdcflowStack(Stack):
             admin_username=REDSHIFT_ADMIN,
             admin_user_password=admin.secret_value_from_json("password").unsafe_unwrap(),  # dynamic reference
             kms_key_id=self.key.key_arn,
-            iam_roles=[self.redshift_copy_role.role_arn],
+            iam_roles=[self.redshift_copy_role.role_arn, self.redshift_spectrum_role.role_arn],
             default_iam_role_arn=self.redshift_copy_role.role_arn,
             log_exports=["userlog", "connectionlog", "useractivitylog"],
         )
@@ -875,7 +953,10 @@ class CdcflowStack(Stack):
             self, "WarehouseUser", service_token=provider.service_token, resource_type="Custom::RedshiftEtlUser",
             properties={"WorkgroupName": workgroup.workgroup_name, "Database": cfg.redshift_database,
                         "Schema": schema, "UserName": cfg.redshift_etl_user,
-                        "AdminSecretArn": admin.secret_arn, "EtlSecretArn": self.redshift_secret.secret_arn},
+                        "AdminSecretArn": admin.secret_arn, "EtlSecretArn": self.redshift_secret.secret_arn,
+                        # Spectrum: `create external schema` over the Glue database of manifest tables
+                        "SpectrumSchema": cfg.redshift_spectrum_schema, "SpectrumDatabase": self.spectrum_database,
+                        "SpectrumRoleArn": self.redshift_spectrum_role.role_arn},
         )
         self.warehouse_user.node.add_dependency(workgroup)
 

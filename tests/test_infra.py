@@ -450,9 +450,10 @@ def test_batch_state_machine_runs_full_load_merge_compaction(template):
 
 
 def test_catalog_registers_silver_bronze_quarantine_as_delta(template):
-    (db,) = [d["Properties"] for d in _resources(template, "AWS::Glue::Database").values()]
-    assert db["DatabaseInput"]["Name"] == "cdcflow_shop"
-    tables = {t["Properties"]["TableInput"]["Name"]: t["Properties"] for t in _resources(template, "AWS::Glue::Table").values()}
+    dbs = sorted(d["Properties"]["DatabaseInput"]["Name"] for d in _resources(template, "AWS::Glue::Database").values())
+    assert dbs == ["cdcflow_shop", "cdcflow_shop_spectrum"]
+    tables = {t["Properties"]["TableInput"]["Name"]: t["Properties"] for t in _resources(template, "AWS::Glue::Table").values()
+              if t["Properties"]["DatabaseName"] == "cdcflow_shop"}
     assert set(tables) == {"shop_customers", "shop_order_items", "shop_orders", "shop_products", "bronze", "quarantine"}
     for name, props in tables.items():
         assert props["DatabaseName"] == "cdcflow_shop"
@@ -472,7 +473,8 @@ def test_catalog_registers_silver_bronze_quarantine_as_delta(template):
 def test_redshift_serverless_with_copy_role_and_schema(template):
     (ns,) = [n["Properties"] for n in _resources(template, "AWS::RedshiftServerless::Namespace").values()]
     copy_role = next(lid for lid in _resources(template, "AWS::IAM::Role") if lid.startswith("RedshiftCopyRole"))
-    assert ns["IamRoles"] == [{"Fn::GetAtt": [copy_role, "Arn"]}]
+    spectrum_role = next(lid for lid in _resources(template, "AWS::IAM::Role") if lid.startswith("RedshiftSpectrumRole"))
+    assert ns["IamRoles"] == [{"Fn::GetAtt": [copy_role, "Arn"]}, {"Fn::GetAtt": [spectrum_role, "Arn"]}]
     assert ns["DefaultIamRoleArn"] == {"Fn::GetAtt": [copy_role, "Arn"]}
     assert "resolve:secretsmanager" in json.dumps(ns["AdminUserPassword"])  # never a literal password
     (wg,) = [w["Properties"] for w in _resources(template, "AWS::RedshiftServerless::Workgroup").values()]
@@ -621,6 +623,73 @@ def test_etl_user_handler_creates_the_user_with_a_hashed_password_and_only_its_g
     # Delete drops nothing (the user owns the warehouse's tables)
     assert index.on_event({**_user_event("Delete"), "PhysicalResourceId": "x"}, clients={})["PhysicalResourceId"] == "x"
     assert index.quote_ident('we"ird') == '"we""ird"'
+
+
+def test_spectrum_reads_manifest_tables_through_an_external_schema_and_a_least_privilege_role(template):
+    """Redshift Spectrum: a Glue database of its own with one SymlinkTextInputFormat table per lake
+    table at its manifest folder; the external schema created by the custom resource with a role that
+    only reads that database, the lake prefix and the key."""
+    tables = {t["Properties"]["TableInput"]["Name"]: t for t in _resources(template, "AWS::Glue::Table").values()
+              if t["Properties"]["DatabaseName"] == "cdcflow_shop_spectrum"}
+    assert set(tables) == {"shop_customers", "shop_order_items", "shop_orders", "shop_products", "bronze", "quarantine"}
+    db_id = next(lid for lid in _resources(template, "AWS::Glue::Database") if lid.startswith("SpectrumDatabase"))
+    for name, t in tables.items():
+        ti = t["Properties"]["TableInput"]
+        sd = ti["StorageDescriptor"]
+        assert sd["InputFormat"] == "org.apache.hadoop.hive.ql.io.SymlinkTextInputFormat"
+        assert sd["OutputFormat"] == "org.apache.hadoop.hive.ql.io.HiveIgnoreKeyTextOutputFormat"
+        assert sd["SerdeInfo"]["SerializationLibrary"] == "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe"
+        assert "table_type" not in ti["Parameters"] and db_id in t["DependsOn"]
+        location = "".join(p if isinstance(p, str) else "<bucket>" for p in sd["Location"]["Fn::Join"][1])
+        suffix = {"bronze": "bronze", "quarantine": "quarantine"}.get(name, "silver/" + name.replace("_", "/", 1))
+        assert location == f"s3://<bucket>/lake/{suffix}/_symlink_format_manifest/", location
+    bronze = tables["bronze"]["Properties"]["TableInput"]
+    assert [p["Name"] for p in bronze["PartitionKeys"]] == ["table", "date"]
+    assert "table" not in {c["Name"] for c in bronze["StorageDescriptor"]["Columns"]}
+    customers = tables["shop_customers"]["Properties"]["TableInput"]["StorageDescriptor"]["Columns"]
+    assert {c["Name"]: c["Type"] for c in customers}["customer_id"] == "bigint"
+
+    (user,) = _resources(template, "Custom::RedshiftEtlUser").values()
+    props = user["Properties"]
+    assert props["SpectrumSchema"] == "lake" and props["SpectrumDatabase"] == "cdcflow_shop_spectrum"
+    role_id = props["SpectrumRoleArn"]["Fn::GetAtt"][0]
+    assert role_id.startswith("RedshiftSpectrumRole") and db_id in user["DependsOn"]
+    role = _resources(template, "AWS::IAM::Role")[role_id]["Properties"]
+    assert role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == {"Service": "redshift.amazonaws.com"}
+    by_sid = {s["Sid"]: s for s in _role_statements(template, "RedshiftSpectrumRole")}
+    assert set(by_sid) == {"ReadSpectrumCatalog", "ReadLake", "ListLake", "DecryptLake"}
+    assert set(_as_list(by_sid["ReadSpectrumCatalog"]["Action"])) == {
+        "glue:GetDatabase", "glue:GetTable", "glue:GetTables", "glue:GetPartition", "glue:GetPartitions"}
+    glue_resources = json.dumps(by_sid["ReadSpectrumCatalog"]["Resource"])
+    assert "database/cdcflow_shop_spectrum" in glue_resources and "table/cdcflow_shop_spectrum/*" in glue_resources
+    assert "database/cdcflow_shop\"" not in glue_resources  # not the Delta entries
+    assert _as_list(by_sid["ReadLake"]["Action"]) == ["s3:GetObject"]
+    assert [k for _, k in _s3_object_resources(by_sid["ReadLake"])] == ["/lake/*"]
+    assert by_sid["ListLake"]["Condition"] == {"StringLike": {"s3:prefix": ["lake/*", "lake"]}}
+    assert _as_list(by_sid["DecryptLake"]["Action"]) == ["kms:Decrypt"]
+    # compaction registers partitions of the Spectrum tables only; the jobs sync both databases' columns
+    compaction = {s["Sid"]: s for s in _role_statements(template, "JobRoleCompaction") if "Sid" in s}
+    assert set(_as_list(compaction["SpectrumPartitions"]["Action"])) == {
+        "glue:GetTable", "glue:GetPartitions", "glue:BatchCreatePartition", "glue:BatchDeletePartition"}
+    assert "database/cdcflow_shop_spectrum" in json.dumps(compaction["SpectrumPartitions"]["Resource"])
+    stream = {s["Sid"]: s for s in _role_statements(template, "JobRoleStream") if "Sid" in s}
+    assert "table/cdcflow_shop_spectrum/*" in json.dumps(stream["CatalogSync"]["Resource"])
+
+
+def test_etl_user_handler_creates_the_spectrum_external_schema(monkeypatch):
+    sys.path.insert(0, str(INFRA / "redshift_user"))
+    import index
+
+    monkeypatch.setattr(index.time, "sleep", lambda _s: None)
+    api = _FakeDataApi()
+    event = _user_event()
+    event["ResourceProperties"].update(SpectrumSchema="lake", SpectrumDatabase="cdcflow_shop_spectrum",
+                                       SpectrumRoleArn="arn:aws:iam::123456789012:role/spectrum")
+    index.on_event(event, clients={"redshift-data": api, "secretsmanager": _FakeSecrets()})
+    assert api.sql[-1] == ('create external schema if not exists "lake" from data catalog '
+                           "database 'cdcflow_shop_spectrum' iam_role 'arn:aws:iam::123456789012:role/spectrum'")
+    assert len(api.sql) == 6  # the ETL user's statements first, unchanged
+    assert index.quote_literal("it's") == "'it''s'"
 
 
 # ---------------------------------------------------------------- monitoring
@@ -817,6 +886,9 @@ def test_dms_serverless_and_existing_cluster_by_context(variant):
               if a["Properties"].get("Namespace") == "AWS/DMS"]  # fmt: skip
     assert len(alarms) == 4
     assert all(a["Dimensions"][0]["Name"] == "ReplicationConfigIdentifier" for a in alarms)
+    # an existing cluster: the Spectrum role is an output to associate; the external schema is made by hand
+    assert "RedshiftSpectrumRoleArn" in variant.to_json()["Outputs"]
+    variant.resource_count_is("Custom::RedshiftEtlUser", 0)
 
 
 def test_context_pipeline_must_match_pipeline_yaml():

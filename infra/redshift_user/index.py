@@ -12,8 +12,13 @@ Runs as the Redshift Serverless admin through the Redshift Data API and waits fo
 3. its privileges: owner of the warehouse schema (create, alter, drop and load the tables the merge
    generates, DIST/SORT keys included) and CREATE on the database, only because the merge runs
    `create schema if not exists` on every run. Not a superuser; no access to other schemas.
+4. when SpectrumSchema is given: the Redshift Spectrum external schema over the Glue database of
+   manifest tables (`create external schema if not exists ... from data catalog ... iam_role ...`),
+   read with the Spectrum role associated with the namespace. Owned by the admin: who may query it
+   is granted by hand (`grant usage on schema`), not to the ETL user, which doesn't read the lake.
 
-On Delete nothing is dropped: the user owns the warehouse's tables.
+On Delete nothing is dropped: the user owns the warehouse's tables (and dropping the external schema
+would break whoever was granted it).
 """
 
 from __future__ import annotations
@@ -34,6 +39,16 @@ def quote_ident(name: str) -> str:
 def md5_password(user: str, password: str) -> str:
     """Redshift's MD5 password form: 'md5' + md5(password + user name), hex."""
     return "md5" + hashlib.md5((password + user).encode()).hexdigest()  # noqa: S324 - Redshift's format
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def external_schema_statement(schema: str, glue_database: str, role_arn: str) -> str:
+    """Spectrum's external schema over a Glue Data Catalog database (same region as the workgroup)."""
+    return (f"create external schema if not exists {quote_ident(schema)} from data catalog "
+            f"database {quote_literal(glue_database)} iam_role {quote_literal(role_arn)}")
 
 
 def grant_statements(user: str, database: str, schema: str) -> list[str]:
@@ -105,5 +120,8 @@ def on_event(event: dict[str, Any], _context: Any = None, clients: dict[str, Any
         raise ValueError(f"the ETL secret's username is not {props['UserName']}")
     api = DataApi(clients["redshift-data"], props["WorkgroupName"], props["Database"], props["AdminSecretArn"])
     done = ensure_etl_user(api, props["UserName"], secret["password"], props["Schema"])
+    if props.get("SpectrumSchema"):
+        api.run(external_schema_statement(props["SpectrumSchema"], props["SpectrumDatabase"], props["SpectrumRoleArn"]))
+        done.append("create external schema")
     print(json.dumps({"user": props["UserName"], "done": done}))  # no password, no hash
     return {"PhysicalResourceId": physical_id}
