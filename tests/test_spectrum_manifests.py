@@ -49,6 +49,15 @@ def test_manifest_lists_exactly_the_current_snapshot_after_a_merge_rewrote_a_fil
     assert (table / MANIFEST_DIR / "manifest").stat().st_mtime_ns == mtime
     assert [f.name for f in (table / MANIFEST_DIR).iterdir()] == ["manifest"]
 
+    # compaction's order: OPTIMIZE, VACUUM, then the manifest. VACUUM leaves the manifest folder alone
+    # (a hidden `_` folder), and the rewrite lists only the compacted file
+    DeltaTable(str(table)).optimize.compact()
+    DeltaTable(str(table)).vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False)
+    assert (table / MANIFEST_DIR / "manifest").exists()
+    assert write_manifests(str(table)).status == {"": "written"}
+    assert manifest(table) == DeltaTable(str(table)).file_uris() and len(manifest(table)) == 1
+    assert Path(manifest(table)[0]).exists()
+
 
 def test_partitioned_table_has_one_manifest_per_partition_and_a_gone_partition_loses_its_own(tmp_path):
     table = tmp_path / "bronze"
