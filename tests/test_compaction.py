@@ -66,6 +66,22 @@ def test_compaction_reduces_files_keeps_data_and_gcs_old_hard_tombstones(spark, 
     history = spark.sql(f"DESCRIBE HISTORY delta.`{path}`").select("operation").collect()
     assert {"OPTIMIZE", "DELETE", "VACUUM END"} <= {h.operation for h in history}
 
+    # Redshift Spectrum's manifests, rewritten after VACUUM: exactly the compacted snapshot's files
+    from pathlib import Path
+
+    from deltalake import DeltaTable as RsTable
+
+    from batch.compaction import MANIFEST_DIR
+    from cdcflow.cdc.apply import rs_uri
+
+    assert healthy[("shop.orders", None)].manifest == "written" and r.manifest == "written"
+    listed = Path(rs_uri(path), MANIFEST_DIR, "manifest").read_text().splitlines()
+    assert sorted(listed) == sorted(RsTable(rs_uri(path)).file_uris()) and len(listed) == 1
+    bronze_manifest = Path(rs_uri(project.path("bronze")), MANIFEST_DIR, "table=shop.orders", "date=2026-11-25",
+                           "manifest")
+    assert bronze_manifest.read_text().count("\n") == 1  # the one bin-packed file
+    assert results[("bronze", "table=shop.orders/date=2026-11-25")].manifest == "unchanged"
+
 
 def test_vacuum_below_the_retention_floor_is_refused_in_one_line(tmp_path):
     from tests.conftest import REPO
