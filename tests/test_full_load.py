@@ -193,9 +193,11 @@ def test_full_load_follows_columns_added_widened_renamed_and_dropped_in_the_parq
     with mock_aws():
         glue = boto3.client("glue", region_name=project.pipeline.aws.region)
         glue.create_database(DatabaseInput={"Name": "cdcflow_shop"})
+        glue.create_database(DatabaseInput={"Name": "cdcflow_shop_spectrum"})  # Redshift Spectrum's entries
         run_full_load(spark, project)
         versions = glue.get_table_versions(DatabaseName="cdcflow_shop", TableName="shop_order_items")["TableVersions"]
         tables = {t["Name"] for t in glue.get_tables(DatabaseName="cdcflow_shop")["TableList"]}
+        spectrum = {t["Name"]: t for t in glue.get_tables(DatabaseName="cdcflow_shop_spectrum")["TableList"]}
     oracle = build_oracle(project, load_history(sim), resolve_salt(project), "s3")
     bad = [d for d in verify(project, oracle, read_actual(project, spark)) if not d.ok]
     assert not bad, [(d.table, d.kind, d.missing[:3], d.extra[:3], d.different[:3]) for d in bad]
@@ -211,4 +213,9 @@ def test_full_load_follows_columns_added_widened_renamed_and_dropped_in_the_parq
     assert len(cols) >= 2, "a drifted column is a new table version"
     assert cols[0]["quantity"] == "int" and "drift_note" not in cols[0]
     assert cols[-1]["quantity"] == "bigint" and {"drift_note", "drift_label"} <= cols[-1].keys()
+    # the Spectrum entry (over the manifests) follows the same drift
+    assert set(spectrum) == tables
+    sd = spectrum["shop_order_items"]["StorageDescriptor"]
+    assert sd["InputFormat"].endswith("SymlinkTextInputFormat")
+    assert {c["Name"]: c["Type"] for c in sd["Columns"]} == cols[-1]
     assert {c: t for c, t in cols[-1].items() if c in types} == {c: types[c] for c in cols[-1] if c in types}
