@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 
 import pytest
@@ -23,11 +24,16 @@ def test_compaction_passes_while_the_stream_commits_then_verify_matches(spark, t
     for name, t in project.tables.items():  # rewrite every pass (Z-ORDER rewrites even one file)
         project.tables[name] = replace(t, compaction=CompactionThresholds(min_small_files=1, small_file_share=0))
 
-    proc = stream_process(tmp_path, replay, "--until-caught-up")
+    # The default JVM: this stream runs for minutes beside compaction passes (with C1 only and 6 batches
+    # a run isolated three tables in its last batch and hung; not investigated, so kept as it was).
+    proc = stream_process(tmp_path, replay, "--until-caught-up", fast_jvm=False)
     wait_for(lambda: commits(tmp_path / "lake" / "bronze") >= 1 or proc.poll() is not None)
     passes = []
-    while proc.poll() is None:  # compaction passes for as long as batches commit
+    deadline = time.monotonic() + 900  # a stuck stream fails the test instead of hanging the suite
+    while proc.poll() is None and time.monotonic() < deadline:  # compaction passes while batches commit
         passes.append(compact(spark, project))
+    if proc.poll() is None:
+        proc.kill()
     out, _ = proc.communicate(timeout=600)
     passes.append(compact(spark, project))
     assert proc.returncode == 0, out[-3000:]

@@ -23,9 +23,9 @@ pytestmark = [pytest.mark.spark]
 FAST_JVM = "-XX:TieredStopAtLevel=1"
 
 
-def stream_process(tmp: Path, replay: Path, *extra: str) -> subprocess.Popen:
+def stream_process(tmp: Path, replay: Path, *extra: str, fast_jvm: bool = True) -> subprocess.Popen:
     env = {**os.environ, "CDCFLOW_LAKE_ROOT": str(tmp / "lake"), "CDCFLOW_CHECKPOINT_ROOT": str(tmp / "ck"),
-           "JDK_JAVA_OPTIONS": FAST_JVM}
+           **({"JDK_JAVA_OPTIONS": FAST_JVM} if fast_jvm else {})}
     return subprocess.Popen(
         [sys.executable, "-m", "cdcflow.cli", "stream", "--replay", str(replay), "--trigger-seconds", "1",
          "--metrics-file", str(tmp / "metrics.jsonl"), *extra],
