@@ -58,16 +58,19 @@ def _bound(value: str) -> Column:
     return F.lit(value).cast("timestamp")
 
 
-def rule_failure(rule: Rule) -> tuple[Column, tuple[str, Column] | None]:
+def rule_failure(rule: Rule, value: Callable[[str], Column] = F.col) -> tuple[Column, tuple[str, Column] | None]:
     """The failure expression of one row-level rule, and the helper column (name, expression) it
-    reads when it needs one (a window). Expressions only: they apply to any rows with the columns."""
+    reads when it needs one (a window). Expressions only: they apply to any rows with the columns.
+
+    `value` resolves a column name to its typed value: the rows' column by default; the streaming
+    job's many-table plan (cdcflow.cdc.multi_table) reads it from a map of every table's values."""
     r = rule.rule
     if r == "not_null":
-        nulls = [F.when(F.col(c).isNull(), F.lit(c)) for c in rule.columns]
+        nulls = [F.when(value(c).isNull(), F.lit(c)) for c in rule.columns]
         failed = F.concat_ws(", ", *nulls)
         return _failure(rule, failed != "", F.concat(failed, F.lit(" is null"))), None
     if r == "valid_date":
-        col = F.col(rule.column)
+        col = value(rule.column)
         ts = F.to_timestamp(col, rule.format) if rule.format else col.cast("timestamp")
         bad = col.isNotNull() & ts.isNull()
         out = F.lit(False)
@@ -80,7 +83,7 @@ def rule_failure(rule: Rule) -> tuple[Column, tuple[str, Column] | None]:
         )
         return _failure(rule, bad | F.coalesce(out, F.lit(False)), reason), None
     if r == "range":
-        col = F.col(rule.column)
+        col = value(rule.column)
         out = F.lit(False)
         if rule.min is not None:
             out = out | (col < F.lit(rule.min))
@@ -90,11 +93,11 @@ def rule_failure(rule: Rule) -> tuple[Column, tuple[str, Column] | None]:
         hi = "+inf" if rule.max is None else f"{rule.max:g}"
         return _failure(rule, F.coalesce(out, F.lit(False)), f"{rule.column} outside [{lo}, {hi}]"), None
     if r == "accepted_values":
-        col = F.col(rule.column)
+        col = value(rule.column)
         return _failure(rule, col.isNotNull() & ~col.cast("string").isin([str(v) for v in rule.values]),
                         f"{rule.column} not in accepted values"), None
     if r == "regex":
-        col = F.col(rule.column).cast("string")
+        col = value(rule.column).cast("string")
         return _failure(rule, col.isNotNull() & ~col.rlike(rule.pattern), f"{rule.column} does not match pattern"), None
     if r == "expression":
         return _failure(rule, ~F.coalesce(F.expr(rule.expression), F.lit(True)), f"failed: {rule.expression}"), None
@@ -131,10 +134,10 @@ def evaluate(df: DataFrame, rules: list[Rule], references: ReferenceLookup | Non
     return add_checks(df, failure_array(failures), helpers).drop(*joined)
 
 
-def row_checks(rules: list[Rule]) -> tuple[Column, list[tuple[str, Column]]]:
+def row_checks(rules: list[Rule], value: Callable[[str], Column] = F.col) -> tuple[Column, list[tuple[str, Column]]]:
     """`_dq` of row-level rules (all but referential) as an expression, with the helper columns it
     reads: built once, then added to any rows with `add_checks`."""
-    parts = [rule_failure(rule) for rule in rules]
+    parts = [rule_failure(rule, value) for rule in rules]
     return failure_array([f for f, _ in parts]), [h for _, h in parts if h]
 
 

@@ -69,6 +69,8 @@ def run_stream(
             agg.late += o.late
             agg.duplicates += o.duplicates
             agg.isolated = agg.isolated or o.isolated
+            agg.shared_plan = agg.shared_plan or o.shared_plan
+            agg.writer = o.writer or agg.writer
             agg.schema_warnings += o.schema_warnings
 
     writer = source.writeStream.foreachBatch(on_batch).option(

@@ -15,8 +15,9 @@ import threading
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from delta.tables import DeltaTable
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
@@ -112,7 +113,7 @@ def collapse(changes: DataFrame, shape: TableShape) -> DataFrame:
     by_key = Window.partitionBy(*key)
     latest = Window.partitionBy(*key).orderBy(F.col("_seq").desc())
     if not t.cfg.ignore_null_updates:
-        return changes.withColumn("_rn", F.row_number().over(latest)).filter("_rn = 1").drop("_rn")
+        return latest_per_key(changes, [F.col(k) for k in key])
 
     # Segment start: the last non-update change of the key; only later updates merge their values.
     seg_start = F.max(F.when(F.col("_op") != "update", F.col("_seq"))).over(by_key)
@@ -130,6 +131,12 @@ def collapse(changes: DataFrame, shape: TableShape) -> DataFrame:
         .withColumn("_partial", F.col("_seg").isNull())
         .drop("_rn", "_seg")
     )
+
+
+def latest_per_key(changes: DataFrame, key: list[Column]) -> DataFrame:
+    """The change with the highest `_seq` per key (the collapse without ignore_null_updates)."""
+    latest = Window.partitionBy(*key).orderBy(F.col("_seq").desc())
+    return changes.withColumn("_rn", F.row_number().over(latest)).filter("_rn = 1").drop("_rn")
 
 
 REJECTED = ["_rule", "_reason", "_source_position", "_record_hash", "_payload"]
@@ -183,6 +190,12 @@ DELTA_RS_WRITER_FEATURES = {"appendOnly", "invariants", "checkConstraints", "cha
                             "timestampNtz"}
 
 
+def spark_commits(table: Table) -> bool:
+    """Whether the config alone sends the table to Spark MERGE (`writer: spark`, or deletion vectors)."""
+    return table.writer == "spark" or (
+        table.writer == "auto" and table.delta_properties.get("delta.enableDeletionVectors") == "true")
+
+
 def silver_writer(path: str, table: Table):
     """("delta-rs", its open table or None before the first write) or ("spark", None).
 
@@ -190,9 +203,7 @@ def silver_writer(path: str, table: Table):
     features delta-rs writes: a small MERGE costs it ~15-50 ms against ~0.7 s (9.5 Spark jobs) in
     Spark; above the size, Spark's distributed rewrite wins (docs/design.md, "Silver writer").
     """
-    if table.writer == "spark":
-        return "spark", None
-    if table.writer == "auto" and table.delta_properties.get("delta.enableDeletionVectors") == "true":
+    if spark_commits(table):
         return "spark", None
     from deltalake import DeltaTable as RsTable
 
@@ -226,8 +237,8 @@ def _collect_with_rejected(rows: DataFrame, rejected: DataFrame | None) -> tuple
         return to_arrow(rows), []
     both = to_arrow(rows.withColumn("_rule", F.lit(None).cast("string"))
                     .unionByName(rejected.select(*REJECTED), allowMissingColumns=True))
-    good = pa.compute.is_null(both["_rule"])
-    bad = both.filter(pa.compute.invert(good)).select(REJECTED).to_pylist()
+    good = pc.is_null(both["_rule"])
+    bad = both.filter(pc.invert(good)).select(REJECTED).to_pylist()
     return both.filter(good).select(rows.columns), bad
 
 
@@ -261,6 +272,57 @@ def _merge_delta_rs(spark: SparkSession, path: str, rs, src: DataFrame, shape: T
                                     for c in source.schema.names]))
     _rs_merge(path, source, merge_clauses(shape, absent, _dq))
     return bad
+
+
+def merge_rows(path: str, changes: pa.Table, shape: TableShape) -> str | None:
+    """Commit collapsed changes that are already on the driver (cdcflow.cdc.multi_table: `_values`,
+    a column -> text map, with `_op`, `_seq`, `_commit_ts`) by delta-rs, with the same MERGE as
+    `merge`; None when committed. Without writing, "spark" when delta-rs should not take the table
+    (`silver_writer`) and "evolve" when silver needs a column added or widened first (Spark does
+    that): the caller then applies these changes through `merge`."""
+    from datetime import UTC, datetime
+
+    from deltalake import DeltaTable as RsTable
+
+    from cdcflow.cdc.multi_table import arrow_type
+
+    writer, rs = silver_writer(path, shape.table)
+    if writer != "delta-rs":
+        return "spark"
+    if rs is not None and _evolves(rs, shape):
+        return "evolve"
+    if rs is None:
+        # A new table: created empty, then the same MERGE inserts (and tombstones) its first changes.
+        t = shape.table
+        fields = [pa.field(c, arrow_type(shape.output_type(c)), nullable=c not in t.primary_key)
+                  for c in shape.output_columns]
+        fields += [pa.field(c, arrow_type(ty)) for c, ty in SILVER_META.items()]
+        rs = RsTable.create(rs_uri(path), pa.schema(fields), partition_by=t.cfg.delta.partition_by or None,
+                            configuration=silver_options(t), mode="ignore")
+    if changes.num_rows == 0:
+        return None
+    held = pa.schema(rs.schema().to_arrow())
+    values = changes["_values"]
+    source = {c: _from_text(pc.map_lookup(values, c, "first"), held.field(c).type)
+              for c in shape.output_columns if c in held.names}
+    n = changes.num_rows
+    source.update({
+        "_op": changes["_op"], "_seq": changes["_seq"],
+        "_commit_ts": changes["_commit_ts"].cast(held.field("_commit_ts").type),
+        "_partial": pa.array([False] * n),
+        "_ingested_at": pa.array([datetime.now(UTC)] * n, held.field("_ingested_at").type),
+    })  # fmt: skip
+    absent = [c for c in held.names if c not in shape.output_columns and c not in SILVER_META]
+    _rs_merge(path, pa.table(source), merge_clauses(shape, absent, _dq))
+    return None
+
+
+def _from_text(text, to: pa.DataType):
+    """Spark's text of a typed value back to the type. Spark writes timestamps in the session time
+    zone (UTC, `cdcflow.runtime`) without an offset, which Arrow reads as naive and then labels UTC."""
+    if pa.types.is_timestamp(to) and to.tz is not None:
+        return text.cast(pa.timestamp(to.unit)).cast(to)
+    return text.cast(to)
 
 
 def is_commit_conflict(exc: BaseException) -> bool:

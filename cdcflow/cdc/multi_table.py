@@ -1,0 +1,214 @@
+"""Many small tables' changes in one Spark plan: typed, checked, masked and collapsed together.
+
+A table's own plan (cdcflow.cdc.changes.TypedChanges, then apply.collapse) costs about 0.67 s of
+driver time whatever its size: PySpark analyses each step, Catalyst optimizes a projection of a few
+hundred expressions, and the collapse runs a job of two stages (docs/design.md, "Silver writer").
+At 1000 tables that is minutes per micro-batch. This plan's size does not grow with the tables:
+each column's type and PII method, each table's key, ordering and rule set come from literal maps
+keyed by table (and column), and the values travel as text in a map (Spark's own rendering of the
+typed value, which Arrow reads back exactly). One Arrow collect then gives each table its collapsed
+changes, which delta-rs commits (apply.merge_rows).
+
+The rules are the ones the per-table plan uses, called with the map as their column source:
+Spark's cast, `quality.rule_failure`, `masking.mask_column`, `sequence.sequence`, the first-problem
+order of `changes`, `apply.latest_per_key`, and the MERGE of `apply.merge_clauses`.
+
+Tables it takes (`fits`): committed by delta-rs, no raw->staging transforms, no ignore_null_updates
+(its collapse merges values column by column), raw->staging rules that read only their own row
+(not `unique` or `expression`), and column types that Arrow reads back from Spark's text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from cdcflow import quality
+from cdcflow.cdc.apply import REJECTED, latest_per_key, spark_commits
+from cdcflow.cdc.changes import TableShape, _first_problem
+from cdcflow.cdc.masking import mask_column
+from cdcflow.cdc.sequence import sequence
+from cdcflow.runtime import to_arrow
+
+ROW_RULES = {"not_null", "range", "accepted_values", "regex", "valid_date"}
+_ARROW = {"string": pa.string(), "int": pa.int32(), "bigint": pa.int64(), "smallint": pa.int16(),
+          "tinyint": pa.int8(), "double": pa.float64(), "float": pa.float32(), "boolean": pa.bool_(),
+          "date": pa.date32(), "timestamp": pa.timestamp("us", "UTC")}
+
+
+def arrow_type(spark_type: str) -> pa.DataType | None:
+    """The Arrow type silver holds for a Spark type whose text Arrow reads back exactly, else None."""
+    if spark_type.startswith("decimal(") and spark_type.endswith(")"):
+        precision, scale = (int(x) for x in spark_type[len("decimal("):-1].split(","))
+        return pa.decimal128(precision, scale)
+    return _ARROW.get(spark_type)
+
+
+def fits(shape: TableShape) -> bool:
+    t = shape.table
+    stage = t.cfg.transforms.raw_to_staging
+    return not (
+        spark_commits(t) or t.cfg.ignore_null_updates or stage.columns or stage.sql or stage.rename
+        or any(r.rule not in ROW_RULES for r in t.cfg.quality.raw_to_staging)
+        or any(arrow_type(ty) is None for ty in shape.columns.values())
+    )
+
+
+def _literal_map(values: dict, value_type: str) -> Column:
+    """A constant map in one JVM call (Catalyst folds it once per plan), however many entries."""
+    return F.from_json(F.lit(json.dumps(values, sort_keys=True)), f"map<string,{value_type}>")
+
+
+class MultiTableChanges:
+    """`collect(norm)` -> per table: (collapsed changes as Arrow with `_values` text map, rejected rows)."""
+
+    def __init__(self, shapes: dict[str, TableShape], salt: str):
+        assert all(fits(s) for s in shapes.values())
+        self.shapes = shapes
+        table = F.col("_table")
+
+        def column_key(k: Column) -> Column:
+            return F.concat(table, F.lit("|"), k)
+
+        types = _literal_map({f"{n}|{c}": ty for n, s in shapes.items() for c, ty in s.columns.items()}, "string")
+        pii = _literal_map({f"{n}|{c}": m for n, s in shapes.items() for c, m in s.table.pii.items()}, "string")
+        position = _literal_map({f"{n}|{c}": f"{i:05d}" for n, s in shapes.items() for i, c in enumerate(s.columns)},
+                                "string")
+        keys = _literal_map({n: list(s.table.primary_key) for n, s in shapes.items()}, "array<string>")
+        distinct_types = sorted({ty for s in shapes.values() for ty in s.columns.values()})
+
+        def typed_text(v: Column, ty: Column) -> Column:
+            """The value cast to its column's type (the per-table plan's cast), as Spark renders it."""
+            out = F.when(ty == distinct_types[0], v.cast(distinct_types[0]).cast("string"))
+            for name in distinct_types[1:]:
+                out = out.when(ty == name, v.cast(name).cast("string"))
+            return out
+
+        def masked(v: Column, method: Column) -> Column:
+            return (F.when(method == "hash", mask_column(v, "hash", salt))
+                    .when(method == "redact", mask_column(v, "redact", salt)).otherwise(v))
+
+        known = lambda k, v: types[column_key(k)].isNotNull()  # noqa: E731 - a configured column of the table
+        kept = lambda k, v: known(k, v) & (F.coalesce(pii[column_key(k)], F.lit("")) != "drop")  # noqa: E731
+        self.typed_columns = [
+            F.transform_values(F.map_filter("_data", known), lambda k, v: typed_text(v, types[column_key(k)]))
+            .alias("_typed"),
+            F.transform_values(F.map_filter("_before", lambda k, v: F.array_contains(keys[table], k)),
+                               lambda k, v: typed_text(v, types[column_key(k)])).alias("_old_key"),
+        ]
+
+        # The checks of TypedChanges, table by table from the maps.
+        typed = F.col("_typed")
+        mismatched = F.filter(F.map_keys("_data"), lambda k: types[column_key(k)].isNotNull()
+                              & F.col("_data")[k].isNotNull() & typed[k].isNull())
+        in_column_order = F.transform(
+            F.array_sort(F.transform(mismatched, lambda k: F.concat(position[column_key(k)], F.lit("|"), k))),
+            lambda x: F.substring(x, 7, 1 << 20))
+        mismatch_cols = F.array_join(in_column_order, ", ")
+        key_reason = _literal_map({n: f"primary key ({', '.join(s.table.primary_key)}) has a null value"
+                                   for n, s in shapes.items()}, "string")
+        orderings = sorted({s.table.ordering for s in shapes.values()})
+        ordering_of = _literal_map({n: orderings.index(s.table.ordering) for n, s in shapes.items()}, "int")
+        is_load = F.col("_op") == "load"
+        parts = {"commit_ts": F.col("_commit_ts"), "txn_id": F.col("_txn_id"), "txn_rec_id": F.col("_txn_rec_id"),
+                 "stream_pos": F.col("_stream_pos"), "change_seq": F.col("_change_seq")}
+        seq = F.when(ordering_of[table] == 0, sequence(orderings[0], is_load, parts))
+        for i, ordering in enumerate(orderings[1:], start=1):
+            seq = seq.when(ordering_of[table] == i, sequence(ordering, is_load, parts))
+        no_order = _literal_map({n: f"no usable order ({', '.join(s.table.ordering)})" for n, s in shapes.items()},
+                                "string")
+        rule, reason = _first_problem(
+            [
+                (F.col("_problem").isNotNull(), "parser", F.col("_problem")),
+                (~F.col("_op").isin("load", "insert", "update", "delete"), "unknown_operation",
+                 F.concat(F.lit("operation "), F.col("_op"), F.lit(" is not a data change"))),
+                (F.exists(keys[table], lambda k: typed[k].isNull()), "missing_primary_key", key_reason[table]),
+                (mismatch_cols != "", "type_mismatch", F.concat(F.lit("value does not fit the type of "), mismatch_cols)),
+                (seq.isNull(), "no_ordering", no_order[table]),
+            ]
+        )  # fmt: skip
+        self.check_columns = [
+            "_table", "_typed", "_old_key", "_op", seq.alias("_seq"), "_commit_ts", "_source_position",
+            "_record_hash", "_before", "_data", F.coalesce(F.col("_problem"), rule).alias("_rule"),
+            reason.alias("_reason"),
+        ]  # fmt: skip
+
+        # Data quality: one branch per distinct rule set (tables sharing rules and column types share one).
+        empty = F.array().cast("array<" + quality.FAILURE + ">")
+        rule_sets: dict[str, int] = {}
+        branches: list[Column] = []
+        set_of: dict[str, int] = {}
+        for name, s in shapes.items():
+            rules = s.table.cfg.quality.raw_to_staging
+            if not rules:
+                continue
+            signature = json.dumps([[r.model_dump(mode="json") for r in rules], s.columns], sort_keys=True)
+            if signature not in rule_sets:
+                rule_sets[signature] = len(branches)
+                value: Callable[[str], Column] = lambda c, s=s: typed[c].cast(s.columns[c])  # noqa: E731
+                dq, helpers = quality.row_checks(rules, value)
+                assert not helpers  # row rules only (fits)
+                branches.append(dq)
+            set_of[name] = rule_sets[signature]
+        dq = empty
+        if branches:
+            rule_set = _literal_map(set_of, "int")[table]
+            dq = F.when(rule_set == 0, branches[0])
+            for i, branch in enumerate(branches[1:], start=1):
+                dq = dq.when(rule_set == i, branch)
+            dq = F.coalesce(dq, empty)
+        self.dq = F.when(F.col("_op") == "delete", empty).otherwise(dq)
+
+        parsed_ok = F.col("_rule").isNull()
+        dq_quarantine = F.exists("_dq", lambda x: x["severity"] == "quarantine")
+        self.good_filter = parsed_ok & ~dq_quarantine
+        failing = F.filter("_dq", lambda x: x["severity"] == "quarantine")
+        payload = F.transform_values(F.map_filter("_data", kept), lambda k, v: masked(v, pii[column_key(k)]))
+        self.bad_columns = [
+            "_table",
+            F.when(parsed_ok, failing[0]["rule"]).otherwise(F.col("_rule")).alias("_rule"),
+            F.when(parsed_ok, F.array_join(F.transform(failing, lambda x: x["reason"]), "; "))
+            .otherwise(F.col("_reason")).alias("_reason"),
+            "_source_position", "_record_hash", F.to_json(payload).alias("_payload"),
+        ]  # fmt: skip
+        self.bad_filter = ~parsed_ok | dq_quarantine
+        # A primary-key change: a delete of the old key at the change's sequence (TypedChanges' rule).
+        old = F.col("_old_key")
+        changed = F.exists(keys[table], lambda k: old[k].isNotNull() & ~old[k].eqNullSafe(typed[k]))
+        self.key_change_filter = (F.col("_op") == "update") & F.col("_before").isNotNull() & changed
+        self.out_columns = [
+            "_table",
+            F.transform_values(F.map_filter("_typed", kept), lambda k, v: masked(v, pii[column_key(k)])).alias("_values"),
+            "_op", "_seq", "_commit_ts", "_source_position",
+        ]  # fmt: skip
+        self.key = [table, F.to_json(F.transform(keys[table], lambda k: F.col("_values")[k]))]
+
+    def collect(self, norm: DataFrame, tables: list[str]) -> dict[str, tuple[pa.Table, list[dict]]]:
+        """`norm`'s data records of `tables` (some of these) -> per table (collapsed changes, rejected
+        rows), in one Spark job."""
+        rows = norm.filter(F.col("_table").isin(tables) & (F.col("_record_type") == "data")
+                           & F.col("_problem").isNull())
+        checked = rows.select("*", *self.typed_columns).select(*self.check_columns)
+        checked = checked.withColumn("_dq", self.dq)
+        good = checked.filter(self.good_filter)
+        moved = good.filter(self.key_change_filter).withColumn("_typed", F.col("_old_key")).withColumn(
+            "_op", F.lit("delete"))
+        changes = latest_per_key(good.unionByName(moved).select(*self.out_columns), self.key)
+        bad = checked.filter(self.bad_filter).select(*self.bad_columns)
+        both = to_arrow(changes.withColumn("_rule", F.lit(None).cast("string"))
+                        .unionByName(bad, allowMissingColumns=True))
+        by_table: dict[str, list[int]] = {}
+        for i, name in enumerate(both["_table"].to_pylist()):
+            by_table.setdefault(name, []).append(i)
+        out: dict[str, tuple[pa.Table, list[dict]]] = {}
+        for name in tables:
+            part = both.take(by_table.get(name, []))
+            ok = pc.is_null(part["_rule"])
+            out[name] = (part.filter(ok).select(["_values", "_op", "_seq", "_commit_ts"]),
+                         part.filter(pc.invert(ok)).select(REJECTED).to_pylist())
+        return out
