@@ -6,7 +6,9 @@
    makes them (a guarded MERGE of a few changes each: `apply.merge_clauses`), and bronze after the
    same load (one append per micro-batch, partitioned by table and date). Files before and after
    `compact`, and a point lookup by primary key and an aggregate query (Spark, median of 3) before
-   and after, in the same run: `files_ratio`, `point_lookup_speedup`, `aggregate_speedup`.
+   and after, in the same run: `files_ratio`, `point_lookup_speedup`, `aggregate_speedup`. Twice:
+   new orders with sequential ids (`small_commits`) and with ids spread over the key space
+   (`small_commits_random_keys`, as UUID- or hash-like keys are).
 2. `many_tables`: a lake of N synthetic tables where 5% have enough small files to need work; one
    `compact` run end to end (the others are skipped from the Delta log alone).
 
@@ -16,6 +18,7 @@ Writes benchmarks/results/compaction.json.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
 import statistics
@@ -47,8 +50,11 @@ def _orders(keys: list[int], seq: int, op: str = "upsert"):
     })  # fmt: skip
 
 
-def _build_silver(project, commits: int, rows: int) -> str:
-    """Silver of shop.orders by `commits` small delta-rs MERGEs (the stream's commit, without Spark)."""
+def _build_silver(project, commits: int, rows: int, keys: str) -> tuple[str, int]:
+    """Silver of shop.orders by `commits` small delta-rs MERGEs (the stream's commit, without Spark),
+    and a key to look up. `keys`: "sequential" (new orders take the next ids: each small file holds a
+    narrow key range, so data skipping prunes a lookup even before compaction) or "random" (ids spread
+    over the key space, as UUID- or hash-like keys are: every small file spans the whole range)."""
     import pyarrow as pa
     from deltalake import DeltaTable, write_deltalake
 
@@ -58,23 +64,29 @@ def _build_silver(project, commits: int, rows: int) -> str:
     table = project.table("shop.orders")
     shape = TableShape(table)
     path = rs_uri(project.path(table.delta_path))
-    first = _orders(list(range(rows)), 0, "insert")
+    rng = random.Random(3)
+    new_keys = (lambda n, start: list(range(start, start + n))) if keys == "sequential" else \
+        (lambda n, start: [rng.randrange(1, 2**40) for _ in range(n)])
+    inserted = new_keys(rows, 0)
+    first = _orders(inserted, 0, "insert")
     first = first.append_column("_is_deleted", pa.array([False] * rows)).append_column(
         "_deleted_at", pa.array([None] * rows, pa.timestamp("us", "UTC")))
     cols = [*shape.output_columns, *SILVER_META]
     write_deltalake(path, first.select(cols), mode="append", configuration=silver_options(table))
     m = merge_clauses(shape, [], lambda c: '"' + c + '"')
-    rng = random.Random(3)
-    next_key = rows
+    lookup_key = None
     for i in range(1, commits):
         # mostly new orders (a new small file each commit), now and then an update of a recent one
-        keys = list(range(next_key, next_key + 9)) + ([rng.randrange(next_key - 50, next_key)] if i % 10 == 0 else [])
-        next_key += 9
-        src = _orders(keys, i)
+        fresh = new_keys(9, len(inserted))
+        batch = fresh + ([inserted[rng.randrange(len(inserted) - 50, len(inserted))]] if i % 10 == 0 else [])
+        inserted += fresh
+        if i == commits // 2:
+            lookup_key = fresh[0]  # an order written mid-stream
+        src = _orders(batch, i)
         (DeltaTable(path).merge(src, predicate=m.on, source_alias="s", target_alias="t")
          .when_matched_update(updates=m.update_upsert, predicate=m.match_upsert)
          .when_not_matched_insert(updates=m.insert).execute())
-    return path
+    return path, lookup_key if lookup_key is not None else inserted[0]
 
 
 def _build_bronze(project, commits: int) -> str:
@@ -105,16 +117,16 @@ def _median_seconds(fn, runs: int = 3) -> float:
     return statistics.median(times)
 
 
-def small_commits(spark, work: Path, commits: int) -> dict:
+def small_commits(spark, work: Path, commits: int, keys: str = "sequential") -> dict:
     from batch.compaction import compact, log_files
 
     project = _project(work, REPO / "configs", CDCFLOW_RAW_URI=str(work / "raw"))
-    silver = _build_silver(project, commits, rows=20_000)
+    silver, key = _build_silver(project, commits, rows=20_000, keys=keys)
     bronze = _build_bronze(project, commits)
     df = lambda: spark.read.format("delta").load(silver)  # noqa: E731 - re-read: a new snapshot each time
-    lookup = lambda: df().filter("order_id = 12345").collect()  # noqa: E731
+    lookup = lambda: df().filter(f"order_id = {key}").collect()  # noqa: E731
+    assert len(lookup()) == 1  # the lookup finds its order: not a vacuous timing
     aggregate = lambda: df().groupBy("status").agg({"total_amount": "sum", "order_id": "count"}).collect()  # noqa: E731
-    lookup()  # warm the JVM and the code paths once
     before = {"silver_files": len(log_files(silver)[()].sizes), "bronze_files": sum(len(f.sizes) for f in
                                                                                      log_files(bronze, ("table", "date")).values()),
               "lookup_s": _median_seconds(lookup), "aggregate_s": _median_seconds(aggregate)}  # fmt: skip
@@ -125,7 +137,7 @@ def small_commits(spark, work: Path, commits: int) -> dict:
                                                                                     log_files(bronze, ("table", "date")).values()),
              "lookup_s": _median_seconds(lookup), "aggregate_s": _median_seconds(aggregate)}  # fmt: skip
     return {
-        "commits": commits, "before": before, "after": after, "compact_seconds": round(seconds, 1),
+        "keys": keys, "commits": commits, "before": before, "after": after, "compact_seconds": round(seconds, 1),
         "files_ratio": round(before["silver_files"] / max(1, after["silver_files"]), 1),
         "bronze_files_ratio": round(before["bronze_files"] / max(1, after["bronze_files"]), 1),
         "point_lookup_speedup": round(before["lookup_s"] / after["lookup_s"], 1),
@@ -164,14 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--commits", type=int, default=2000)
     ap.add_argument("--tables", type=int, default=1000)
+    ap.add_argument("--only", choices=["small_commits", "small_commits_random_keys", "many_tables"],
+                    help="run one measurement and keep the others' last results (each takes 10-25 min)")
     args = ap.parse_args(argv)
     spark = get_spark("cdcflow-bench-compaction")
     work = Path(tempfile.mkdtemp(prefix="cdcflow-bench-compaction-"))
+    runs = {"small_commits": lambda: small_commits(spark, work / "a", args.commits),
+            "small_commits_random_keys": lambda: small_commits(spark, work / "c", args.commits, keys="random"),
+            "many_tables": lambda: many_tables(spark, work / "b", args.tables)}
+    result = json.loads(RESULTS.read_text()) if args.only and RESULTS.exists() else {}
     try:
-        result = {"small_commits": small_commits(spark, work / "a", args.commits),
-                  "many_tables": many_tables(spark, work / "b", args.tables), "date": time.strftime("%Y-%m-%d")}
+        for name, run in runs.items():
+            if args.only in (None, name):
+                result[name] = {**run(), "date": time.strftime("%Y-%m-%d")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result.pop("date", None)
     save_result(RESULTS, result)
     return 0
 
