@@ -42,8 +42,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
         err_console.print(f"{len(e.problems)} problem(s) found")
         return 1
     took = time.perf_counter() - start
+    checked = ""
+    if not args.no_spark:
+        from cdcflow.transform_check import needs_spark
+
+        if needs_spark(project):  # SQL / DataFrame transforms: run them on a sample frame
+            from cdcflow.runtime import get_spark
+            from cdcflow.transform_check import check_transforms
+
+            problems = check_transforms(get_spark("cdcflow-validate"), project)
+            for p in problems:
+                err_console.print(f"[red]error[/red] {p}", soft_wrap=True)
+            if problems:
+                err_console.print(f"{len(problems)} problem(s) found")
+                return 1
+            checked = ", transforms run on a sample frame"
     console.print(
-        f"[green]ok[/green] {project.pipeline_file}: {len(project.tables)} tables valid in {took:.2f}s"
+        f"[green]ok[/green] {project.pipeline_file}: {len(project.tables)} tables valid in {took:.2f}s{checked}"
     )
     return 0
 
@@ -116,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    sub.add_parser("validate", help="load every config and report every problem (file, key path, reason)")
+    p = sub.add_parser("validate", help="load every config and report every problem (file, key path, reason)")
+    p.add_argument("--no-spark", action="store_true",
+                   help="skip running SQL / DataFrame transforms on a sample frame (starts Spark)")
     _COMMANDS["validate"] = cmd_validate
 
     p = sub.add_parser("local", help="start / stop / inspect the embedded stack (moto server + Postgres)")

@@ -41,7 +41,8 @@ def _region() -> str | None:
 
 
 def download_configs(uri: str, dest: Path) -> Path:
-    """Copy the *.yaml / *.yml files of an s3:// config folder (tables/ included) to `dest`."""
+    """Copy the *.yaml / *.yml files of an s3:// config folder (tables/ included) to `dest`, and the
+    Python files of the transform packages beside them (`module:function` transforms)."""
     import boto3
 
     from cdcflow.aws import split_s3
@@ -51,7 +52,7 @@ def download_configs(uri: str, dest: Path) -> Path:
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             rel = obj["Key"][len(prefix):]
-            if rel.endswith((".yaml", ".yml")):
+            if rel.endswith((".yaml", ".yml")) or (rel.endswith(".py") and "__pycache__" not in rel):
                 target = dest / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 s3.download_file(bucket, obj["Key"], str(target))

@@ -1,8 +1,11 @@
 """Apply one stage's configured transforms (`transforms.<stage>` of a table) to a DataFrame.
 
+One implementation for every job: the streaming job and the full load run `raw_to_staging` (through
+cdcflow.cdc.changes.TypedChanges), the warehouse merge the later stages (batch.stages.run_stage).
 Order: `rename` (old -> new), then every `columns` expression in one projection (new or replaced
 columns, each a Spark SQL expression over the renamed row), then the `sql` statements in order, each
-over the temp view `input` holding the previous result; the last statement's result is the output.
+over the temp view `input` holding the previous result, then the DataFrame-API `functions` in order
+(`module:function`, called as function(df, **params)); the last step's result is the output.
 The view name is session-scoped and the streaming job transforms tables in parallel threads, so
 creating the view and analysing the statement happen under one lock (the plan is resolved by then).
 """
@@ -14,6 +17,7 @@ import threading
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from cdcflow.config.functions import load_function
 from cdcflow.config.models import StageTransforms
 
 _VIEW_LOCK = threading.Lock()
@@ -30,4 +34,9 @@ def apply_transforms(df: DataFrame, tr: StageTransforms) -> DataFrame:
         with _VIEW_LOCK:
             df.createOrReplaceTempView("input")
             df = df.sparkSession.sql(statement)
+    for step in tr.functions:
+        out = load_function(step.function)(df, **step.params)
+        if not isinstance(out, DataFrame):
+            raise TypeError(f"transform {step.function} returned {type(out).__name__}, not a DataFrame")
+        df = out
     return df

@@ -1133,10 +1133,10 @@ class CdcflowStack(Stack):
         shutil.rmtree(staging, ignore_errors=True)
         for sub in ("dist", "scripts"):
             (staging / sub).mkdir(parents=True)
-        _write_bundle(staging / "dist" / "cdcflow.zip")
+        config_dir = Path(cfg.config_dir) if cfg.config_dir else CONFIG_DIR
+        _write_bundle(staging / "dist" / "cdcflow.zip", config_dir)
         for script in ENTRY_SCRIPTS:
             shutil.copyfile(REPO_ROOT / script, staging / "scripts" / Path(script).name)
-        config_dir = Path(cfg.config_dir) if cfg.config_dir else CONFIG_DIR
 
         art = self.artifacts_bucket
         role = iam.Role(self, "DeployRole", description="cdk deploy: copies code and configs into the artifacts bucket",
@@ -1338,17 +1338,22 @@ def _checkov_skip(resource: CfnResource, skips: list[tuple[str, str]]) -> None:
     resource.add_metadata("checkov", meta)
 
 
-def _write_bundle(dest: Path) -> None:
+def _write_bundle(dest: Path, config_dir: Path | None = None) -> None:
     """The job bundle: the cdcflow, streaming and batch packages as a zip with fixed timestamps, so the
-    asset hash (and a deploy) changes only when the code does."""
+    asset hash (and a deploy) changes only when the code does. The Python files beside the configs
+    (DataFrame-API transform packages, `module:function`) go in at the zip's root, so the driver and
+    the executors import them from --extra-py-files."""
+    files = [(f, f.relative_to(REPO_ROOT)) for pkg in BUNDLE_PACKAGES for f in sorted((REPO_ROOT / pkg).rglob("*.py"))]
+    if config_dir is not None:
+        files += [(f, f.relative_to(config_dir)) for f in sorted(config_dir.rglob("*.py"))
+                  if f.relative_to(config_dir).parts[0] != "tables"]
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as z:
-        for pkg in BUNDLE_PACKAGES:
-            for f in sorted((REPO_ROOT / pkg).rglob("*.py")):
-                if "__pycache__" in f.parts:
-                    continue
-                info = zipfile.ZipInfo(str(f.relative_to(REPO_ROOT)), date_time=(2020, 1, 1, 0, 0, 0))
-                info.external_attr = 0o644 << 16
-                z.writestr(info, f.read_bytes(), zipfile.ZIP_DEFLATED)
+        for f, name in files:
+            if "__pycache__" in f.parts:
+                continue
+            info = zipfile.ZipInfo(name.as_posix(), date_time=(2020, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            z.writestr(info, f.read_bytes(), zipfile.ZIP_DEFLATED)
 
 
 def _camel(name: str) -> str:

@@ -138,6 +138,7 @@ def test_thousand_table_files_load(tmp_path: Path):
     cfg = tmp_path / "configs"
     (cfg / "tables").mkdir(parents=True)
     shutil.copy(CONFIGS / "pipeline.yaml", cfg / "pipeline.yaml")
+    shutil.copytree(CONFIGS / "shop_transforms", cfg / "shop_transforms")  # the customers template's functions
     template = (CONFIGS / "tables" / "shop.customers.yaml").read_text()
     for i in range(1000):
         (cfg / "tables" / f"synth.t{i:04d}.yaml").write_text(
@@ -158,3 +159,39 @@ def test_delta_properties_merge_pipeline_defaults_under_the_table_s(cfg_dir: Pat
         "delta.checkpointInterval": "50"}
     assert p.table("shop.customers").delta_properties == {
         "delta.enableDeletionVectors": "true", "delta.logRetentionDuration": "interval 7 days"}
+
+
+def test_transform_config_errors_name_file_key_path_and_reason(cfg_dir: Path):
+    """DataFrame-API functions must import, exist, be callable and take the configured parameters; key
+    and ordering columns can't be renamed or replaced by a transform in any stage."""
+    (cfg_dir / "my_tf.py").write_text("LIMIT = 3\ndef two(df, n):\n    return df\n")
+
+    def change(d):
+        d["transforms"]["raw_to_staging"]["functions"] = [
+            {"function": "no_such_module:f"}, {"function": "shop_transforms:nope"},
+            {"function": "my_tf:LIMIT"}, {"function": "my_tf:two", "params": {"m": 1}}, {"function": "not a ref"}]
+        d["transforms"]["staging_to_dimension"] = {"rename": {"customer_id": "id", "country": "_seq"},
+                                                   "columns": {"customer_id": "customer_id + 1", "_op": "'x'"}}
+
+    edit(cfg_dir / "tables" / "shop.customers.yaml", change)
+    got = problems(cfg_dir)
+    f = f"{cfg_dir / 'tables' / 'shop.customers.yaml'}: transforms"
+    assert f"{f}.raw_to_staging.functions[4].function: Value error, 'not a ref' is not module:function " \
+           "(e.g. shop_transforms:normalise_names)" in got  # a malformed reference stops the other checks
+    d = cfg_dir / "tables" / "shop.customers.yaml"
+    edit(d, lambda d: d["transforms"]["raw_to_staging"]["functions"].pop())
+    got = problems(cfg_dir)
+    assert got == [
+        f"{f}.raw_to_staging.functions[0].function: cannot import module 'no_such_module': No module named "
+        "'no_such_module'",
+        f"{f}.raw_to_staging.functions[1].function: module 'shop_transforms' has no function 'nope'",
+        f"{f}.raw_to_staging.functions[2].function: my_tf:LIMIT is not callable",
+        f"{f}.raw_to_staging.functions[3].function: my_tf:two does not accept (df, m): missing a required "
+        "argument: 'n'",
+        f"{f}.staging_to_dimension.rename.customer_id: a primary key column cannot be renamed",
+        f"{f}.staging_to_dimension.rename.country: a column cannot be renamed to a name starting with _ (ordering "
+        "and change metadata)",
+        f"{f}.staging_to_dimension.columns.customer_id: a primary key column cannot be replaced",
+        f"{f}.staging_to_dimension.columns._op: columns starting with _ (ordering and change metadata) cannot be "
+        "replaced",
+    ]

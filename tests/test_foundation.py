@@ -19,7 +19,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_validate_ok_and_help():
-    r = run_cli("validate")
+    r = run_cli("validate", "--no-spark")  # the transforms' sample-frame check: test_transforms.py
     assert r.returncode == 0 and "4 tables valid" in r.stdout
     for sub in ("validate", "local"):
         assert run_cli(sub, "--help").returncode == 0

@@ -86,7 +86,7 @@ def _assert_never_shown(logs, capsys, *secrets: str) -> None:
 
 
 @pytest.mark.parametrize("uri", ["s3://artifacts/configs/", "s3://artifacts/configs"])
-def test_download_configs_copies_only_yaml_and_keeps_tables_folder(aws, tmp_path, uri):
+def test_download_configs_copies_yaml_and_transform_packages_and_keeps_tables_folder(aws, tmp_path, uri):
     _upload_configs(aws.s3, "artifacts")
     for key in ("configs/README.md", "configs/tables/notes.txt", "configs/tables/extra.yml",
                 "configs-old/pipeline.yaml", "elsewhere/tables/x.yaml"):  # fmt: skip
@@ -96,7 +96,8 @@ def test_download_configs_copies_only_yaml_and_keeps_tables_folder(aws, tmp_path
 
     got = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
     expected = sorted(["pipeline.yaml", "tables/extra.yml",
-                       *(f"tables/{p.name}" for p in (CONFIGS / "tables").glob("*.yaml"))])  # fmt: skip
+                       *(f"tables/{p.name}" for p in (CONFIGS / "tables").glob("*.yaml")),
+                       *(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.glob("*/*.py"))])  # fmt: skip
     assert got == expected
     assert (dest / "pipeline.yaml").read_bytes() == (CONFIGS / "pipeline.yaml").read_bytes()
 

@@ -755,12 +755,15 @@ def test_deploy_uploads_bundle_scripts_and_configs(template, tmp_path):
     for d in deployments.values():
         assert d["DestinationBucketName"]["Ref"].startswith("ArtifactsBucket")
         assert d["Prune"] is True
-    _write_bundle(tmp_path / "a.zip")
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    _write_bundle(tmp_path / "a.zip", configs)
     names = zipfile.ZipFile(tmp_path / "a.zip").namelist()
-    for must in ("cdcflow/__init__.py", "cdcflow/glue.py", "streaming/processor.py", "batch/full_load.py"):
+    # the sample configs' DataFrame-API transforms (shop_transforms:...) at the root, on --extra-py-files
+    for must in ("cdcflow/__init__.py", "cdcflow/glue.py", "streaming/processor.py", "batch/full_load.py",
+                 "shop_transforms/__init__.py"):
         assert must in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
-    _write_bundle(tmp_path / "b.zip")
+    _write_bundle(tmp_path / "b.zip", configs)
     assert (tmp_path / "a.zip").read_bytes() == (tmp_path / "b.zip").read_bytes(), "deterministic: stable asset hash"
     (fn,) = [f for lid, f in _resources(template, "AWS::Lambda::Function").items() if lid.startswith("CustomCDKBucketDeployment")]
     role = fn["Properties"]["Role"]["Fn::GetAtt"][0]

@@ -148,7 +148,7 @@ class TypedChanges:
         bad = rows.filter(self.bad_filter).select(*self.bad_columns)
         # raw -> staging transforms (standardise values) run on the real values, before masking.
         stage = self.shape.table.cfg.transforms.raw_to_staging
-        if stage.columns or stage.sql or stage.rename:
+        if not stage.empty:
             good = apply_transforms(good, stage)
         # (Where `_before` is a null literal, as for Parquet sources, the optimizer drops the deletes.)
         good = good.unionByName(good.filter(self.key_change_filter).select(*self.key_change_columns))

@@ -15,7 +15,9 @@ order of `changes`, `apply.latest_per_key`, and the MERGE of `apply.merge_clause
 
 Tables it takes (`fits`): committed by delta-rs, no raw->staging transforms, no ignore_null_updates
 (its collapse merges values column by column), raw->staging rules that read only their own row
-(not `unique` or `expression`), and column types that Arrow reads back from Spark's text.
+(not `unique` or `expression`) with severity quarantine (warn / fail rules are counted before the
+commit, on the table's own plan: TypedChanges.failures), and column types that Arrow reads back
+from Spark's text.
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ def fits(shape: TableShape) -> bool:
     t = shape.table
     stage = t.cfg.transforms.raw_to_staging
     return not (
-        spark_commits(t) or t.cfg.ignore_null_updates or stage.columns or stage.sql or stage.rename
-        or any(r.rule not in ROW_RULES for r in t.cfg.quality.raw_to_staging)
+        spark_commits(t) or t.cfg.ignore_null_updates or not stage.empty
+        or any(r.rule not in ROW_RULES or r.severity != "quarantine" for r in t.cfg.quality.raw_to_staging)
         or any(arrow_type(ty) is None for ty in shape.columns.values())
     )
 

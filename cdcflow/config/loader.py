@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from cdcflow.config.functions import add_config_path, check_params, load_function
 from cdcflow.config.models import RULE_TYPES, STAGES, CompactionThresholds, PipelineConfig, TableConfig
 from cdcflow.errors import ConfigError, ConfigProblem
 
@@ -195,6 +196,7 @@ def _check_table(t: TableConfig, file: str, all_names: set[str]) -> list[ConfigP
             need(col, f"transforms.{stage}.uses")
         for col in tr.rename:
             need(col, f"transforms.{stage}.rename.{col}")
+        problems += _check_transforms(t, file, stage)
     for col in t.delta.partition_by:
         need(col, "delta.partition_by")
     for col in t.delta.zorder_by:
@@ -217,6 +219,34 @@ def _check_table(t: TableConfig, file: str, all_names: set[str]) -> list[ConfigP
                 problems.append(
                     ConfigProblem(file, f"warehouse.lookups[{i}].dimension", f"no table {lk.dimension!r} is configured")
                 )
+    return problems
+
+
+def _check_transforms(t: TableConfig, file: str, stage: str) -> list[ConfigProblem]:
+    """Key and ordering columns can't be transformed away: the apply, the sequence guard and the
+    warehouse merge need them as the source gave them. DataFrame functions must import and be callable
+    (their output columns are checked on a sample frame by `cdcflow validate`, cdcflow.transform_check)."""
+    problems: list[ConfigProblem] = []
+    tr = getattr(t.transforms, stage)
+    keys = set(t.primary_key)
+    where = f"transforms.{stage}"
+    for old, new in tr.rename.items():
+        if old in keys:
+            problems.append(ConfigProblem(file, f"{where}.rename.{old}", "a primary key column cannot be renamed"))
+        if new.startswith("_"):
+            problems.append(ConfigProblem(file, f"{where}.rename.{old}", "a column cannot be renamed to a name "
+                                          "starting with _ (ordering and change metadata)"))
+    for col in tr.columns:
+        if col in keys:
+            problems.append(ConfigProblem(file, f"{where}.columns.{col}", "a primary key column cannot be replaced"))
+        elif col.startswith("_"):
+            problems.append(ConfigProblem(file, f"{where}.columns.{col}",
+                                          "columns starting with _ (ordering and change metadata) cannot be replaced"))
+    for i, step in enumerate(tr.functions):
+        try:
+            check_params(load_function(step.function), step.function, step.params)
+        except ValueError as e:
+            problems.append(ConfigProblem(file, f"{where}.functions[{i}].function", str(e)))
     return problems
 
 
@@ -271,6 +301,8 @@ def load_project(config_dir: str | Path = DEFAULT_CONFIG_DIR, env: dict[str, str
         seen[t.name] = str(f)
         parsed.append((t, str(f)))
 
+    if any(getattr(t.transforms, stage).functions for t, _ in parsed for stage in STAGES):
+        add_config_path(config_dir)
     for t, f in parsed:
         problems.extend(_check_table(t, f, declared_names))
     if problems:

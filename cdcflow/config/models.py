@@ -176,14 +176,40 @@ class Quality(Strict):
         return list(getattr(self, stage))
 
 
+FUNCTION_REF = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class TransformFunction(Strict):
+    """A DataFrame-API transform: `module:function`, called as function(df, **params) -> DataFrame.
+    The module comes from a package shipped beside the configs (the config folder is on sys.path)."""
+
+    function: str
+    params: dict[str, object] = Field(default_factory=dict)
+    # Columns the function's output must have (checked by `cdcflow validate` on a sample frame).
+    outputs: list[str] = Field(default_factory=list)
+
+    @field_validator("function")
+    @classmethod
+    def _shape(cls, v: str) -> str:
+        if not FUNCTION_REF.match(v):
+            raise ValueError(f"{v!r} is not module:function (e.g. shop_transforms:normalise_names)")
+        return v
+
+
 class StageTransforms(Strict):
     # New or replaced columns: name -> Spark SQL expression over the row.
     columns: dict[str, str] = Field(default_factory=dict)
     rename: dict[str, str] = Field(default_factory=dict)
     # Spark SQL statements run in order over the view named `input`; the last one is the output.
     sql: list[str] = Field(default_factory=list)
+    # DataFrame-API functions run in order after the SQL statements.
+    functions: list[TransformFunction] = Field(default_factory=list)
     # Columns that the expressions read, checked against the declared columns at load time.
     uses: list[str] = Field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.columns or self.rename or self.sql or self.functions)
 
 
 class Transforms(Strict):

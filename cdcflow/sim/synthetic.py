@@ -42,8 +42,18 @@ def write_configs(source_config_dir: str | Path, out_dir: str | Path, n_tables: 
         shutil.rmtree(tables)
     tables.mkdir(parents=True)
     shutil.copyfile(src / "pipeline.yaml", out / "pipeline.yaml")
+    copy_transform_packages(src, out)
     for f in sorted((src / tables_dir).glob("*.y*ml")):
         shutil.copyfile(f, tables / f.name)
     for name in synthetic_names(n_tables):
         (tables / f"synth.{name}.yaml").write_text(_TEMPLATE.format(table=name))
     return out
+
+
+def copy_transform_packages(src: Path, out: Path) -> None:
+    """The Python packages beside the configs (DataFrame-API transforms, `module:function`)."""
+    for item in src.iterdir():
+        if item.suffix == ".py":
+            shutil.copyfile(item, out / item.name)
+        elif item.is_dir() and (item / "__init__.py").exists():
+            shutil.copytree(item, out / item.name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
