@@ -62,6 +62,7 @@ def run_stream(
             totals["read"] += o.read
             totals["applied"] += o.applied
             totals["quarantined"] += o.quarantined
+            first = o.table not in tables
             agg = tables.setdefault(o.table, TableOutcome(o.table))
             agg.read += o.read
             agg.applied += o.applied
@@ -69,7 +70,7 @@ def run_stream(
             agg.late += o.late
             agg.duplicates += o.duplicates
             agg.isolated = agg.isolated or o.isolated
-            agg.shared_plan = agg.shared_plan or o.shared_plan
+            agg.shared_plan = o.shared_plan if first else agg.shared_plan and o.shared_plan  # in every batch
             agg.writer = o.writer or agg.writer
             agg.schema_warnings += o.schema_warnings
 

@@ -160,7 +160,7 @@ class BatchProcessor:
             for name, o in sorted(outcomes.items(), key=lambda kv: -kv[1].read) if name not in many
         }
         if many:
-            futures.update(self._apply_many(norm, many, batch_id, outcomes))
+            futures.update(self._apply_many(norm, many, changes, batch_id, outcomes))
         wait(futures.values())  # all applies end before `norm` can be released, even if one raised
         for name, fut in futures.items():
             outcomes[name] = fut.result()
@@ -250,7 +250,7 @@ class BatchProcessor:
 
         sync_silver_table(self.project, name, {c: shape.output_type(c) for c in shape.output_columns}, self.metrics)
 
-    def _remember_control(self, name: str, changes: list[schema.SchemaChange]) -> None:
+    def _remember_control(self, name: str, changes: list[schema.SchemaChange], writer: str | None) -> None:
         """Keep the newest applied type change's time, so a replayed older one is stale (never "narrowing"),
         and the newest table-def's DMS types, so a later type change is compared column by column."""
         path = self.project.path(self.project.table(name).delta_path)
@@ -262,17 +262,24 @@ class BatchProcessor:
             table_def if table_def is not None else held.table_def,
         )
         if state != held:
-            apply.set_control_state(self.spark, path, state)
+            apply.set_control_state(self.spark, path, state, writer or "spark")
             self._control[name] = state
 
     def _takes_many(self, name: str, changes: dict[str, list]) -> bool:
-        """Whether the table's changes this batch go through the many-table plan: no control records
-        (schema changes take the table's own path), not blocked, and a shape it handles."""
-        if name in changes or name in self.blocked or name in self._spark_written:
+        """Whether the table's changes this batch go through the many-table plan: not blocked, a shape
+        it handles, and control records (if any) that leave the shape as it is: a create-table or
+        table-def of the columns silver has, as every table's first batch carries. Schema drift,
+        unsafe changes and unreadable types take the table's own path."""
+        if name in self.blocked or name in self._spark_written:
             return False
-        return fits(self._shape(name, [])[0])
+        shape = self._shape(name, [])[0]
+        if name in changes:
+            after, unsafe, warnings = self._shape(name, changes[name])
+            if unsafe or warnings or after.extra != shape.extra:
+                return False
+        return fits(shape)
 
-    def _apply_many(self, norm: DataFrame, names: list[str], batch_id: int,
+    def _apply_many(self, norm: DataFrame, names: list[str], changes: dict[str, list], batch_id: int,
                     outcomes: dict[str, TableOutcome]) -> dict[str, Future]:
         """One Spark job for these tables' changes, then each table's delta-rs commit in the pool."""
         shapes = {name: self._shape(name, [])[0] for name in names}
@@ -283,14 +290,17 @@ class BatchProcessor:
             parts = self._multi[1].collect(norm, names)
         except Exception as e:  # noqa: BLE001 - each table then tries (and is isolated) on its own
             log.warning("many-table plan failed (%s); applying its %d tables one by one", e, len(names))
-            return {n: self.pool.submit(self._apply_table, norm, n, [], batch_id, outcomes[n]) for n in names}
-        return {n: self.pool.submit(self._commit_rows, norm, n, shapes[n], *parts[n], batch_id, outcomes[n])
+            return {n: self.pool.submit(self._apply_table, norm, n, changes.get(n, []), batch_id, outcomes[n])
+                    for n in names}
+        return {n: self.pool.submit(self._commit_rows, norm, n, shapes[n], *parts[n], changes.get(n, []), batch_id,
+                                    outcomes[n])
                 for n in names}
 
-    def _commit_rows(self, norm: DataFrame, name: str, shape: TableShape, rows, bad_rows: list, batch_id: int,
-                     o: TableOutcome) -> TableOutcome:
-        """Commit one table's share of the many-table plan (delta-rs), with the retries and isolation
-        of `_apply_table`; a table delta-rs declines goes through `_apply_table` instead."""
+    def _commit_rows(self, norm: DataFrame, name: str, shape: TableShape, rows, bad_rows: list,
+                     changes: list[schema.SchemaChange], batch_id: int, o: TableOutcome) -> TableOutcome:
+        """Commit one table's share of the many-table plan (delta-rs), then remember its control records
+        (after the data, as `_apply_table` does), with the retries and isolation of `_apply_table`; a
+        table delta-rs declines goes through `_apply_table` instead."""
         path = self.project.path(self.project.table(name).delta_path)
         try:
             for attempt in self._retrying():
@@ -299,17 +309,22 @@ class BatchProcessor:
                         raise RuntimeError(f"injected failure for {name}")
                     try:
                         declined = apply.merge_rows(path, rows, shape)
+                        if changes and not declined:
+                            self._remember_control(name, changes, "delta-rs")
                     except Exception:
                         self._silver_cols.pop(name, None)
+                        self._control.pop(name, None)
                         raise
         except Exception as e:  # noqa: BLE001 - any failure isolates this table, never the others
             return self._isolate(norm, name, e, batch_id, o)
         if declined:
             if declined == "spark":
                 self._spark_written.add(name)
-            return self._apply_table(norm, name, [], batch_id, o)
+            return self._apply_table(norm, name, changes, batch_id, o)
         o.writer, o.visible_at, o.shared_plan = "delta-rs", time.time(), True
         self._silver_cols[name] = {c: shape.output_type(c) for c in shape.output_columns}
+        if changes:
+            self._sync_catalog(name, shape)
         return self._finish(name, bad_rows, o)
 
     def _retrying(self) -> Retrying:
@@ -368,7 +383,7 @@ class BatchProcessor:
                         raise
                     self._silver_cols[name] = {c: shape.output_type(c) for c in shape.output_columns}
                     if changes:
-                        self._remember_control(name, changes)
+                        self._remember_control(name, changes, o.writer)
                         self._sync_catalog(name, shape)
         except Exception as e:  # noqa: BLE001 - any failure isolates this table, never the others
             return self._isolate(norm, name, e, batch_id, o)
