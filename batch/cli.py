@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.progress import Progress
 
-    from batch.full_load import run_full_load
+    from batch.full_load import RawStore, run_full_load
     from cdcflow.cli import console, print_table
     from cdcflow.config import load_project
     from cdcflow.errors import UserError
@@ -32,10 +32,11 @@ def run(args: argparse.Namespace) -> int:
     unknown = [t for t in args.table or [] if t not in project.tables]
     if unknown:
         raise UserError(f"unknown table(s): {', '.join(unknown)}")
+    RawStore(project).require()  # before Spark starts: a wrong --raw is one line, not 0 files "ok"
     spark = get_spark("cdcflow-full-load")
     with Progress(console=console) as progress:
         result = run_full_load(spark, project, args.table, args.timestamp_column, not args.no_archive, progress)
-    print_table("full load", ["table", "rows"], [[t, n] for t, n in sorted(result.per_table.items())])
+    print_table("full load", list(result.COLUMNS), result.summary_rows())
     console.print(f"{result.files} files applied, {result.skipped} already applied, {result.rows} rows, "
                   f"{result.quarantined} quarantined")
     return 0

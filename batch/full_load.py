@@ -54,6 +54,15 @@ class LoadResult:
     quarantined: int = 0
     skipped: int = 0
     per_table: dict[str, int] = field(default_factory=dict)
+    quarantined_by_rule: dict[str, dict[str, int]] = field(default_factory=dict)  # table -> rule -> rows
+
+    COLUMNS = ("table", "rows", "quarantined")
+
+    def summary_rows(self) -> list[list]:
+        """Per table: rows applied, quarantined rows per rule (as the stream's summary shows them)."""
+        from cdcflow.cdc.quarantine import by_rule
+
+        return [[t, n, by_rule(self.quarantined_by_rule.get(t, {}))] for t, n in sorted(self.per_table.items())]
 
 
 class RawStore:
@@ -67,6 +76,26 @@ class RawStore:
         self.uri = project.pipeline.dms.raw_uri
         self.is_s3 = self.uri.startswith(("s3://", "s3a://"))
         self._staging: Path | None = None
+
+    def require(self) -> None:
+        """Fail with one line when the raw location does not exist (a wrong --raw would otherwise load
+        nothing and report success)."""
+        from cdcflow.errors import UserError
+
+        if not self.is_s3:
+            if not Path(self.uri).is_dir():
+                raise UserError(f"raw path {self.uri} does not exist (dms.raw_uri or --raw)")
+            return
+        from botocore.exceptions import ClientError
+
+        from cdcflow.aws import project_client, split_s3
+
+        bucket, _ = split_s3(self.uri)
+        try:
+            project_client(self.project, "s3").head_bucket(Bucket=bucket)
+        except ClientError as e:
+            raise UserError(f"raw location {self.uri}: bucket {bucket} not reachable "
+                            f"({e.response.get('Error', {}).get('Code', e)})") from None
 
     def list(self, table: Table) -> list[str]:
         prefix = f"{table.schema}/{table.table}/"
@@ -146,11 +175,23 @@ def classify(table: Table, rels: list[str]) -> list[FileRef]:
     return sorted(loads, key=lambda f: f.rel) + sorted(cdc, key=lambda f: Path(f.rel).name)
 
 
-def normalize_parquet(df: DataFrame, table: Table, ref: FileRef, ts_column: str,
-                      position: Column | None = None) -> DataFrame:
-    """DMS Parquet rows -> the normalized change shape the shared apply logic takes.
+def source_position(table: Table) -> Column:
+    """`<schema>/<table>/.../<file>.parquet#<row>` of a row read from DMS Parquet files: its path under
+    the raw root and its row number in the file (Parquet's row index, not a partition-dependent id),
+    which `cdcflow.cdc.sequence`'s `file_position` orders CDC rows by when nothing better is present."""
+    rel = F.regexp_extract(F.col("_metadata.file_path"), f".*({re.escape(table.schema)}/{re.escape(table.table)}/.*)$", 1)
+    return F.concat(rel, F.lit("#"), F.col("_metadata.row_index").cast("string"))
 
-    `position`: the source position column when `df` spans several files (default: ref.rel + row id)."""
+
+def absent_order(df: DataFrame, ts_column: str) -> tuple[str, ...]:
+    """The S3 ordering components a file group's layout lacks (DMS's defaults: both), counted as zeros."""
+    return tuple(o for o, column in (("commit_timestamp", ts_column), ("change_seq", CHANGE_SEQ))
+                 if column not in df.columns)
+
+
+def normalize_parquet(df: DataFrame, table: Table, ref: FileRef, ts_column: str) -> DataFrame:
+    """DMS Parquet rows (`df` as read by Spark from the files) -> the normalized change shape the
+    shared apply logic takes."""
     cols = [c for c in df.columns if c not in ("Op", ts_column, CHANGE_SEQ)]
     if ref.kind == "load":
         op = F.lit("load")
@@ -171,8 +212,7 @@ def normalize_parquet(df: DataFrame, table: Table, ref: FileRef, ts_column: str,
         F.lit(None).cast("string").alias("_stream_pos"),
         seq.alias("_change_seq"),
         F.lit(None).cast("string").alias("_control"),
-        (position if position is not None else F.concat(F.lit(ref.rel + "#"), F.monotonically_increasing_id().cast(
-            "string"))).alias("_source_position"),
+        source_position(table).alias("_source_position"),
         F.current_timestamp().alias("_arrival_ts"),
         F.lit(None).cast("string").alias("_problem"),
         F.xxhash64(*[F.col(f"`{c}`") for c in df.columns]).cast("string").alias("_record_hash"),
@@ -195,6 +235,7 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
     sees the table's changes. A group re-applied after a crash gets a new bronze batch id: the
     warehouse merge drops changes it already holds (same key and `_seq`)."""
     store = RawStore(project)
+    store.require()
     salt = pii_salt(project)
     manifest_path = project.path("_manifests/full_load")
     bronze_path = project.path("bronze")
@@ -229,13 +270,8 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
                 extra = tuple((c, ty) for c, ty in typed.items() if c not in table.columns
                               or (ty != table.columns[c] and schema.is_widening(table.columns[c], ty)))
                 shape = TableShape(table, extra)
-                position = None
-                if len(group) > 1:
-                    folder = group[0].rel.rsplit("/", 1)[0]
-                    position = F.concat(F.lit(folder + "/"), F.element_at(F.split(F.input_file_name(), "/"), -1),
-                                        F.lit("#"), F.monotonically_increasing_id().cast("string"))
-                norm = normalize_parquet(df, table, group[0], ts_column, position)
-                good, bad = typed_changes(norm, shape, salt)
+                norm = normalize_parquet(df, table, group[0], ts_column)
+                good, bad = typed_changes(norm, shape, salt, absent_order(df, ts_column))
                 batch_id = next_batch.get(name, 0)
                 bronze = bronze_rows(norm, project, salt, batch_id, feed="full_load", table=table)
                 append_bronze(bronze, bronze_path)
@@ -252,6 +288,9 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
                 result.files += len(group)
                 result.rows += sum(counts)
                 result.quarantined += len(bad_rows)
+                rules = result.quarantined_by_rule.setdefault(name, {})
+                for r in bad_rows:
+                    rules[r["_rule"]] = rules.get(r["_rule"], 0) + 1
                 result.per_table[name] = result.per_table.get(name, 0) + sum(counts)
                 bars.advance(len(group))
             if archive:

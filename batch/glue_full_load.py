@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     GlueContext(SparkContext.getOrCreate())  # Glue's session, with --datalake-formats delta
     project = glue_project(sys.argv if argv is None else argv)
     result = run_full_load(get_spark(mode="glue"), project, progress=None)
-    print_rows("full load", ["table", "rows"], [[t, n] for t, n in sorted(result.per_table.items())])
+    print_rows("full load", list(result.COLUMNS), result.summary_rows())
     print(f"{result.files} files applied, {result.skipped} already applied, {result.rows} rows, "
           f"{result.quarantined} quarantined")
 

@@ -9,7 +9,7 @@ For each table with a `warehouse` target, dimensions first, then facts:
    out, so the warehouse sees exactly the changes silver applied. Bronze values are already
    PII-masked: not masked again.
 2. Type them per declared column (masked columns are strings), compute `_seq` from the table's
-   ordering (full-load rows: DMS S3's commit time + change_seq) and split primary-key changes (the
+   ordering (full-load rows: DMS S3's commit time + change_seq + file position) and split primary-key changes (the
    shared `cdcflow.cdc.changes.typed_changes`), drop identical (key, `_seq`) redeliveries, and map
    `_op` load/insert/update/delete -> I/I/U/D.
 3. Run the stages: `staging_to_dimension` for dimensions; `staging_to_dimension` then
@@ -134,11 +134,15 @@ def staged_changes(spark: SparkSession, project: Project, table: Table,
         F.col("record_hash").alias("_record_hash"), F.col("feed"),
     )  # fmt: skip
     # Each feed's changes are ordered as that feed orders them (the streaming job: the table's
-    # ordering; full-load: DMS S3's commit time + change_seq), with the shared typing rule.
+    # ordering; full-load: DMS S3's commit time, change_seq and file position), with the shared typing
+    # rule. Full-load rows without a commit time or change_seq came from files without that column
+    # (rows with a null in a column their file has were quarantined): zeros, as the full load counted.
     typed = None
     for feed in newest:
         t = bronze_table(table if feed == "stream" else replace(table, ordering=S3_ORDERING))
-        good, _bad = typed_changes(norm.filter(F.col("feed") == feed), TableShape(t), salt="")  # bad rows were quarantined already
+        absent = () if feed == "stream" else ("commit_timestamp", "change_seq")
+        good, _bad = typed_changes(norm.filter(F.col("feed") == feed), TableShape(t), salt="",  # bad rows were
+                                   absent_order=absent)  # quarantined already
         typed = good if typed is None else typed.unionByName(good)
     key = table.primary_key
     op = F.col("_op")

@@ -208,10 +208,11 @@ def run_demo(config_dir: str, workdir: str, events: int = DEMO_EVENTS) -> int:
 
         with Progress(console=console, transient=True) as progress:
             loaded = run_full_load(spark, project, progress=progress)
-        print_table("full load", ["table", "rows"], [[t, n] for t, n in sorted(loaded.per_table.items())])
+        print_table("full load", list(loaded.COLUMNS), loaded.summary_rows())
         s["result"] = f"{loaded.files} files, {loaded.rows} rows, {loaded.quarantined} quarantined"
 
     with steps.step("stream: Kinesis -> bronze / silver / quarantine, until caught up") as s:
+        from cdcflow.cdc.quarantine import by_rule
         from cdcflow.metrics import MetricsSink
         from streaming.job import checkpoint_location, run_stream
         from streaming.sources import kinesis_stream
@@ -222,8 +223,8 @@ def run_demo(config_dir: str, workdir: str, events: int = DEMO_EVENTS) -> int:
                             metrics=MetricsSink(project.pipeline.name, path=str(metrics_file)))
         print_table(f"stream: {result.batches} micro-batches", ["table", "read", "applied", "quarantined", "late",
                                                                 "duplicates"],
-                    [[o.table, o.read, o.applied, o.quarantined, o.late, o.duplicates]
-                     for o in sorted(result.tables.values(), key=lambda o: o.table)])
+                    [[o.table, o.read, o.applied, by_rule(result.quarantined_by_rule.get(o.table, {})), o.late,
+                      o.duplicates] for o in sorted(result.tables.values(), key=lambda o: o.table)])
         s["result"] = (f"{result.batches} micro-batches, {result.rows_read} records read, {result.rows_applied} "
                        f"applied, {result.rows_quarantined} quarantined")
 

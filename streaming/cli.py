@@ -22,6 +22,7 @@ def register_stream(sub, commands: dict[str, Callable]) -> None:
 def run_stream_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from cdcflow.cdc.quarantine import by_rule
     from cdcflow.cli import console, print_table
     from cdcflow.config import load_project
     from cdcflow.metrics import MetricsSink
@@ -56,7 +57,8 @@ def run_stream_command(args: argparse.Namespace) -> int:
         checkpoint=ck,
         metrics=metrics,
     )  # fmt: skip
-    rows = [[t.table, t.read, t.applied, t.quarantined, t.late, t.duplicates, "yes" if t.isolated else ""]
+    rows = [[t.table, t.read, t.applied, by_rule(summary.quarantined_by_rule.get(t.table, {})), t.late, t.duplicates,
+             "yes" if t.isolated else ""]
             for t in sorted(summary.tables.values(), key=lambda t: t.table)]
     print_table(f"stream: {summary.batches} batches", ["table", "read", "applied", "quarantined", "late",
                                                         "duplicates", "isolated"], rows)

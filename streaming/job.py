@@ -9,7 +9,7 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyspark.sql import DataFrame, SparkSession
 
@@ -27,6 +27,7 @@ class StreamSummary:
     rows_applied: int
     rows_quarantined: int
     tables: dict[str, TableOutcome]
+    quarantined_by_rule: dict[str, dict[str, int]] = field(default_factory=dict)  # table -> rule -> rows
 
 
 def checkpoint_location(project: Project, name: str = "stream") -> str:
@@ -54,6 +55,7 @@ def run_stream(
     processor = processor or BatchProcessor(spark, project, metrics)
     totals = {"batches": 0, "read": 0, "applied": 0, "quarantined": 0}
     tables: dict[str, TableOutcome] = {}
+    by_rule: dict[str, dict[str, int]] = {}
 
     def on_batch(df: DataFrame, batch_id: int) -> None:
         outcomes = processor.process(df, batch_id)
@@ -73,6 +75,9 @@ def run_stream(
             agg.shared_plan = o.shared_plan if first else agg.shared_plan and o.shared_plan  # in every batch
             agg.writer = o.writer or agg.writer
             agg.schema_warnings += o.schema_warnings
+            rules = by_rule.setdefault(o.table, {})
+            for q in o.quarantine_rows:  # (table, rule, ...)
+                rules[q[1]] = rules.get(q[1], 0) + 1
 
     writer = source.writeStream.foreachBatch(on_batch).option(
         "checkpointLocation", checkpoint or checkpoint_location(project)
@@ -117,4 +122,4 @@ def run_stream(
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-    return StreamSummary(totals["batches"], totals["read"], totals["applied"], totals["quarantined"], tables)
+    return StreamSummary(totals["batches"], totals["read"], totals["applied"], totals["quarantined"], tables, by_rule)

@@ -14,23 +14,96 @@ from tests.streaming_helpers import project_in, simulate_to
 pytestmark = [pytest.mark.spark]
 
 
+# DMS S3 layouts (ordering columns in the files), one per table in the full-load test
+LAYOUTS = {"shop.customers": "none", "shop.orders": "timestamp", "shop.order_items": "change-seq+timestamp",
+           "shop.products": "change-seq+timestamp"}
+
+
+def simulate_layouts(project, tmp_path, raw, layouts: dict[str, str]):
+    """One source history encoded once per S3 layout; each table's files from its layout's encoding
+    (the unknown-table files from the first). Returns the history folder and the S3 fault log."""
+    import json
+
+    from cdcflow.sim.faults import FaultOptions
+    from cdcflow.sim.run import SimOptions, simulate
+    from cdcflow.sim.s3 import S3Options
+    from cdcflow.sim.source import GenOptions
+
+    gen = GenOptions(events=200, pk_change_rate=0.03, same_key_in_txn_rate=0.3)
+    faults = FaultOptions(duplicate_rate=0.05, out_of_order_rate=0.2, late_rate=0.05, missing_primary_key_rate=0.03,
+                          unknown_table_rate=0.02)
+    texts, log = set(), []
+    for i, layout in enumerate(dict.fromkeys(layouts.values())):
+        sim = tmp_path / layout
+        simulate(project, sim, SimOptions(seed=7, gen=gen, faults=faults,
+                                          s3=S3Options(layout=layout, cdc_max_batch_interval_s=20)))
+        texts.add((sim / "history.jsonl").read_text())
+        manifest = json.loads((sim / "manifest.json").read_text())
+        tables = [t for t, lay in layouts.items() if lay == layout]
+        for table in tables:
+            shutil.copytree(sim / "s3" / table.replace(".", "/"), raw / table.replace(".", "/"))
+        log += [f for f in manifest["faults"]["s3"] if f["table"] in tables or (i == 0 and f["table"] is None)]
+        if i == 0:
+            for ghost in (sim / "s3" / "shop").glob("ghost_*"):
+                shutil.copytree(ghost, raw / "shop" / ghost.name)
+    assert len(texts) == 1  # one source history, encoded per layout
+    return tmp_path / layout, log
+
+
+def check_layouts(project, raw, history, layouts: dict[str, str]) -> None:
+    """Each table's files have its layout's columns, a key changed twice in one file, a key changed in
+    several files, and several changes of one key in one transaction."""
+    import pyarrow.parquet as pq
+
+    for table, layout in layouts.items():
+        t = project.table(table)
+        cdc = sorted((raw / table.replace(".", "/")).glob("2*.parquet"))
+        names = pq.read_schema(cdc[0]).names
+        assert ("dms_commit_ts" in names, "$AR_H_CHANGE_SEQ" in names) == {
+            "none": (False, False), "timestamp": (True, False), "change-seq+timestamp": (True, True)}[layout]
+        keys_per_file = [[tuple(r[k] for k in t.primary_key) for r in pq.read_table(f).to_pylist()] for f in cdc]
+        assert any(len(keys) > len(set(keys)) for keys in keys_per_file), (table, "a key twice in one file")
+        files_of: dict = {}
+        for i, keys in enumerate(keys_per_file):
+            for k in keys:
+                files_of.setdefault(k, set()).add(i)
+        assert any(len(f) > 1 for f in files_of.values()), (table, "a key in several files")
+        per_txn: dict = {}
+        for ch in history.changes:
+            if ch["table"] == table and ch["txn_id"] is not None:
+                key = (ch["txn_id"], tuple(ch["data"][k] for k in t.primary_key))
+                per_txn[key] = per_txn.get(key, 0) + 1
+        assert max(per_txn.values()) > 1, (table, "several changes of one key in one transaction")
+
+
 @pytest.mark.glue_compat
 def test_full_load_and_cdc_files_match_oracle_and_rerun_is_a_noop(spark, tmp_path):
-    from cdcflow.oracle import build_oracle, load_history, resolve_salt
+    """The three DMS S3 layouts (one per table, LAYOUTS): with `$AR_H_CHANGE_SEQ` and the timestamp
+    column (delivery faults: duplicates, shuffled files, late rows), the timestamp only, and neither
+    (DMS's defaults). The oracle orders by the true source order, never by a column."""
+    from cdcflow.oracle import HistoryData, build_oracle, load_history, resolve_salt
     from cdcflow.verify import read_actual, verify
 
-    sim = tmp_path / "sim"
     raw = tmp_path / "raw"
     project = project_in(tmp_path, CDCFLOW_RAW_URI=str(raw))
-    simulate_to(project, sim, events=200, duplicate_rate=0.05, out_of_order_rate=0.2, late_rate=0.05,
-                missing_primary_key_rate=0.02, unknown_table_rate=0.02, pk_change_rate=0.03)
-    shutil.copytree(sim / "s3", raw)
+    sim, s3_faults = simulate_layouts(project, tmp_path, raw, LAYOUTS)
+    history = load_history(sim)
+    check_layouts(project, raw, history, LAYOUTS)
+    assert {f["kind"] for f in s3_faults} >= {"duplicate", "late", "out_of_order", "missing_primary_key"}
     files = sorted(p.relative_to(raw) for p in raw.rglob("*.parquet") if "ghost" not in str(p))
     assert any(p.name.startswith("LOAD0000000") for p in files) and any("-" in p.name for p in files)
 
     result = run_full_load(spark, project)
     assert result.files == len(files) and result.skipped == 0
-    oracle = build_oracle(project, load_history(sim), resolve_salt(project), "s3")
+    oracle = build_oracle(project, HistoryData(history.changes, {"faults": {"s3": s3_faults}}),
+                          resolve_salt(project), "s3")
+    # the summary's quarantined rows per table and rule: the injected missing keys
+    injected: dict = {}
+    for f in s3_faults:
+        if f["rule"] == "missing_primary_key":
+            injected.setdefault(f["table"], {}).setdefault(f["rule"], 0)
+            injected[f["table"]][f["rule"]] += 1
+    assert len(injected) >= 3 and {t: r for t, r in result.quarantined_by_rule.items() if r} == injected
     diffs = verify(project, oracle, read_actual(project, spark))
     assert {d.kind for d in diffs} >= {"current", "quarantine"}
     for d in diffs:

@@ -281,8 +281,9 @@ def test_full_load_main_runs_the_cli_function(fake_glue, capsys):
 
     def run_full_load(spark, project, *args, **kwargs):
         calls.append((spark, project, args, kwargs))
-        return SimpleNamespace(files=3, skipped=1, rows=42, quarantined=2,
-                               per_table={"shop.orders": 40, "shop.customers": 2})  # fmt: skip
+        return SimpleNamespace(files=3, skipped=1, rows=42, quarantined=2, COLUMNS=("table", "rows", "quarantined"),
+                               summary_rows=lambda: [["shop.customers", 2, "0"],
+                                                     ["shop.orders", 40, "2 (missing_primary_key 2)"]])
 
     fake_glue.module("batch.full_load", run_full_load=run_full_load)
     from batch.glue_full_load import main
@@ -292,7 +293,7 @@ def test_full_load_main_runs_the_cli_function(fake_glue, capsys):
     _check_glue_setup(fake_glue, ["glue_full_load.py", "--JOB_NAME", "j"])
     assert calls == [(fake_glue.spark, fake_glue.project, (), {"progress": None})]  # the CLI's defaults
     out = capsys.readouterr().out
-    assert "shop.customers | 2\nshop.orders | 40" in out
+    assert "shop.customers | 2 | 0\nshop.orders | 40 | 2 (missing_primary_key 2)" in out
     assert "3 files applied, 1 already applied, 42 rows, 2 quarantined" in out
 
 

@@ -216,6 +216,34 @@ def test_s3_faults(project, tmp_path):
             assert "/ghost_" in f["file"] and (tmp_path / "s3" / f["file"]).exists()
 
 
+def test_s3_layouts_and_same_key_changes_in_one_transaction(project, tmp_path):
+    """`--s3-layout`: the ordering columns DMS writes (both, the timestamp only, neither); the history
+    doesn't depend on it. Without `$AR_H_CHANGE_SEQ` rows stay in commit order (no reordering faults),
+    bad-record faults still come. `same_key_in_txn_rate`: a key changed again in its transaction."""
+    gen = GenOptions(events=150, same_key_in_txn_rate=0.5)
+    faults = FaultOptions(duplicate_rate=0.2, out_of_order_rate=0.5, late_rate=0.1, missing_primary_key_rate=0.05)
+    runs = {lay: run(project, tmp_path / lay, gen=gen, faults=faults, s3=S3Options(layout=lay))
+            for lay in ("change-seq+timestamp", "timestamp", "none")}
+    assert len({(tmp_path / lay / "history.jsonl").read_text() for lay in runs}) == 1
+    for lay, res in runs.items():
+        orders = tmp_path / lay / "s3" / "shop" / "orders"
+        heads = {tuple(pq.read_schema(f).names[:2]) + (pq.read_schema(f).names[-1],) for f in orders.glob("2*")}
+        load = pq.read_schema(orders / "LOAD00000001.parquet").names
+        ts, seq = lay != "none", lay == "change-seq+timestamp"
+        assert ("dms_commit_ts" in load, "$AR_H_CHANGE_SEQ" in load) == (ts, seq)
+        assert heads == {("Op", "dms_commit_ts" if ts else "order_id", "$AR_H_CHANGE_SEQ" if seq else "updated_at")}
+        kinds = {f["kind"] for f in res.manifest["faults"]["s3"]}
+        assert "missing_primary_key" in kinds
+        assert bool(kinds & {"duplicate", "out_of_order", "late"}) == seq
+        assert res.manifest["s3"]["layout"] == lay
+    # the same key changed again in one transaction: one commit time, increasing record ids
+    changes = runs["none"].changes
+    pairs = [(a, b) for a, b in zip(changes, changes[1:], strict=False)
+             if a.txn_id is not None and a.txn_id == b.txn_id and a.table == b.table
+             and a.data and b.data and all(a.data[k] == b.data[k] for k in project.tables[a.table].primary_key)]
+    assert pairs and all(a.commit_ts == b.commit_ts and a.txn_rec_id < b.txn_rec_id for a, b in pairs)
+
+
 def test_schema_drift_and_control_records(project, tmp_path):
     res = run(project, tmp_path, gen=GenOptions(events=300, schema_drift_rate=1.0))
     recs = [json.loads(x) for x in lines(tmp_path)]

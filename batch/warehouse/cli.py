@@ -44,16 +44,31 @@ def _from_staging(args: argparse.Namespace, project, url: str) -> int:
     import dataclasses
     import json
 
-    import pyarrow.parquet as pq
-
     from batch.warehouse import merge_table
     from cdcflow.errors import UserError
 
     if not args.table or len(args.table) != 1:
         raise UserError("--staging needs exactly one --table")
-    result = merge_table(url, project, args.table[0], pq.read_table(args.staging), schema=args.schema)
+    result = merge_table(url, project, args.table[0], read_staging(args.staging), schema=args.schema)
     print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
     return 0
+
+
+def read_staging(path: str):
+    """The staging file (or folder) as an Arrow table; a missing or unreadable one is the user's to fix."""
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cdcflow.errors import UserError
+
+    if not Path(path).exists():
+        raise UserError(f"--staging {path}: no such file or folder")
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"--staging {path}: not readable as Parquet ({str(e).splitlines()[0]})") from None
 
 
 def _from_lake(args: argparse.Namespace, project, url: str) -> int:

@@ -4,8 +4,8 @@ warehouse merge (batch/warehouse_job.py reads its changes from here).
 Two feeds write it, each with its own increasing `batch_id`:
 - `stream`: the streaming job; `batch_id` is the micro-batch id (idempotent per batch via txnAppId).
 - `full_load`: `cdcflow full-load`; `batch_id` numbers the table's applied file groups (the LOAD files
-  of one snapshot, or a run of CDC files of one schema). Its rows order by commit time + `change_seq`
-  (DMS S3 output).
+  of one snapshot, or a run of CDC files of one schema). Its rows order by commit time + `change_seq` +
+  file position (DMS S3 output).
 """
 
 from __future__ import annotations

@@ -66,8 +66,10 @@ class TypedChanges:
     `apply` only adds a few DataFrame steps over them.
     """
 
-    def __init__(self, shape: TableShape, salt: str, value_fields: list[str] | None = None):
-        """`value_fields`: the fields of a typed source's `_values` struct; None for `_data` text."""
+    def __init__(self, shape: TableShape, salt: str, value_fields: list[str] | None = None,
+                 absent_order: tuple[str, ...] = ()):
+        """`value_fields`: the fields of a typed source's `_values` struct; None for `_data` text.
+        `absent_order`: ordering components the source doesn't carry (zeros: `sequence`'s `absent`)."""
         t = shape.table
         cols = shape.columns
         self.shape = shape
@@ -84,7 +86,9 @@ class TypedChanges:
                 "txn_rec_id": F.col("_txn_rec_id"),
                 "stream_pos": F.col("_stream_pos"),
                 "change_seq": F.col("_change_seq"),
+                "source_pos": F.col("_source_position"),
             },
+            absent_order,
         )
         missing_key = F.lit(False)
         for k in t.primary_key:
@@ -155,9 +159,10 @@ class TypedChanges:
         return good.select(*self.out_columns), bad
 
 
-def typed_changes(norm: DataFrame, shape: TableShape, salt: str) -> tuple[DataFrame, DataFrame]:
+def typed_changes(norm: DataFrame, shape: TableShape, salt: str,
+                  absent_order: tuple[str, ...] = ()) -> tuple[DataFrame, DataFrame]:
     """(good, bad) rows of `norm` (one table's normalized changes): see TypedChanges."""
-    return TypedChanges(shape, salt, value_fields(norm)).apply(norm)
+    return TypedChanges(shape, salt, value_fields(norm), absent_order).apply(norm)
 
 
 def value_fields(df: DataFrame) -> list[str] | None:

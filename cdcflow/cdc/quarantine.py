@@ -24,3 +24,13 @@ def append_quarantine(spark: SparkSession, path: str, rows: list[tuple], txn: tu
     if txn is not None:
         writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
     writer.save(path)
+
+
+def by_rule(counts: dict[str, int]) -> str:
+    """A table's quarantined rows for a command's summary: `7 (missing_primary_key 5, no_ordering 2)`;
+    the stream and the full load print it alike."""
+    total = sum(counts.values())
+    if not total:
+        return "0"
+    rules = ", ".join(f"{rule} {n}" for rule, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n)
+    return f"{total} ({rules})"

@@ -15,9 +15,18 @@ WIDTHS = {
     "transaction_id": 20,
     "transaction_record_id": 10,
     "change_seq": 35,
+    "file_position": 35,
 }
-# DMS S3 output has no transaction details: commit time, then $AR_H_CHANGE_SEQ.
-S3_ORDERING = ("commit_timestamp", "change_seq")
+# DMS S3 output has no transaction details: commit time (TimestampColumnName), then $AR_H_CHANGE_SEQ
+# (only if a transformation rule adds it), then the row's place in the output: DMS writes a table's
+# CDC rows in commit order within a file and names files by time, so file time + row number is a
+# valid order when nothing better is present (several changes of one transaction share a commit
+# time). A file without the timestamp or change-seq column counts zeros there (`sequence`'s
+# `absent`), so every layout's `_seq` has the same width and the same places.
+S3_ORDERING = ("commit_timestamp", "change_seq", "file_position")
+# `<...>/<yyyyMMdd-HHmmssSSSS>.parquet#<row>`: the time digits of a CDC file's name and the row number
+FILE_POSITION = r"(\d{8})-(\d{9,10})\.parquet#(\d{1,15})$"
+FILE_TIME_WIDTH = 20
 STREAM_POSITION_GROUPS = 5  # PostgreSQL: 00000002/7C007178.3.00000002/7C007178
 STREAM_POSITION_WIDTH = 20
 
@@ -39,6 +48,18 @@ def _stream_position(pos: Column) -> Column:
     return F.when(pos.rlike(r"^[0-9A-Fa-f]+([/.][0-9A-Fa-f]+)*$"), F.concat(*parts))
 
 
+def _file_position(pos: Column) -> Column:
+    """A DMS S3 CDC row's source position as file time (20 digits) + row in the file (15); null when it
+    isn't one."""
+    def part(i: int) -> Column:
+        return F.regexp_extract(pos, FILE_POSITION, i)
+
+    return F.when(pos.rlike(FILE_POSITION), F.concat(
+        F.lpad(F.concat(part(1), part(2)), FILE_TIME_WIDTH, "0"),
+        F.lpad(part(3), WIDTHS["file_position"] - FILE_TIME_WIDTH, "0"),
+    ))
+
+
 def component(name: str, c: dict[str, Column]) -> Column:
     """The digits of one ordering component, from the normalized change columns."""
     if name == "commit_timestamp":
@@ -51,6 +72,8 @@ def component(name: str, c: dict[str, Column]) -> Column:
         return F.when(c["change_seq"].rlike(r"^[0-9]{1,35}$"), F.lpad(c["change_seq"], 35, "0"))
     if name == "stream_position":
         return _stream_position(c["stream_pos"])
+    if name == "file_position":
+        return _file_position(c["source_pos"])
     raise ValueError(f"unknown ordering component {name!r}")
 
 
@@ -60,11 +83,16 @@ def width(ordering: tuple[str, ...] | list[str]) -> int:
     )
 
 
-def sequence(ordering: tuple[str, ...] | list[str], is_load: Column, c: dict[str, Column]) -> Column:
+def sequence(ordering: tuple[str, ...] | list[str], is_load: Column, c: dict[str, Column],
+             absent: tuple[str, ...] | list[str] | set[str] = ()) -> Column:
     """`_seq` for a change: '0' + zeros for full-load rows, '1' + components for CDC; null if unusable.
 
     `concat` is null when any component is null, which is exactly "no usable order" (quarantined).
+    `absent`: components the source doesn't carry at all (a DMS S3 file without the column): zeros,
+    where a null in a component the source does carry is no usable order.
     """
     load_seq = F.lit("0" * width(ordering))
-    cdc_seq = F.concat(F.lit("1"), *[component(o, c) for o in ordering])
+    parts = [F.coalesce(component(o, c), F.lit("0" * (width([o]) - 1))) if o in absent else component(o, c)
+             for o in ordering]
+    cdc_seq = F.concat(F.lit("1"), *parts)
     return F.when(is_load, load_seq).otherwise(cdc_seq)

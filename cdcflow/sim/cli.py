@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cdcflow.errors import UserError
+from cdcflow.sim.s3 import LAYOUTS
 
 FAULT_FLAGS = {  # flag -> FaultOptions field
     "duplicate-rate": "duplicate_rate",
@@ -24,6 +25,7 @@ SOURCE_FLAGS = {  # flag -> GenOptions field: real source changes, not delivery 
     "null-update-rate": "null_update_rate",
     "dq-failure-rate": "dq_failure_rate",
     "drop-table-rate": "drop_table_rate",
+    "same-key-in-txn-rate": "same_key_in_txn_rate",
 }
 
 
@@ -88,6 +90,9 @@ def register_simulate(sub: Any, commands: dict[str, Callable]) -> None:
     s.add_argument("--cdc-max-batch-interval", type=int, default=60, help="CdcMaxBatchInterval (seconds)")
     s.add_argument("--cdc-min-file-size-kb", type=int, default=32_000, help="CdcMinFileSize (KB)")
     s.add_argument("--include-op-for-full-load", action="store_true", help="IncludeOpForFullLoad")
+    s.add_argument("--s3-layout", choices=LAYOUTS, default=LAYOUTS[0],
+                   help="ordering columns in the files: $AR_H_CHANGE_SEQ (a transformation rule) and the "
+                        "timestamp column (default), the timestamp column only, or neither (DMS's defaults)")
     commands["simulate"] = run_simulate
 
 
@@ -122,7 +127,7 @@ def options_from_args(args: argparse.Namespace, watermark_minutes: int) -> Any:
     s3 = S3Options(timestamp_column=args.timestamp_column, max_file_size_kb=args.max_file_size_kb,
                    cdc_max_batch_interval_s=args.cdc_max_batch_interval,
                    cdc_min_file_size_kb=args.cdc_min_file_size_kb,
-                   include_op_for_full_load=args.include_op_for_full_load)
+                   include_op_for_full_load=args.include_op_for_full_load, layout=args.s3_layout)
     seed: int | str = int(args.seed) if str(args.seed).lstrip("-").isdigit() else args.seed
     return SimOptions(seed=seed, gen=gen, faults=faults, s3=s3, partition_key_type=args.partition_key,
                       before_image=args.before_image, dms_type_naming=args.dms_type_naming,

@@ -111,7 +111,9 @@ def simulate(project: Project, out: str | Path, opts: SimOptions, config_dir: st
                    "per_table": op_counts(history_dicts)},
         "kinesis": {"files": files, "partition_key_type": opts.partition_key_type,
                     "before_image_field": BEFORE_IMAGE_FIELD if before_image else None},
-        "s3": {"timestamp_column": opts.s3.timestamp_column, "change_seq_column": CHANGE_SEQ_COLUMN},
+        "s3": {"layout": opts.s3.layout,
+               "timestamp_column": opts.s3.timestamp_column if opts.s3.has_timestamp else None,
+               "change_seq_column": CHANGE_SEQ_COLUMN if opts.s3.has_change_seq else None},
         "dq_injected": hist.dq_injected,
         "faults": {"kinesis": k_faults, "s3": s3_faults},
         "expected_quarantine": {

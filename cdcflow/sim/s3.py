@@ -2,6 +2,12 @@
 time-named CDC files (`20261125-1000010000.parquet`) with `Op` (I/U/D) first, the TimestampColumnName
 column (string `yyyy-MM-dd HH:mm:ss.SSSSSS`, source commit time) and `$AR_H_CHANGE_SEQ` last.
 
+Which of the two ordering columns the files carry is `S3Options.layout` (LAYOUTS): both (a transformation
+rule adds `$AR_H_CHANGE_SEQ`, TimestampColumnName set), the timestamp only, or neither (DMS's defaults).
+Rows are always written in commit order within a file, as DMS does. Without `$AR_H_CHANGE_SEQ` the
+delivery order is the only order a reader has (file time + row), so the reordering faults (duplicate,
+out_of_order, late) are injected only into the layout that has it.
+
 Batching mimics the S3 endpoint: MaxFileSize (KB, full load), CdcMaxBatchInterval (s of source time)
 and CdcMinFileSize (KB): a CDC file is closed when either CDC limit is reached, and at schema changes.
 Sizes are estimated from the JSON size of the rows (deterministic, not the compressed Parquet size).
@@ -13,7 +19,7 @@ import io
 import json
 import random
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -30,6 +36,7 @@ from cdcflow.sim.values import SOURCE_START_US, decimal_spec, dms_ts, us_to_dt
 CHANGE_SEQ_COLUMN = "$AR_H_CHANGE_SEQ"
 DEFAULT_TIMESTAMP_COLUMN = "dms_commit_ts"
 _OPS = {"insert": "I", "update": "U", "delete": "D"}
+LAYOUTS = ("change-seq+timestamp", "timestamp", "none")  # the ordering columns DMS writes
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,15 @@ class S3Options:
     cdc_max_batch_interval_s: int = 60  # CdcMaxBatchInterval
     cdc_min_file_size_kb: int = 32_000  # CdcMinFileSize
     include_op_for_full_load: bool = False  # IncludeOpForFullLoad
+    layout: str = LAYOUTS[0]  # ordering columns in the files: LAYOUTS
+
+    @property
+    def has_timestamp(self) -> bool:
+        return self.layout != "none"
+
+    @property
+    def has_change_seq(self) -> bool:
+        return self.layout == "change-seq+timestamp"
 
 
 def arrow_type(col_type: str) -> pa.DataType:
@@ -80,14 +96,16 @@ def _size(values: dict[str, Any]) -> int:
     return len(json.dumps(values, default=str))
 
 
-def _table_bytes(rows: list[dict[str, Any]], schema: list[tuple[str, str]], head: list[str]) -> bytes:
+def _table_bytes(rows: list[dict[str, Any]], schema: list[tuple[str, str]], head: list[str],
+                 tail: tuple[str, ...] = (CHANGE_SEQ_COLUMN,)) -> bytes:
     arrays = [pa.array([r.get(c) for r in rows], type=pa.string()) for c in head]
     fields = [pa.field(c, pa.string()) for c in head]
     for col, ty in schema:
         arrays.append(pa.array([_to_arrow_value(r.get(col), ty) for r in rows], type=arrow_type(ty)))
         fields.append(pa.field(col, arrow_type(ty)))
-    arrays.append(pa.array([r.get(CHANGE_SEQ_COLUMN) for r in rows], type=pa.string()))
-    fields.append(pa.field(CHANGE_SEQ_COLUMN, pa.string()))
+    for col in tail:
+        arrays.append(pa.array([r.get(col) for r in rows], type=pa.string()))
+        fields.append(pa.field(col, pa.string()))
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_arrays(arrays, schema=pa.schema(fields)), buf, compression="snappy")
     return buf.getvalue()
@@ -102,6 +120,8 @@ class S3Writer:
         self.rng = random.Random(f"cdcflow-s3:{seed}")
         self.files: dict[str, bytes] = {}
         self.log: list[dict[str, Any]] = []
+        self.tail = (CHANGE_SEQ_COLUMN,) if options.has_change_seq else ()
+        self.ts_head = [options.timestamp_column] if options.has_timestamp else []
 
     def build(self, changes: list[Change]) -> tuple[dict[str, bytes], list[dict[str, Any]]]:
         schemas: dict[str, list[list[tuple[str, str]]]] = {}  # table -> schema versions
@@ -145,7 +165,7 @@ class S3Writer:
         return f"{schema}/{name}"
 
     def _write_load(self, table: str, schema: list[tuple[str, str]], rows: list[dict[str, Any]]) -> None:
-        head = (["Op"] if self.opts.include_op_for_full_load else []) + [self.opts.timestamp_column]
+        head = (["Op"] if self.opts.include_op_for_full_load else []) + self.ts_head
         limit = self.opts.max_file_size_kb * 1024
         chunks: list[list[dict[str, Any]]] = [[]]
         size = 0
@@ -158,12 +178,14 @@ class S3Writer:
             chunks[-1].append({**r, "Op": "I", self.opts.timestamp_column: transfer, CHANGE_SEQ_COLUMN: None})
             size += n
         for k, chunk in enumerate(c for c in chunks if c):
-            self.files[f"{self._folder(table)}/LOAD{k + 1:08X}.parquet"] = _table_bytes(chunk, schema, head)
+            self.files[f"{self._folder(table)}/LOAD{k + 1:08X}.parquet"] = _table_bytes(chunk, schema, head, self.tail)
 
     def _inject(self, table: str, rows: list[_Row]) -> list[_Row]:
         f = self.faults
         if not f.any or not rows:
             return rows
+        if not self.opts.has_change_seq:  # delivery order is the only order: see the module docstring
+            f = replace(f, duplicate_rate=0.0, out_of_order_rate=0.0, late_rate=0.0)
         keyed: list[tuple[float, int, _Row]] = [(float(i), 0, r) for i, r in enumerate(rows)]
         tie = 0
         late_us = (f.watermark_minutes * 60 + 60) * 1_000_000
@@ -198,12 +220,12 @@ class S3Writer:
         path = f"{ghost}/{_name_for(r.commit_us)}.parquet"
         while path in self.files:
             path = path.replace(".parquet", "0.parquet")
-        self.files[path] = _table_bytes([r.values], cols, ["Op", self.opts.timestamp_column])
+        self.files[path] = _table_bytes([r.values], cols, ["Op", *self.ts_head], self.tail)
         self.log.append({"kind": "unknown_table", "rule": "unknown_table", "table": None,
                          "source_seq": r.source_seq, "file": path, "row": 0})
 
     def _write_cdc(self, table: str, versions: list[list[tuple[str, str]]], rows: list[_Row]) -> None:
-        head = ["Op", self.opts.timestamp_column]
+        head = ["Op", *self.ts_head]
         files: list[list[_Row]] = []
         cur: list[_Row] = []
         size = 0
@@ -223,8 +245,9 @@ class S3Writer:
             files.append(cur)
         last = ""
         clock = 0
+        shuffle = self.faults.out_of_order_rate if self.opts.has_change_seq else 0.0
         for rows_in_file in files:
-            if self.faults.out_of_order_rate and self.rng.random() < self.faults.out_of_order_rate:
+            if shuffle and self.rng.random() < shuffle:
                 self.rng.shuffle(rows_in_file)
                 self.log.append({"kind": "out_of_order", "rule": None, "table": table, "source_seq": None})
             clock = max([clock] + [r.commit_us for r in rows_in_file])
@@ -235,7 +258,7 @@ class S3Writer:
             last = name
             path = f"{self._folder(table)}/{name}.parquet"
             schema = versions[max(r.version for r in rows_in_file)]
-            self.files[path] = _table_bytes([r.values for r in rows_in_file], schema, head)
+            self.files[path] = _table_bytes([r.values for r in rows_in_file], schema, head, self.tail)
             for k, r in enumerate(rows_in_file):
                 if r.entry is not None:
                     r.entry.update({"file": path, "row": k})

@@ -55,6 +55,7 @@ class GenOptions:
     dq_failure_rate: float = 0.0  # inserts/updates given a value that breaks a raw_to_staging rule
     schema_drift_rate: float = 0.0  # per table: add a column (and widen a type), later rename it, then drop it
     drop_table_rate: float = 0.0  # per table: the source drops it after its last change (drop-table control)
+    same_key_in_txn_rate: float = 0.0  # changes followed by 1-2 more changes of the same key in the same transaction
 
 
 class _KeySet:
@@ -148,6 +149,7 @@ class SourceModel:
         self.lsn = LSN_START
         self.change_no = 0
         self.serial = 0
+        self._last_key: tuple | None = None  # the key the last `_one_change` changed
         self._rules = {name: self._value_hints(s.table) for name, s in self.states.items()}
 
     # ------------------------------------------------------------ helpers
@@ -360,6 +362,27 @@ class SourceModel:
                 if made:
                     rec += 1
                     done += 1
+                    if o.same_key_in_txn_rate and done < total and self.rng.random() < o.same_key_in_txn_rate:
+                        rec, done = self._same_key_again(st, rec, done, total)
+
+    def _same_key_again(self, st: _TableState, rec: int, done: int, total: int) -> tuple[int, int]:
+        """1-2 more changes of the key just changed, in the same transaction (one commit time): an
+        update, or a delete that ends the key's changes in this transaction."""
+        key = self._last_key
+        for _ in range(self.rng.randint(1, 2)):
+            if done >= total or key not in st.rows:
+                break
+            rec += 1
+            done += 1
+            if self.rng.random() < 0.8:
+                row = dict(st.rows[key])
+                self._mutate(st, row)
+                self._emit(st.table.name, "update", dict(row), **self._txn_fields(rec))
+                self._store(st, key, row)
+            else:
+                self._emit(st.table.name, "delete", dict(st.rows[key]), **self._txn_fields(rec))
+                self._forget(st, key)
+        return rec, done
 
     def _txn_fields(self, rec: int) -> dict[str, Any]:
         self.change_no += 1
@@ -422,6 +445,7 @@ class SourceModel:
             self._emit(name, "delete", dict(st.rows[key]), **self._txn_fields(rec))
             self._forget(st, key)
         touched.add((name, key))
+        self._last_key = key
         return True
 
     def _new_key_like(self, st: _TableState, key: tuple) -> tuple | None:
