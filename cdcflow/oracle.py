@@ -10,7 +10,14 @@ cannot change its answer. Semantics (docs/simulator.md):
 - A load/insert/update failing a raw_to_staging rule with severity `quarantine` is quarantined (first
   failing rule in config order) and not applied. Deletes are not checked (they carry keys only).
   Rules checked: not_null, range, accepted_values, regex, valid_date; unique, referential and expression
-  are skipped at the raw stage.
+  are skipped at the raw stage. A `warn` failure is applied (and counted: `expected_dq`).
+- `fail` rules (raw_to_staging) are judged per micro-batch; the oracle takes the whole history as ONE
+  micro-batch (a test gives the stream one replay file, without duplicated deliveries): a table whose
+  failing records / records (deletes included) pass a fail rule's threshold is isolated, so none of
+  its changes is applied and every one of its records is quarantined under that rule.
+- raw_to_staging transforms: the caller gives each table's transform as a plain Python function of
+  the row (`transforms`, written from the transform's meaning, not by calling the product); it runs
+  after the rules, before masking, on every applied row.
 - SCD2 (warehouse dimensions with scd_type 2): one row per version of the tracked columns (NULL-safe
   change detection), valid_from/valid_to from source commit times (load versions: valid_from None), a
   delete closes the current row and marks it is_deleted, a re-insert opens a new version. Changes failing
@@ -24,7 +31,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -172,15 +179,37 @@ def _key(table: Table, data: dict[str, Any]) -> Key:
     return tuple(data.get(c) for c in table.primary_key)
 
 
-def applied_events(project: Project, changes: list[dict[str, Any]]) -> Iterator[Event]:
-    """The source history as upserts/deletes per table, in source order, skipping quarantined changes.
+DATA_OPS = ("load", "insert", "update", "delete")
+RowTransform = Callable[[dict[str, Any]], dict[str, Any]]
 
-    Upsert rows are the full raw (unmasked) rows after applying ignore_null_updates."""
+
+def isolated_tables(project: Project, changes: list[dict[str, Any]]) -> dict[str, str]:
+    """table -> the raw_to_staging `fail` rule that isolates it, the history being one micro-batch."""
+    out: dict[str, str] = {}
+    for t in project.tables.values():
+        fail_rules = [r for r in t.cfg.quality.raw_to_staging if r.severity == "fail"]
+        records = [ch for ch in changes if ch["table"] == t.name and ch["op"] in DATA_OPS] if fail_rules else []
+        for rule in fail_rules:
+            n = sum(1 for ch in records if ch["op"] != "delete" and rule_fails(rule, ch.get("data") or {}))
+            if records and n / len(records) > rule.fail_threshold:
+                out[t.name] = rule.rule_name
+                break
+    return out
+
+
+def applied_events(project: Project, changes: list[dict[str, Any]],
+                   transforms: dict[str, RowTransform] | None = None) -> Iterator[Event]:
+    """The source history as upserts/deletes per table, in source order, skipping quarantined changes
+    and isolated tables.
+
+    Upsert rows are the full raw (unmasked) rows, transformed (`transforms`), after applying
+    ignore_null_updates."""
     live: dict[str, dict[Key, dict[str, Any]]] = {}
+    isolated = isolated_tables(project, changes)
     for ch in sorted(changes, key=lambda c: c["source_seq"]):
         t = project.tables.get(ch["table"])
         op = ch["op"]
-        if t is None or op not in ("load", "insert", "update", "delete"):
+        if t is None or op not in DATA_OPS or t.name in isolated:
             continue
         rows = live.setdefault(t.name, {})
         data = dict(ch.get("data") or {})
@@ -192,6 +221,8 @@ def applied_events(project: Project, changes: list[dict[str, Any]]) -> Iterator[
             continue
         if failing_rule(t, data) is not None:
             continue
+        if transforms and t.name in transforms:
+            data = transforms[t.name](data)
         key = _key(t, data)
         before = ch.get("before")
         if op == "update" and before:
@@ -212,7 +243,8 @@ def applied_events(project: Project, changes: list[dict[str, Any]]) -> Iterator[
 # ---------------------------------------------------------------- expectations
 
 
-def expected_state(project: Project, changes: list[dict[str, Any]], salt: str) -> dict[str, dict[Key, dict[str, Any]]]:
+def expected_state(project: Project, changes: list[dict[str, Any]], salt: str,
+                   transforms: dict[str, RowTransform] | None = None) -> dict[str, dict[Key, dict[str, Any]]]:
     """table -> key -> expected silver row (masked, drift columns included, `_is_deleted`)."""
     out: dict[str, dict[Key, dict[str, Any]]] = {name: {} for name in project.tables}
     drift: dict[str, list[str]] = {}
@@ -220,7 +252,7 @@ def expected_state(project: Project, changes: list[dict[str, Any]], salt: str) -
         # Silver keeps every column it ever had: a renamed column is a new one; a dropped one stays.
         if ch["op"] in ("add-column", "rename-column") and ch["table"] in project.tables:
             drift.setdefault(ch["table"], []).append(ch["data"]["column"])
-    for ev in applied_events(project, changes):
+    for ev in applied_events(project, changes, transforms):
         t = project.tables[ev.table]
         state = out[ev.table]
         if ev.kind == "upsert":
@@ -253,12 +285,13 @@ def _same(a: Any, b: Any) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and a == b)
 
 
-def expected_scd2(project: Project, changes: list[dict[str, Any]], salt: str) -> dict[str, list[dict[str, Any]]]:
+def expected_scd2(project: Project, changes: list[dict[str, Any]], salt: str,
+                  transforms: dict[str, RowTransform] | None = None) -> dict[str, list[dict[str, Any]]]:
     """table -> SCD2 rows (key columns, tracked columns masked, valid_from, valid_to, is_current, is_deleted),
     per key in source order."""
     tables = {t.name: t for t in scd2_tables(project)}
     versions: dict[str, dict[Key, list[dict[str, Any]]]] = {name: {} for name in tables}
-    for ev in applied_events(project, changes):
+    for ev in applied_events(project, changes, transforms):
         t = tables.get(ev.table)
         if t is None:
             continue
@@ -287,20 +320,56 @@ def expected_scd2(project: Project, changes: list[dict[str, Any]], salt: str) ->
 
 def expected_quarantine(project: Project, changes: list[dict[str, Any]],
                         faults: list[dict[str, Any]]) -> dict[tuple[str | None, str], int]:
-    """(table or None, rule) -> number of quarantine rows: quality failures plus injected bad records."""
+    """(table or None, rule) -> number of quarantine rows: quality failures plus injected bad records.
+    An isolated table's records (its injected ones that reach the table too) are all under its fail rule."""
     out: dict[tuple[str | None, str], int] = {}
+    isolated = isolated_tables(project, changes)
     for ch in changes:
         t = project.tables.get(ch["table"])
-        if t is None or ch["op"] not in ("load", "insert", "update"):
+        if t is None or ch["op"] not in DATA_OPS:
             continue
-        rule = failing_rule(t, ch.get("data") or {})
+        rule = isolated.get(t.name) or (failing_rule(t, ch.get("data") or {}) if ch["op"] != "delete" else None)
         if rule is not None:
             out[(t.name, rule)] = out.get((t.name, rule), 0) + 1
     for f in faults:
         if f.get("rule"):
-            k = (f.get("table"), f["rule"])
+            table = f.get("table")
+            if table in isolated and f["rule"] in ("missing_primary_key", "type_mismatch", "no_ordering"):
+                k = (table, isolated[table])
+            else:
+                k = (table, f["rule"])
             out[k] = out.get(k, 0) + 1
     return out
+
+
+def expected_dq(project: Project, changes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The stream's DQ counts for the history as one micro-batch without delivery faults: table ->
+    {"checked": records (deletes included), "rules": rule -> (severity, failed, quarantined)}. A
+    quarantine rule's failures are the records it names (the first failing one); a warn / fail rule's
+    every failing record; an isolated table's records are quarantined under its fail rule only."""
+    isolated = isolated_tables(project, changes)
+    out: dict[str, dict[str, Any]] = {}
+    for ch in changes:
+        t = project.tables.get(ch["table"])
+        if t is None or ch["op"] not in DATA_OPS:
+            continue
+        entry = out.setdefault(t.name, {"checked": 0, "rules": {
+            r.rule_name: [r.severity, 0, 0] for r in t.cfg.quality.raw_to_staging}})
+        entry["checked"] += 1
+        if t.name in isolated:
+            entry["rules"][isolated[t.name]][2] += 1
+        if ch["op"] == "delete":
+            continue
+        data = ch.get("data") or {}
+        first = failing_rule(t, data) if t.name not in isolated else None
+        for r in t.cfg.quality.raw_to_staging:
+            if r.severity != "quarantine" and rule_fails(r, data):
+                entry["rules"][r.rule_name][1] += 1
+        if first is not None:
+            entry["rules"][first][1] += 1
+            entry["rules"][first][2] += 1
+    return {name: {"checked": e["checked"], "rules": {r: tuple(v) for r, v in e["rules"].items()}}
+            for name, e in out.items()}
 
 
 def op_counts(changes: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -322,10 +391,11 @@ class Oracle:
     counts: dict[str, dict[str, int]]
 
 
-def build_oracle(project: Project, history: HistoryData, salt: str, target: str = "kinesis") -> Oracle:
+def build_oracle(project: Project, history: HistoryData, salt: str, target: str = "kinesis",
+                 transforms: dict[str, RowTransform] | None = None) -> Oracle:
     return Oracle(
-        state=expected_state(project, history.changes, salt),
-        scd2=expected_scd2(project, history.changes, salt),
+        state=expected_state(project, history.changes, salt, transforms),
+        scd2=expected_scd2(project, history.changes, salt, transforms),
         quarantine=expected_quarantine(project, history.changes, history.faults(target)),
         counts=op_counts(history.changes),
     )

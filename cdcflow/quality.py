@@ -23,7 +23,12 @@ ReferenceLookup = Callable[[str, str], DataFrame]
 
 
 class DataQualityFailure(UserError):
-    """A rule with severity=fail went over its threshold: the run stops, nothing is applied."""
+    """A rule with severity=fail went over its threshold: a batch job stops before applying anything;
+    the streaming job isolates the table for the micro-batch instead (its records to quarantine)."""
+
+    def __init__(self, message: str, rule: str = "", report: StageReport | None = None):
+        super().__init__(message)
+        self.rule, self.report = rule, report
 
 
 @dataclass
@@ -163,17 +168,28 @@ def split(df: DataFrame) -> tuple[DataFrame, DataFrame]:
 
 def report(df: DataFrame, table: str, stage: str, rules: list[Rule]) -> StageReport:
     """Count rows and failures per rule in one aggregate; raise when a fail-severity rule passes its threshold."""
-    rows = df.count()
-    counts = (
-        df.select(F.explode("_dq").alias("f")).groupBy("f.rule", "f.severity").count().collect() if rows else []
-    )
-    rep = StageReport(table, stage, rows, {(r["rule"], r["severity"]): r["count"] for r in counts})
+    rep = count_failures(df, table, stage)
+    check_thresholds(rep, rules)
+    return rep
+
+
+def count_failures(df: DataFrame, table: str, stage: str) -> StageReport:
+    """Rows of `df` and its `_dq` failures per (rule, severity), in one aggregate: a marker entry added
+    to every row's failures counts the rows."""
+    marker = F.struct(*[F.lit(None).cast("string").alias(f) for f in ("rule", "reason", "severity")])
+    counts = (df.select(F.explode(F.concat(F.array(marker), F.col("_dq"))).alias("f"))
+              .groupBy("f.rule", "f.severity").count().collect())
+    rows = sum(r["count"] for r in counts if r["rule"] is None)
+    return StageReport(table, stage, rows, {(r["rule"], r["severity"]): r["count"] for r in counts if r["rule"]})
+
+
+def check_thresholds(rep: StageReport, rules: list[Rule]) -> None:
+    """Raise DataQualityFailure for the first fail-severity rule whose failing rows / rows pass its threshold."""
+    rows = rep.rows
     for rule in rules:
         if rule.severity == "fail":
             n = rep.failures.get((rule.rule_name, "fail"), 0)
             if rows and n / rows > rule.fail_threshold:
                 raise DataQualityFailure(
-                    f"{table} {stage}: rule {rule.rule_name} failed on {n} of {rows} rows "
-                    f"({n / rows:.1%} > threshold {rule.fail_threshold:.1%})"
-                )
-    return rep
+                    f"{rep.table} {rep.stage}: rule {rule.rule_name} failed on {n} of {rows} rows "
+                    f"({n / rows:.1%} > threshold {rule.fail_threshold:.1%})", rule.rule_name, rep)

@@ -435,6 +435,13 @@ class CdcflowStack(Stack):
             description="A non-widening schema change arrived: the table's records go to quarantine.",
         )
         self._insights_alarm(
+            "DataQualityFailed",
+            f"SELECT MAX(DataQualityFailed) FROM {per_table}",
+            threshold=1,
+            description="A fail-severity raw_to_staging rule passed its threshold: the table's records of that "
+                        "micro-batch went to quarantine under the rule.",
+        )
+        self._insights_alarm(
             "RowsQuarantined",
             f"SELECT SUM(RowsQuarantined) FROM {per_table}",
             threshold=cfg.rows_quarantined_threshold,

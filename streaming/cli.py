@@ -62,6 +62,13 @@ def run_stream_command(args: argparse.Namespace) -> int:
             for t in sorted(summary.tables.values(), key=lambda t: t.table)]
     print_table(f"stream: {summary.batches} batches", ["table", "read", "applied", "quarantined", "late",
                                                         "duplicates", "isolated"], rows)
+    dq_rows = [[t["table"], t["checked"], r["rule"], r["severity"], r["failed"], r["quarantined"]]
+               for t in summary.dq for r in t["rules"] if r["failed"] or r["quarantined"]]
+    if dq_rows:
+        print_table("data quality (raw_to_staging)", ["table", "checked", "rule", "severity", "failed", "quarantined"],
+                    dq_rows)
+    for path in summary.dq_reports:
+        console.print(f"DQ report: {path}")
     for t in sorted(summary.tables.values(), key=lambda t: t.table):
         for w in t.schema_warnings:
             console.print(f"[yellow]{t.table}: schema change read with a warning: {w}[/yellow]")

@@ -15,6 +15,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from cdcflow.config import Project, join_uri
 from cdcflow.metrics import MetricsSink
+from streaming.dq import as_rows
 from streaming.processor import BatchProcessor, TableOutcome
 
 log = logging.getLogger("cdcflow.stream")
@@ -28,6 +29,8 @@ class StreamSummary:
     rows_quarantined: int
     tables: dict[str, TableOutcome]
     quarantined_by_rule: dict[str, dict[str, int]] = field(default_factory=dict)  # table -> rule -> rows
+    dq: list[dict] = field(default_factory=list)  # per table and raw->staging rule over the run (streaming.dq)
+    dq_reports: list[str] = field(default_factory=list)  # the DQ report files written (_reports/dq/)
 
 
 def checkpoint_location(project: Project, name: str = "stream") -> str:
@@ -122,4 +125,6 @@ def run_stream(
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-    return StreamSummary(totals["batches"], totals["read"], totals["applied"], totals["quarantined"], tables, by_rule)
+        processor.dq.flush()  # the last (partial) window's DQ report
+    return StreamSummary(totals["batches"], totals["read"], totals["applied"], totals["quarantined"], tables, by_rule,
+                         as_rows(processor.dq.run), list(processor.dq.reports))

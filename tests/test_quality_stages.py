@@ -160,3 +160,23 @@ def test_transforms_rename_columns_and_sql(spark, project):
     t = table_with(project, [{"rule": "range", "column": "score", "min": 4}], {"columns": {"country": "lower(country)"}})
     res = run_stage(spark, project, t, df, STAGE)
     assert [(r["customer_id"], r["country"]) for r in res.good.collect()] == [(1, " de ")]
+
+
+@pytest.mark.parametrize("stage", ["staging_to_dimension", "dimension_to_fact"])
+def test_sql_and_dataframe_transforms_run_after_the_rules_of_each_warehouse_stage(spark, project, stage):
+    """A stage's Spark SQL (`columns`, `sql`) and DataFrame-API (`functions`) transforms run on the rows its
+    rules kept; the expected rows are written here from the transforms' meaning."""
+    rows = [row(1, segment="  Business ", country=" de"), row(2, segment="VIP", country="fr "), row(3, segment=None)]
+    t = project.table("shop.customers")
+    cfg = t.cfg.model_copy(update={
+        "quality": Quality.model_validate({stage: [{"rule": "not_null", "columns": ["segment"]}]}),
+        "transforms": Transforms.model_validate({stage: {
+            "columns": {"country": "upper(trim(country))"},
+            "sql": ["select *, score * 10 as score10 from input"],
+            "functions": [{"function": "shop_transforms:normalise_text", "params": {"columns": ["segment"],
+                                                                                   "case": "lower"}}]}}),
+    })
+    res = run_stage(spark, project, replace(t, cfg=cfg), spark.createDataFrame(rows, SCHEMA), stage)
+    got = {r["customer_id"]: (r["segment"], r["country"], r["score10"]) for r in res.good.collect()}
+    assert got == {1: ("business", "DE", 50), 2: ("vip", "FR", 50)}
+    assert [(q[0], q[1]) for q in res.quarantine_rows] == [("shop.customers", "not_null")]

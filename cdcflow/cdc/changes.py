@@ -7,6 +7,7 @@ is written before masking, and quarantine reasons never quote values.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from pyspark.sql import Column, DataFrame
@@ -17,6 +18,8 @@ from cdcflow.cdc.masking import mask_column
 from cdcflow.cdc.sequence import sequence
 from cdcflow.config import Table
 from cdcflow.transforms import apply_transforms
+
+log = logging.getLogger("cdcflow.dq")
 
 META = ["_op", "_seq", "_commit_ts", "_source_position"]
 # A typed source (DMS Parquet) gives its values in this struct column instead of the `_data` text map.
@@ -146,6 +149,19 @@ class TypedChanges:
             F.col("_dq"),
         ]
 
+    @property
+    def counts_failures(self) -> bool:
+        """Whether the table has warn / fail raw->staging rules (counted by `failures` before applying)."""
+        return any(r.severity != "quarantine" for r in self.shape.table.cfg.quality.raw_to_staging)
+
+    def failures(self, norm: DataFrame) -> quality.StageReport:
+        """The raw->staging rules over `norm`'s records that parsed (deletes count as rows, unchecked): rows
+        and failures per (rule, severity), one aggregate. Raises quality.DataQualityFailure when a fail
+        rule passes its threshold (the report rides on the exception)."""
+        rows = quality.add_checks(norm.select(*self.row_columns), self.dq, self.dq_helpers)
+        return quality.report(rows.filter(F.col("_rule").isNull()), self.shape.table.name, "raw_to_staging",
+                              self.shape.table.cfg.quality.raw_to_staging)
+
     def apply(self, norm: DataFrame) -> tuple[DataFrame, DataFrame]:
         rows = quality.add_checks(norm.select(*self.row_columns), self.dq, self.dq_helpers)
         good = rows.filter(self.good_filter)
@@ -161,8 +177,17 @@ class TypedChanges:
 
 def typed_changes(norm: DataFrame, shape: TableShape, salt: str,
                   absent_order: tuple[str, ...] = ()) -> tuple[DataFrame, DataFrame]:
-    """(good, bad) rows of `norm` (one table's normalized changes): see TypedChanges."""
-    return TypedChanges(shape, salt, value_fields(norm), absent_order).apply(norm)
+    """(good, bad) rows of `norm` (one table's normalized changes): see TypedChanges. A table with warn /
+    fail raw->staging rules is counted first (one aggregate): warn failures are logged, and a fail rule
+    over its threshold raises quality.DataQualityFailure before anything is applied (the full load)."""
+    typed = TypedChanges(shape, salt, value_fields(norm), absent_order)
+    if typed.counts_failures:
+        rep = typed.failures(norm)
+        for (rule, severity), n in sorted(rep.failures.items()):
+            if severity != "quarantine":
+                log.info("%s raw_to_staging: rule %s (%s) failed on %d of %d rows", rep.table, rule, severity, n,
+                         rep.rows)
+    return typed.apply(norm)
 
 
 def value_fields(df: DataFrame) -> list[str] | None:

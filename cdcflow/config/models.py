@@ -388,6 +388,8 @@ class StreamingSettings(Strict):
     watermark_minutes: int = Field(default=10, ge=0)
     max_parallel_tables: int = Field(default=4, ge=1)
     table_retries: int = Field(default=3, ge=0)
+    # The stream's DQ report (per table and raw->staging rule) is written once per this many minutes.
+    dq_report_minutes: int = Field(default=60, ge=1)
 
 
 class SparkSettings(Strict):

@@ -24,6 +24,7 @@ SOURCE_FLAGS = {  # flag -> GenOptions field: real source changes, not delivery 
     "pk-change-rate": "pk_change_rate",
     "null-update-rate": "null_update_rate",
     "dq-failure-rate": "dq_failure_rate",
+    "dirty-value-rate": "dirty_value_rate",
     "drop-table-rate": "drop_table_rate",
     "same-key-in-txn-rate": "same_key_in_txn_rate",
 }

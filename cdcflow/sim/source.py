@@ -11,7 +11,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cdcflow.config import Project, Table
-from cdcflow.sim.values import SOURCE_START_US, decimal_spec, dms_ts, iso_us, value_for, violating_value
+from cdcflow.sim.values import (
+    SOURCE_START_US,
+    decimal_spec,
+    dirty_text,
+    dms_ts,
+    iso_us,
+    value_for,
+    violating_value,
+)
 
 DATA_OPS = ("load", "insert", "update", "delete")
 CONTROL_OPS = ("create-table", "add-column", "column-type-change", "rename-column", "drop-column", "drop-table")
@@ -53,6 +61,8 @@ class GenOptions:
     null_update_rate: float = 0.0  # updates that set nullable columns to NULL (tables without ignore_null_updates)
     pk_change_rate: float = 0.0  # updates that change the primary key (before-image)
     dq_failure_rate: float = 0.0  # inserts/updates given a value that breaks a raw_to_staging rule
+    # loads/inserts/updates whose text columns a raw_to_staging transform cleans hold untidy text
+    dirty_value_rate: float = 0.0
     schema_drift_rate: float = 0.0  # per table: add a column (and widen a type), later rename it, then drop it
     drop_table_rate: float = 0.0  # per table: the source drops it after its last change (drop-table control)
     same_key_in_txn_rate: float = 0.0  # changes followed by 1-2 more changes of the same key in the same transaction
@@ -160,6 +170,8 @@ class SourceModel:
         bounds: dict[str, tuple[float | None, float | None]] = {}
         for stage in ("raw_to_staging", "staging_to_dimension", "dimension_to_fact"):
             for rule in t.cfg.quality.stage(stage):
+                if rule.severity != "quarantine":
+                    continue  # warn / fail rules are expectations the source's values may break
                 if rule.rule == "accepted_values":
                     allowed[rule.column] = list(rule.values)
                 elif rule.rule == "range":
@@ -234,6 +246,17 @@ class SourceModel:
         st.live.discard(key)
         st.deleted.add(key)
 
+    def _maybe_dirty(self, st: _TableState, row: dict[str, Any]) -> None:
+        """With --dirty-value-rate, untidy text (values.dirty_text) in the emitted row's string columns that a
+        raw_to_staging transform cleans (a `columns` entry or a function's `outputs`). Like a quality
+        failure it is only in the emitted change; the rate draws nothing from the seed when it is 0."""
+        if self.opts.dirty_value_rate <= 0:
+            return
+        cleaned = _transformed_columns(st.table)
+        for col in sorted(cleaned):
+            if isinstance(row.get(col), str) and self.rng.random() < self.opts.dirty_value_rate:
+                row[col] = dirty_text(self.rng, row[col])
+
     def _maybe_break_quality(self, st: _TableState, row: dict[str, Any]) -> dict[str, Any] | None:
         """With --dq-failure-rate, give the emitted row a value that breaks one raw_to_staging quarantine rule.
 
@@ -289,6 +312,7 @@ class SourceModel:
                     break
                 row = self._full_row(st, key)
                 sent = dict(row)
+                self._maybe_dirty(st, sent)
                 bad = self._maybe_break_quality(st, sent)
                 ch = self._emit(st.table.name, "load", sent)
                 if bad:
@@ -412,6 +436,7 @@ class SourceModel:
                 return False
             row = self._full_row(st, key)
             sent = dict(row)
+            self._maybe_dirty(st, sent)
             bad = self._maybe_break_quality(st, sent)
             ch = self._emit(name, "insert", sent, **self._txn_fields(rec))
             if bad:
@@ -433,6 +458,7 @@ class SourceModel:
                     touched.add((name, new_key))
                     key = new_key
             sent = dict(row)
+            self._maybe_dirty(st, sent)
             bad = self._maybe_break_quality(st, sent)
             ch = self._emit(name, "update", sent, before=before, **self._txn_fields(rec))
             if bad:
@@ -472,6 +498,13 @@ class SourceModel:
             nullable = [c for c in mutable if c in t.cfg.columns and t.cfg.columns[c].nullable and c not in not_null]
             for col in self.rng.sample(nullable, k=min(len(nullable), self.rng.randint(1, 2))):
                 row[col] = None
+
+
+def _transformed_columns(table: Table) -> set[str]:
+    """String columns (not the key) that the table's raw_to_staging transforms rewrite."""
+    tr = table.cfg.transforms.raw_to_staging
+    named = set(tr.columns) | {c for step in tr.functions for c in step.outputs}
+    return {c for c in named if table.columns.get(c) == "string" and c not in table.primary_key}
 
 
 def generate_history(project: Project, seed: int | str, options: GenOptions | None = None) -> History:

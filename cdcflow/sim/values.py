@@ -148,3 +148,12 @@ def violating_value(rule: object, col_type: str) -> object:
         day = "1999-01-01" if getattr(rule, "min", None) else "2999-01-01"
         return day if col_type == "date" else f"{day} 00:00:00.000000"
     raise ValueError(f"cannot violate rule {kind!r}")
+
+
+def dirty_text(rng: random.Random, value: str) -> str:
+    """The value as an untidy source holds it: stray spaces around and between words, and the case of
+    its letters changed (lower, upper or swapped); always differs from `value`."""
+    words = value.split()
+    case = rng.choice([str.lower, str.upper, str.swapcase])
+    inner = " " * rng.randint(1, 3)
+    return " " * rng.randint(0, 2) + inner.join(case(w) for w in words) + " " * rng.randint(1, 2)
