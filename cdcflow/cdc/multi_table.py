@@ -4,8 +4,9 @@ A table's own plan (cdcflow.cdc.changes.TypedChanges, then apply.collapse) costs
 driver time whatever its size: PySpark analyses each step, Catalyst optimizes a projection of a few
 hundred expressions, and the collapse runs a job of two stages (docs/design.md, "Silver writer").
 At 1000 tables that is minutes per micro-batch. This plan's size does not grow with the tables:
-each column's type and PII method, each table's key, ordering and rule set come from literal maps
-keyed by table (and column), and the values travel as text in a map (Spark's own rendering of the
+each column's type and PII method, each table's key, ordering and rule set come from a small
+table-info frame joined by broadcast (a row per table: its maps column -> type / PII method /
+position), and the values travel as text in a map (Spark's own rendering of the
 typed value, which Arrow reads back exactly). One Arrow collect then gives each table its collapsed
 changes, which delta-rs commits (apply.merge_rows).
 
@@ -27,7 +28,7 @@ from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cdcflow import quality
@@ -61,9 +62,13 @@ def fits(shape: TableShape) -> bool:
     )
 
 
-def _literal_map(values: dict, value_type: str) -> Column:
-    """A constant map in one JVM call (Catalyst folds it once per plan), however many entries."""
-    return F.from_json(F.lit(json.dumps(values, sort_keys=True)), f"map<string,{value_type}>")
+# A row per table, joined to its records by broadcast. Literal maps keyed by `table|column` were
+# tried first: at 1000 tables each lookup scans ~8,000 entries (a literal map is searched linearly)
+# and every reference repeats the folded literal in the plan's text, which Spark's SQL UI store
+# keeps per execution: the 1000-table replay ran the 2 GB driver out of heap in its first batch.
+TABLE_INFO = ("_table string, _t_types map<string,string>, _t_pii map<string,string>, "
+              "_t_position map<string,string>, _t_keys array<string>, _t_key_reason string, _t_ordering int, "
+              "_t_no_order string, _t_rule_set int")
 
 
 class MultiTableChanges:
@@ -72,16 +77,8 @@ class MultiTableChanges:
     def __init__(self, shapes: dict[str, TableShape], salt: str):
         assert all(fits(s) for s in shapes.values())
         self.shapes = shapes
-        table = F.col("_table")
-
-        def column_key(k: Column) -> Column:
-            return F.concat(table, F.lit("|"), k)
-
-        types = _literal_map({f"{n}|{c}": ty for n, s in shapes.items() for c, ty in s.columns.items()}, "string")
-        pii = _literal_map({f"{n}|{c}": m for n, s in shapes.items() for c, m in s.table.pii.items()}, "string")
-        position = _literal_map({f"{n}|{c}": f"{i:05d}" for n, s in shapes.items() for i, c in enumerate(s.columns)},
-                                "string")
-        keys = _literal_map({n: list(s.table.primary_key) for n, s in shapes.items()}, "array<string>")
+        self._info: tuple[SparkSession, DataFrame] | None = None
+        types, pii, position, keys = (F.col(f"_t_{c}") for c in ("types", "pii", "position", "keys"))
         distinct_types = sorted({ty for s in shapes.values() for ty in s.columns.values()})
 
         def typed_text(v: Column, ty: Column) -> Column:
@@ -95,49 +92,44 @@ class MultiTableChanges:
             return (F.when(method == "hash", mask_column(v, "hash", salt))
                     .when(method == "redact", mask_column(v, "redact", salt)).otherwise(v))
 
-        known = lambda k, v: types[column_key(k)].isNotNull()  # noqa: E731 - a configured column of the table
-        kept = lambda k, v: known(k, v) & (F.coalesce(pii[column_key(k)], F.lit("")) != "drop")  # noqa: E731
+        known = lambda k, v: types[k].isNotNull()  # noqa: E731 - a configured column of the table
+        kept = lambda k, v: known(k, v) & (F.coalesce(pii[k], F.lit("")) != "drop")  # noqa: E731
         self.typed_columns = [
-            F.transform_values(F.map_filter("_data", known), lambda k, v: typed_text(v, types[column_key(k)]))
-            .alias("_typed"),
-            F.transform_values(F.map_filter("_before", lambda k, v: F.array_contains(keys[table], k)),
-                               lambda k, v: typed_text(v, types[column_key(k)])).alias("_old_key"),
+            F.transform_values(F.map_filter("_data", known), lambda k, v: typed_text(v, types[k])).alias("_typed"),
+            F.transform_values(F.map_filter("_before", lambda k, v: F.array_contains(keys, k)),
+                               lambda k, v: typed_text(v, types[k])).alias("_old_key"),
         ]
 
         # The checks of TypedChanges, table by table from the maps.
         typed = F.col("_typed")
-        mismatched = F.filter(F.map_keys("_data"), lambda k: types[column_key(k)].isNotNull()
+        mismatched = F.filter(F.map_keys("_data"), lambda k: types[k].isNotNull()
                               & F.col("_data")[k].isNotNull() & typed[k].isNull())
         in_column_order = F.transform(
-            F.array_sort(F.transform(mismatched, lambda k: F.concat(position[column_key(k)], F.lit("|"), k))),
+            F.array_sort(F.transform(mismatched, lambda k: F.concat(position[k], F.lit("|"), k))),
             lambda x: F.substring(x, 7, 1 << 20))
         mismatch_cols = F.array_join(in_column_order, ", ")
-        key_reason = _literal_map({n: f"primary key ({', '.join(s.table.primary_key)}) has a null value"
-                                   for n, s in shapes.items()}, "string")
         orderings = sorted({s.table.ordering for s in shapes.values()})
-        ordering_of = _literal_map({n: orderings.index(s.table.ordering) for n, s in shapes.items()}, "int")
+        ordering_of = F.col("_t_ordering")
         is_load = F.col("_op") == "load"
         parts = {"commit_ts": F.col("_commit_ts"), "txn_id": F.col("_txn_id"), "txn_rec_id": F.col("_txn_rec_id"),
                  "stream_pos": F.col("_stream_pos"), "change_seq": F.col("_change_seq")}
-        seq = F.when(ordering_of[table] == 0, sequence(orderings[0], is_load, parts))
+        seq = F.when(ordering_of == 0, sequence(orderings[0], is_load, parts))
         for i, ordering in enumerate(orderings[1:], start=1):
-            seq = seq.when(ordering_of[table] == i, sequence(ordering, is_load, parts))
-        no_order = _literal_map({n: f"no usable order ({', '.join(s.table.ordering)})" for n, s in shapes.items()},
-                                "string")
+            seq = seq.when(ordering_of == i, sequence(ordering, is_load, parts))
         rule, reason = _first_problem(
             [
                 (F.col("_problem").isNotNull(), "parser", F.col("_problem")),
                 (~F.col("_op").isin("load", "insert", "update", "delete"), "unknown_operation",
                  F.concat(F.lit("operation "), F.col("_op"), F.lit(" is not a data change"))),
-                (F.exists(keys[table], lambda k: typed[k].isNull()), "missing_primary_key", key_reason[table]),
+                (F.exists(keys, lambda k: typed[k].isNull()), "missing_primary_key", F.col("_t_key_reason")),
                 (mismatch_cols != "", "type_mismatch", F.concat(F.lit("value does not fit the type of "), mismatch_cols)),
-                (seq.isNull(), "no_ordering", no_order[table]),
+                (seq.isNull(), "no_ordering", F.col("_t_no_order")),
             ]
         )  # fmt: skip
         self.check_columns = [
             "_table", "_typed", "_old_key", "_op", seq.alias("_seq"), "_commit_ts", "_source_position",
             "_record_hash", "_before", "_data", F.coalesce(F.col("_problem"), rule).alias("_rule"),
-            reason.alias("_reason"),
+            reason.alias("_reason"), "_t_types", "_t_pii", "_t_keys", "_t_rule_set",
         ]  # fmt: skip
 
         # Data quality: one branch per distinct rule set (tables sharing rules and column types share one).
@@ -159,7 +151,7 @@ class MultiTableChanges:
             set_of[name] = rule_sets[signature]
         dq = empty
         if branches:
-            rule_set = _literal_map(set_of, "int")[table]
+            rule_set = F.col("_t_rule_set")
             dq = F.when(rule_set == 0, branches[0])
             for i, branch in enumerate(branches[1:], start=1):
                 dq = dq.when(rule_set == i, branch)
@@ -170,7 +162,7 @@ class MultiTableChanges:
         dq_quarantine = F.exists("_dq", lambda x: x["severity"] == "quarantine")
         self.good_filter = parsed_ok & ~dq_quarantine
         failing = F.filter("_dq", lambda x: x["severity"] == "quarantine")
-        payload = F.transform_values(F.map_filter("_data", kept), lambda k, v: masked(v, pii[column_key(k)]))
+        payload = F.transform_values(F.map_filter("_data", kept), lambda k, v: masked(v, pii[k]))
         self.bad_columns = [
             "_table",
             F.when(parsed_ok, failing[0]["rule"]).otherwise(F.col("_rule")).alias("_rule"),
@@ -181,26 +173,37 @@ class MultiTableChanges:
         self.bad_filter = ~parsed_ok | dq_quarantine
         # A primary-key change: a delete of the old key at the change's sequence (TypedChanges' rule).
         old = F.col("_old_key")
-        changed = F.exists(keys[table], lambda k: old[k].isNotNull() & ~old[k].eqNullSafe(typed[k]))
+        changed = F.exists(keys, lambda k: old[k].isNotNull() & ~old[k].eqNullSafe(typed[k]))
         self.key_change_filter = (F.col("_op") == "update") & F.col("_before").isNotNull() & changed
         self.out_columns = [
             "_table",
-            F.transform_values(F.map_filter("_typed", kept), lambda k, v: masked(v, pii[column_key(k)])).alias("_values"),
-            "_op", "_seq", "_commit_ts", "_source_position",
+            F.transform_values(F.map_filter("_typed", kept), lambda k, v: masked(v, pii[k])).alias("_values"),
+            "_op", "_seq", "_commit_ts", "_source_position", "_t_keys",
         ]  # fmt: skip
-        self.key = [table, F.to_json(F.transform(keys[table], lambda k: F.col("_values")[k]))]
+        self.key = [F.col("_table"), F.to_json(F.transform(keys, lambda k: F.col("_values")[k]))]
+        self.info_rows = [
+            (name, dict(s.columns), dict(s.table.pii), {c: f"{i:05d}" for i, c in enumerate(s.columns)},
+             list(s.table.primary_key), f"primary key ({', '.join(s.table.primary_key)}) has a null value",
+             orderings.index(s.table.ordering), f"no usable order ({', '.join(s.table.ordering)})", set_of.get(name))
+            for name, s in shapes.items()
+        ]
+
+    def _table_info(self, spark: SparkSession) -> DataFrame:
+        if self._info is None or self._info[0] is not spark:
+            self._info = (spark, spark.createDataFrame(self.info_rows, TABLE_INFO))
+        return F.broadcast(self._info[1])
 
     def collect(self, norm: DataFrame, tables: list[str]) -> dict[str, tuple[pa.Table, list[dict]]]:
         """`norm`'s data records of `tables` (some of these) -> per table (collapsed changes, rejected
         rows), in one Spark job."""
         rows = norm.filter(F.col("_table").isin(tables) & (F.col("_record_type") == "data")
-                           & F.col("_problem").isNull())
+                           & F.col("_problem").isNull()).join(self._table_info(norm.sparkSession), "_table")
         checked = rows.select("*", *self.typed_columns).select(*self.check_columns)
         checked = checked.withColumn("_dq", self.dq)
         good = checked.filter(self.good_filter)
         moved = good.filter(self.key_change_filter).withColumn("_typed", F.col("_old_key")).withColumn(
             "_op", F.lit("delete"))
-        changes = latest_per_key(good.unionByName(moved).select(*self.out_columns), self.key)
+        changes = latest_per_key(good.unionByName(moved).select(*self.out_columns), self.key).drop("_t_keys")
         bad = checked.filter(self.bad_filter).select(*self.bad_columns)
         both = to_arrow(changes.withColumn("_rule", F.lit(None).cast("string"))
                         .unionByName(bad, allowMissingColumns=True))
