@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from tenacity import Retrying, stop_after_attempt, wait_exponential
+from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, wait_exponential
 
 from cdcflow.cdc import apply, schema
 from cdcflow.cdc.bronze import append_bronze, bronze_rows
@@ -30,7 +30,9 @@ from cdcflow.cdc.multi_table import MultiTableChanges, fits
 from cdcflow.cdc.quarantine import append_quarantine
 from cdcflow.config import Project
 from cdcflow.metrics import MetricsSink
+from cdcflow.quality import DataQualityFailure, StageReport
 from cdcflow.runtime import materialize, read_delta, release
+from streaming.dq import DqWindow
 
 log = logging.getLogger("cdcflow.stream")
 
@@ -49,6 +51,7 @@ class TableOutcome:
     visible_at: float | None = None  # wall clock (time.time()) when the batch's changes were committed to silver
     newest_commit: datetime | None = None  # newest source commit time among the batch's records (UTC)
     quarantine_rows: list[tuple] = field(default_factory=list)
+    dq: StageReport | None = None  # raw->staging rule counts, for tables with warn / fail rules (streaming.dq)
 
 
 class BatchProcessor:
@@ -76,6 +79,7 @@ class BatchProcessor:
         self._spark_written: set[str] = set()  # tables delta-rs declined (size or features): Spark MERGE
         self.fail_tables: set[str] = set()  # tables whose apply is made to fail (tests, chaos drills)
         self.last_outcomes: list[TableOutcome] = []
+        self.dq = DqWindow(project, self.metrics)  # DQ counts and reports (streaming.dq)
 
     # ------------------------------------------------------------ recovery of in-memory state
 
@@ -101,6 +105,7 @@ class BatchProcessor:
         finally:
             release(norm)
         self._emit_metrics(outcomes, batch_id, time.perf_counter() - started)
+        self.dq.add(outcomes, batch_id)
         self.last_outcomes = outcomes
         return outcomes
 
@@ -331,7 +336,7 @@ class BatchProcessor:
 
     def _retrying(self) -> Retrying:
         return Retrying(stop=stop_after_attempt(self.retries + 1), wait=wait_exponential(multiplier=0.5, max=10),
-                        reraise=True)
+                        retry=retry_if_not_exception_type(DataQualityFailure), reraise=True)
 
     def _table_rows(self, norm: DataFrame, name: str) -> DataFrame:
         return norm.filter((F.col("_table") == name) & (F.col("_record_type") == "data") & F.col("_problem").isNull())
@@ -373,7 +378,10 @@ class BatchProcessor:
                         raise RuntimeError(f"injected failure for {name}")
                     try:
                         if o.read:
-                            good, bad = self._typed_changes(shape).apply(rows)
+                            typed = self._typed_changes(shape)
+                            if typed.counts_failures:  # warn / fail rules: counted (fail: checked) before commit
+                                o.dq = typed.failures(rows)
+                            good, bad = typed.apply(rows)
                             applied = apply.merge(self.spark, self.project.path(table.delta_path), good, shape, bad)
                             bad_rows, o.writer = applied.rejected, applied.writer
                             o.visible_at = time.time()
@@ -387,6 +395,10 @@ class BatchProcessor:
                     if changes:
                         self._remember_control(name, changes, o.writer)
                         self._sync_catalog(name, shape)
+        except DataQualityFailure as e:  # a fail rule over its threshold: this batch of the table to quarantine
+            o.dq = e.report
+            self.metrics.alert("DataQualityFailed", name, str(e))
+            return self._quarantine_table(rows, name, e.rule, str(e), batch_id, o)
         except Exception as e:  # noqa: BLE001 - any failure isolates this table, never the others
             return self._isolate(norm, name, e, batch_id, o)
         return self._finish(name, bad_rows, o)
