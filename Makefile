@@ -13,9 +13,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# Reinstall when the dependency list changes; then resolve the Delta jars into .cache/ivy once and
-# build the small local file system jar (cdcflow/java) into .cache/jars.
-$(STAMP): pyproject.toml $(wildcard cdcflow/java/cdcflow/fs/*.java) | $(PY)
+# Reinstall when the dependency list changes; then resolve the Delta and S3A jars (hadoop-aws and the AWS
+# SDK v2 modules it uses) into .cache/ivy once and build the small local file system jar and the S3 Delta
+# log store jar (cdcflow/java) into .cache/jars.
+$(STAMP): pyproject.toml $(wildcard cdcflow/java/cdcflow/*/*.java) | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev,peer,infra,redshift]'
 	$(PY) -m cdcflow.runtime --warm
 	touch $(STAMP)

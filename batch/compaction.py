@@ -40,7 +40,7 @@ from pyspark.sql import functions as F
 
 from batch.full_load import RawStore
 from cdcflow.catalog import glue_table_name
-from cdcflow.cdc.apply import retry_commit_conflicts, rs_uri, silver_writer
+from cdcflow.cdc.apply import retry_commit_conflicts, rs_table, rs_uri, silver_writer
 from cdcflow.config import Project
 from cdcflow.config.models import CompactionThresholds
 from cdcflow.errors import UserError
@@ -93,11 +93,9 @@ def log_files(path: str, partition_by: tuple[str, ...] = ()) -> dict[tuple, File
     """Live files per partition (key () when unpartitioned) read from the log by delta-rs, or None
     when there is no table (or delta-rs can't read it: then the caller compacts with Spark)."""
     import pyarrow as pa
-    from deltalake import DeltaTable as RsTable
-
 
     try:
-        actions = pa.table(RsTable(rs_uri(path)).get_add_actions(flatten=True))
+        actions = pa.table(rs_table(path).get_add_actions(flatten=True))
     except Exception:  # noqa: BLE001 - no table, or one delta-rs can't read
         return None
     sizes = actions["size_bytes"].to_pylist()
@@ -158,30 +156,21 @@ def vacuum_listing_tasks(spark: SparkSession) -> int:
 
 @_retry
 def _rs_gc_tombstones(path: str, retention_hours: int, now: datetime) -> int:
-    from deltalake import DeltaTable as RsTable
-
-
     cutoff = (now - timedelta(hours=retention_hours)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    metrics = RsTable(rs_uri(path)).delete(f"_is_deleted AND _deleted_at < '{cutoff}'")
+    metrics = rs_table(path).delete(f"_is_deleted AND _deleted_at < '{cutoff}'")
     return int(metrics.get("num_deleted_rows") or 0)
 
 
 @_retry
 def _rs_optimize(path: str, zorder: list[str], target_mb: int) -> dict:
-    from deltalake import DeltaTable as RsTable
-
-
-    opt = RsTable(rs_uri(path)).optimize
+    opt = rs_table(path).optimize
     return opt.z_order(zorder, target_size=target_mb * MB) if zorder else opt.compact(target_size=target_mb * MB)
 
 
 @_retry
 def _rs_vacuum(path: str, retention_hours: int) -> None:
-    from deltalake import DeltaTable as RsTable
-
-
     # the floor is checked by `compact` (defaults.vacuum_min_retention_hours), not by delta-rs' own
-    RsTable(rs_uri(path)).vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False)
+    rs_table(path).vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False)
 
 
 # ------------------------------------------------------------ symlink manifests (Redshift Spectrum)
@@ -222,10 +211,9 @@ def snapshot_files(path: str) -> tuple[dict[str, list[str]], tuple[dict[str, str
     """The current snapshot's data files as absolute URIs, per manifest folder, with the partitions'
     values; a skip reason when a manifest can't express the table; None when there is no table."""
     import pyarrow as pa
-    from deltalake import DeltaTable as RsTable
 
     try:
-        dt = RsTable(rs_uri(path))
+        dt = rs_table(path)
     except Exception:  # noqa: BLE001 - no table (yet)
         return None
     if "deletionVectors" in (dt.protocol().reader_features or []):

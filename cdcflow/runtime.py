@@ -20,6 +20,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cdcflow import storage
 from cdcflow.errors import UserError
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ IVY_DIR = Path(os.environ.get("CDCFLOW_IVY_DIR", REPO_ROOT / ".cache" / "ivy"))
 # Local file system without `chmod`/`readlink` processes (see cdcflow/java); built by `--warm`.
 LOCALFS_SOURCES = Path(__file__).resolve().parent / "java"
 LOCALFS_JAR = REPO_ROOT / ".cache" / "jars" / "cdcflow-localfs.jar"
+# The Delta log store for S3 (cdcflow/java/cdcflow/delta); built by `--warm` once the SDK jars are resolved.
+LOGSTORE_JAR = REPO_ROOT / ".cache" / "jars" / "cdcflow-logstore.jar"
 
 _session: SparkSession | None = None
 
@@ -64,17 +67,54 @@ def delta_package() -> str:
     return f"io.delta:delta-spark_{scala}:{version('delta-spark')}"
 
 
+# S3 for local sessions: Hadoop's S3A (hadoop-aws, the version of pyspark's Hadoop client) and the AWS
+# SDK v2 modules it uses, instead of the ~600 MB SDK `bundle` hadoop-aws depends on. Spark's own netty
+# stays (the SDK's async client runs on it). Glue 5.1 ships its own S3A; the Glue tier's pyspark
+# (Hadoop 3.3, SDK v1) gets none, so an s3:// lake runs on the main tier locally.
+AWS_SDK_VERSION = "2.57.8"
+AWS_SDK_MODULES = ("s3", "s3-transfer-manager", "apache-client")
+PACKAGE_EXCLUDES = "software.amazon.awssdk:bundle,io.netty:*"
+# The jars Ivy resolved for `spark_packages()`, written by the first session that resolved them.
+JARS_MANIFEST = IVY_DIR / "cdcflow-jars.txt"
+
+
+def hadoop_version() -> str | None:
+    import pyspark
+
+    found = sorted((Path(pyspark.__file__).parent / "jars").glob("hadoop-client-api-*.jar"))
+    return found[-1].name.removeprefix("hadoop-client-api-").removesuffix(".jar") if found else None
+
+
+def spark_packages() -> list[str]:
+    """Maven coordinates every local session loads: Delta, and S3A where pyspark's Hadoop is 3.4+."""
+    packages = [delta_package()]
+    hadoop = hadoop_version()
+    if hadoop and tuple(int(x) for x in hadoop.split(".")[:2]) >= (3, 4):
+        packages.append(f"org.apache.hadoop:hadoop-aws:{hadoop}")
+        packages += [f"software.amazon.awssdk:{m}:{AWS_SDK_VERSION}" for m in AWS_SDK_MODULES]
+    return packages
+
+
+def _manifest_key() -> str:
+    return ",".join(spark_packages()) + " excluding " + PACKAGE_EXCLUDES
+
+
 def cached_delta_jars() -> list[str] | None:
-    """The Delta jars already resolved into the project Ivy cache, so later sessions skip Ivy entirely."""
-    _, artifact = delta_package().rsplit(":", 1)[0].split(":")
-    ver = version("delta-spark")
-    jars_dir = IVY_DIR / "jars"
-    wanted = [f"io.delta_{artifact}-{ver}.jar", f"io.delta_delta-storage-{ver}.jar"]
-    found = [jars_dir / w for w in wanted]
-    antlr = sorted(jars_dir.glob("org.antlr_antlr4-runtime-*.jar"))
-    if all(f.exists() for f in found) and antlr:
-        return [str(f) for f in found] + [str(antlr[-1])]
-    return None
+    """The jars of `spark_packages()` already resolved into the project Ivy cache, so later sessions
+    skip Ivy entirely."""
+    if not JARS_MANIFEST.exists():
+        return None
+    key, *jars = JARS_MANIFEST.read_text().splitlines()
+    if key != _manifest_key() or not jars or not all(Path(j).exists() for j in jars):
+        return None
+    return jars
+
+
+def _remember_jars(spark: SparkSession) -> None:
+    """After Ivy resolved `spark_packages()`: note the jars for the next session."""
+    jars = [j.removeprefix("file://") for j in spark.sparkContext.getConf().get("spark.jars", "").split(",") if j]
+    if jars:
+        JARS_MANIFEST.write_text("\n".join([_manifest_key(), *jars]) + "\n")
 
 
 def build_localfs_jar() -> Path | None:
@@ -92,7 +132,7 @@ def build_localfs_jar() -> Path | None:
         return None
     build = LOCALFS_JAR.parent / "localfs-classes"
     shutil.rmtree(build, ignore_errors=True)
-    sources = [str(p) for p in sorted(LOCALFS_SOURCES.rglob("*.java"))]
+    sources = [str(p) for p in sorted((LOCALFS_SOURCES / "cdcflow" / "fs").glob("*.java"))]
     subprocess.run([javac, "--release", "8", "-nowarn", "-cp", str(hadoop[-1]), "-d", str(build), *sources], check=True)
     jar = shutil.which("jar", path=os.path.dirname(javac))
     if jar:
@@ -102,6 +142,28 @@ def build_localfs_jar() -> Path | None:
         LOCALFS_JAR.with_suffix(".zip").replace(LOCALFS_JAR)
     shutil.rmtree(build, ignore_errors=True)
     return LOCALFS_JAR
+
+
+def build_logstore_jar() -> Path | None:
+    """Compile cdcflow.delta.S3ConditionalLogStore (cdcflow/java/cdcflow/delta) against the resolved
+    delta-storage, AWS SDK and pyspark's Hadoop jars, for Java 8 (Glue 5.1 loads it too)."""
+    import pyspark
+
+    javac = shutil.which("javac", path=os.path.join(os.environ["JAVA_HOME"], "bin") if "JAVA_HOME" in os.environ else None)
+    javac = javac or shutil.which("javac")
+    jars = cached_delta_jars() or []
+    hadoop = sorted((Path(pyspark.__file__).parent / "jars").glob("hadoop-client-api-*.jar"))
+    if not javac or not hadoop or not any("awssdk_s3-" in j for j in jars):
+        return None
+    build = LOGSTORE_JAR.parent / "logstore-classes"
+    shutil.rmtree(build, ignore_errors=True)
+    sources = [str(p) for p in sorted((LOCALFS_SOURCES / "cdcflow" / "delta").glob("*.java"))]
+    classpath = os.pathsep.join([*jars, str(hadoop[-1])])
+    subprocess.run([javac, "--release", "8", "-nowarn", "-cp", classpath, "-d", str(build), *sources], check=True)
+    shutil.make_archive(str(LOGSTORE_JAR.with_suffix("")), "zip", build)
+    LOGSTORE_JAR.with_suffix(".zip").replace(LOGSTORE_JAR)
+    shutil.rmtree(build, ignore_errors=True)
+    return LOGSTORE_JAR
 
 
 def localfs_conf() -> dict[str, str]:
@@ -131,7 +193,13 @@ STREAMING_CONF = {
 
 def local_conf(shuffle_partitions: int = 2, driver_memory: str = "2g", ui: bool = False) -> dict[str, str]:
     jars = cached_delta_jars()
-    jar_conf = {"spark.jars": ",".join(jars)} if jars else {"spark.jars.packages": delta_package(), "spark.jars.ivy": str(IVY_DIR)}
+    jar_conf = {"spark.jars": ",".join(jars)} if jars else {
+        "spark.jars.packages": ",".join(spark_packages()), "spark.jars.excludes": PACKAGE_EXCLUDES,
+        "spark.jars.ivy": str(IVY_DIR)}
+    if jars and LOGSTORE_JAR.exists() and any("awssdk_s3-" in j for j in jars):
+        # Every Spark commit to an s3:// or s3a:// table goes through the conditional-PUT log store.
+        jar_conf["spark.jars"] += "," + str(LOGSTORE_JAR)
+        jar_conf.update({f"spark.delta.logStore.{scheme}.impl": storage.LOGSTORE_CLASS for scheme in ("s3", "s3a")})
     return {
         **jar_conf,
         **localfs_conf(),
@@ -280,6 +348,9 @@ def get_spark(
         builder = builder.config(k, v)
     with jvm_output_to(log_file):
         _session = builder.getOrCreate()
+    if "spark.jars.packages" in conf:
+        _remember_jars(_session)
+    storage.apply_to(_session)
     _session.sparkContext.setLogLevel("WARN")
     # Delta MERGE keeps its source with a local checkpoint and unpersists it when done; each time the
     # RDD logs a WARN that the rows can't be recomputed, which is intended there. Not worth a line per MERGE.
@@ -361,3 +432,5 @@ if __name__ == "__main__":
         spark = get_spark("cdcflow-warm")
         print(f"Spark {spark.version} + Delta {version('delta-spark')} ready; jars in {IVY_DIR}")
         stop_spark()
+        logstore = build_logstore_jar()
+        print(f"S3 log store: {logstore or 'none (no javac, or no S3A jars for this runtime)'}")

@@ -97,24 +97,16 @@ class Status:
 # ---------------------------------------------------------------- lake
 
 
-def _storage_options(project: Project) -> dict[str, str] | None:
-    endpoint = project.pipeline.aws.endpoint_url
-    if not endpoint:
-        return None
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_REGION": project.pipeline.aws.region,
-            "AWS_ALLOW_HTTP": str(endpoint.startswith("http://")).lower()}
-
-
 def _open(project: Project, path: str):
     """The delta-rs table at `path`, or None when there is none."""
     from deltalake import DeltaTable
 
     from cdcflow.cdc.apply import rs_uri
+    from cdcflow.storage import rs_options
 
     uri = rs_uri(path)
-    options = _storage_options(project) if uri.startswith("s3://") else None
     try:
-        return DeltaTable(uri, storage_options=options)
+        return DeltaTable(uri, storage_options=rs_options(uri))
     except Exception as e:  # noqa: BLE001 - delta-rs raises TableNotFoundError (or an OSError on S3) for "none"
         if type(e).__name__ == "TableNotFoundError" or (not uri.startswith("s3://") and not Path(uri).exists()):
             return None

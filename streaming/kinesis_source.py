@@ -77,6 +77,26 @@ def _iterator(client, stream: str, shard: str, after: str | None, start: dict) -
     return _call(client.get_shard_iterator, **kwargs)["ShardIterator"]
 
 
+def _newest_offset_log(ck: str, options: dict) -> str | None:
+    """The text of the checkpoint's newest `offsets/<n>` file: a local folder, or s3:// / s3a:// (read
+    with boto3 at the stream's endpoint: this runs in a Python worker, without the JVM's S3A)."""
+    if ck.startswith(("s3://", "s3a://")):
+        import boto3
+
+        bucket, _, prefix = ck.split("://", 1)[1].partition("/")
+        prefix = prefix.rstrip("/") + "/offsets/"
+        if options.get("endpointUrl"):
+            os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+            os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+        s3 = boto3.client("s3", endpoint_url=options.get("endpointUrl") or None, region_name=options.get("region"))
+        logs = [(int(name), o["Key"]) for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                for o in page.get("Contents", []) if (name := o["Key"][len(prefix):]).isdigit()]
+        return s3.get_object(Bucket=bucket, Key=max(logs)[1])["Body"].read().decode() if logs else None
+    offsets = Path(ck.removeprefix("file:")) / "offsets"
+    logs = sorted((int(p.name), p) for p in offsets.glob("[0-9]*")) if offsets.exists() else []
+    return logs[-1][1].read_text() if logs else None
+
+
 class ShardRange(InputPartition):
     def __init__(self, shard: str, after: str | None, until: str, start: dict):
         self.shard, self.after, self.until, self.start = shard, after, until, start
@@ -112,12 +132,8 @@ class KinesisStreamReader(DataSourceStreamReader):
     def _recover_last(self) -> dict:
         """After a restart, continue from the newest offset Spark logged in the checkpoint."""
         ck = self.options.get("checkpointLocation")
-        if ck:
-            offsets = Path(ck.removeprefix("file:")) / "offsets"
-            logs = sorted((int(p.name), p) for p in offsets.glob("[0-9]*")) if offsets.exists() else []
-            if logs:
-                return json.loads(logs[-1][1].read_text().strip().splitlines()[-1])
-        return self.initialOffset()
+        text = _newest_offset_log(ck, self.options) if ck else None
+        return json.loads(text.strip().splitlines()[-1]) if text else self.initialOffset()
 
     def latestOffset(self) -> dict:
         last = self._last or self._recover_last()

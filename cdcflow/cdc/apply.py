@@ -26,6 +26,7 @@ from cdcflow.cdc.changes import TableShape
 from cdcflow.cdc.schema import SILVER_META, is_widening
 from cdcflow.config import Table
 from cdcflow.runtime import new_table_options, to_arrow
+from cdcflow.storage import rs_options
 
 
 def silver_options(table: Table) -> dict[str, str]:
@@ -43,10 +44,8 @@ def silver_metadata(spark: SparkSession, path: str) -> SilverMetadata | None:
     """Silver's columns and table properties, or None before its first write. Read from the log by
     delta-rs (a few ms, no JVM: at 1000 tables Spark's three metadata queries each cost minutes);
     by Spark when delta-rs can't read the table (a feature it lacks)."""
-    from deltalake import DeltaTable as RsTable
-
     try:
-        rs = RsTable(rs_uri(path))
+        rs = rs_table(path)
         schema = pa.schema(rs.schema().to_arrow())
         return SilverMetadata({f.name: _spark_type_of(f.type) for f in schema}, dict(rs.metadata().configuration))
     except Exception as e:  # noqa: BLE001 - no table, or one delta-rs can't read
@@ -205,10 +204,8 @@ def silver_writer(path: str, table: Table):
     """
     if spark_commits(table):
         return "spark", None
-    from deltalake import DeltaTable as RsTable
-
     try:
-        rs = RsTable(rs_uri(path))
+        rs = rs_table(path)
     except Exception as e:  # noqa: BLE001 - no table yet, or one delta-rs can't read
         if type(e).__name__ == "TableNotFoundError":
             return "delta-rs", None
@@ -229,6 +226,13 @@ def rs_uri(path: str) -> str:
         if path.startswith(prefix):
             return "s3://" + path[len(prefix):]
     return path[len("file:"):] if path.startswith("file:") else path
+
+
+def rs_table(path: str):
+    """The delta-rs table at `path`, with the lake's S3 settings (cdcflow.storage) on S3."""
+    from deltalake import DeltaTable as RsTable
+
+    return RsTable(rs_uri(path), storage_options=rs_options(path))
 
 
 def _collect_with_rejected(rows: DataFrame, rejected: DataFrame | None) -> tuple[pa.Table, list]:
@@ -259,7 +263,7 @@ def _merge_delta_rs(spark: SparkSession, path: str, rs, src: DataFrame, shape: T
         rows, bad = _collect_with_rejected(first_rows(src, shape), rejected)
         t = shape.table
         write_deltalake(rs_uri(path), rows, mode="append", partition_by=t.cfg.delta.partition_by or None,
-                        configuration=silver_options(t))
+                        configuration=silver_options(t), storage_options=rs_options(path))
         return bad
     source, bad = _collect_with_rejected(src, rejected)
     if source.num_rows == 0:
@@ -298,7 +302,7 @@ def merge_rows(path: str, changes: pa.Table, shape: TableShape) -> str | None:
                   for c in shape.output_columns]
         fields += [pa.field(c, arrow_type(ty)) for c, ty in SILVER_META.items()]
         rs = RsTable.create(rs_uri(path), pa.schema(fields), partition_by=t.cfg.delta.partition_by or None,
-                            configuration=silver_options(t), mode="ignore")
+                            configuration=silver_options(t), mode="ignore", storage_options=rs_options(path))
     if changes.num_rows == 0:
         return None
     held = pa.schema(rs.schema().to_arrow())
@@ -339,10 +343,8 @@ retry_commit_conflicts = retry(retry=retry_if_exception(is_commit_conflict), sto
 
 @retry_commit_conflicts
 def _rs_merge(path: str, source: pa.Table, m: MergeClauses) -> None:
-    from deltalake import DeltaTable as RsTable
-
     (
-        RsTable(rs_uri(path)).merge(source, predicate=m.on, source_alias="s", target_alias="t")
+        rs_table(path).merge(source, predicate=m.on, source_alias="s", target_alias="t")
         .when_matched_update(updates=m.update_delete, predicate=m.match_delete)
         .when_matched_update(updates=m.update_upsert, predicate=m.match_upsert)
         .when_not_matched_insert(updates=m.insert_delete, predicate="s._op = 'delete'")
@@ -525,9 +527,8 @@ def set_control_state(spark: SparkSession, path: str, state: ControlState, write
     if not props:
         return
     if writer == "delta-rs":
-        from deltalake import DeltaTable as RsTable
 
-        RsTable(rs_uri(path)).alter.set_table_properties(props, raise_if_not_exists=False)
+        rs_table(path).alter.set_table_properties(props, raise_if_not_exists=False)
         return
     assigned = ", ".join(f"'{k}' = {_sql_string(v)}" for k, v in props.items())
     spark.sql(f"ALTER TABLE delta.{_q(path)} SET TBLPROPERTIES ({assigned})")

@@ -328,4 +328,7 @@ def load_project(config_dir: str | Path = DEFAULT_CONFIG_DIR, env: dict[str, str
         )
         for t, f in parsed
     }
+    from cdcflow import storage  # the lake's S3 settings for Spark's S3A and delta-rs (one place)
+
+    storage.use(pipeline.aws)
     return Project(pipeline=pipeline, tables=tables, config_dir=config_dir, pipeline_file=str(pipeline_file))
