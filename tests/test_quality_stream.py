@@ -157,3 +157,42 @@ def test_dq_window_writes_one_report_per_window_and_counts_from_outcomes(tmp_pat
     lines = [json.loads(line) for line in emitted.read_text().splitlines()]
     assert [(m["Table"], m["Rule"], m["DqWarnings"], m["DqRowsChecked"]) for m in lines] == [
         ("shop.customers", "country_tidy", 2, 9)]
+
+
+@pytest.mark.spark
+@pytest.mark.glue_compat
+def test_validate_runs_transforms_on_a_sample_frame_and_names_what_they_break(spark, tmp_path: Path, capsys):
+    """`cdcflow validate`: the sample configs' transforms pass; a function dropping the primary key, one
+    whose declared output is missing, one that raises and a failing SQL statement are each reported with
+    file, key path and reason."""
+    from cdcflow.cli import main
+    from cdcflow.transform_check import check_transforms
+
+    cfg = tmp_path / "configs"
+    shutil.copytree(CONFIGS, cfg, ignore=shutil.ignore_patterns("__pycache__"))
+    assert check_transforms(spark, project_in(tmp_path, cfg)) == []
+    (cfg / "bad_tf.py").write_text(
+        "def drop_key(df):\n    return df.drop('order_id')\n\n"
+        "def keep(df, column):\n    return df\n\n"
+        "def boom(df):\n    raise ValueError('no luck')\n")
+    f = cfg / "tables" / "shop.orders.yaml"
+    data = yaml.safe_load(f.read_text())
+    data["transforms"] = {
+        "raw_to_staging": {"functions": [{"function": "bad_tf:keep", "params": {"column": "x"}, "outputs": ["band"]},
+                                         {"function": "bad_tf:drop_key"}]},
+        "staging_to_dimension": {"sql": ["select nope from input"]},
+        "dimension_to_fact": {"functions": [{"function": "bad_tf:boom"}]},
+    }
+    f.write_text(yaml.safe_dump(data, sort_keys=False))
+    got = [str(p) for p in check_transforms(spark, project_in(tmp_path, cfg))]
+    where = f"{f}: transforms."
+    assert got[0] == f"{where}raw_to_staging.functions[0].outputs: the output has no column band"
+    assert got[1] == (f"{where}raw_to_staging: the transforms drop the primary key column(s) order_id: key, "
+                      "ordering and declared columns must stay")
+    assert got[2].startswith(f"{where}staging_to_dimension.sql: AnalysisException: ") and "nope" in got[2]
+    assert got[3] == f"{where}dimension_to_fact.functions[0].function: ValueError: no luck"
+    assert len(got) == 4
+    capsys.readouterr()
+    assert main(["--config", str(cfg), "validate"]) == 1  # the CLI reports them, one line each
+    err = capsys.readouterr().err
+    assert "4 problem(s) found" in err and "Traceback" not in err
