@@ -6,7 +6,8 @@ From the lake (delta-rs reads the Delta logs and a few columns):
 - bronze: the last applied batch per feed (the stream's micro-batch id, the full load's file group),
   from the file statistics in the Delta log (data files are read only when a file mixes feeds);
 - quarantine: rows per table (table-less rules such as malformed JSON on a line of their own);
-- the stream's checkpoint: the last committed micro-batch, when, and batches planned but not committed.
+- the stream's checkpoint: the last committed micro-batch, when, and batches planned but not committed;
+- the stream's newest DQ report (`_reports/dq/stream-*.json`): failures per table and raw_to_staging rule.
 
 From the metrics (the EMF lines `cdcflow stream --metrics-file` writes), when given: the stream's
 MillisBehindLatest per shard and each table's FreshnessSeconds (source commit -> visible in silver)
@@ -76,6 +77,7 @@ class Status:
     stream: StreamStatus
     unattributed_quarantine: int = 0  # rows with no table (malformed JSON, unknown tables)
     metrics_file: str | None = None
+    dq: dict[str, Any] | None = None  # the stream's newest DQ report (_reports/dq/stream-*.json), as written
 
     def as_dict(self) -> dict[str, Any]:
         def plain(v: Any) -> Any:
@@ -284,6 +286,30 @@ def _batch_files(project: Project, uri: str) -> list[tuple[int, datetime | None]
     return sorted((int(n), m) for n, m in names if n.isdigit())
 
 
+def stream_dq_report(project: Project) -> dict[str, Any] | None:
+    """The streaming job's newest DQ report (`<lake>/_reports/dq/stream-<window start>-<batch>.json`,
+    streaming/dq.py), or None. Names sort by window start, then first batch."""
+    folder = project.path("_reports/dq")
+
+    def order(name: str) -> tuple[str, int]:
+        stem = name.removesuffix(".json").split("-")
+        return stem[1], int(stem[2]) if len(stem) > 2 and stem[2].isdigit() else -1
+
+    if folder.startswith(("s3://", "s3a://")):
+        from cdcflow.aws import project_client, split_s3
+
+        bucket, prefix = split_s3(folder.replace("s3a://", "s3://", 1))
+        s3 = project_client(project, "s3")
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+                    Bucket=bucket, Prefix=prefix.rstrip("/") + "/stream-") for o in page.get("Contents", [])]
+        if not keys:
+            return None
+        key = max(keys, key=lambda k: order(k.rsplit("/", 1)[-1]))
+        return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    files = list(Path(folder).glob("stream-*.json")) if Path(folder).is_dir() else []
+    return json.loads(max(files, key=lambda f: order(f.name)).read_text()) if files else None
+
+
 def stream_status(project: Project) -> StreamStatus:
     from streaming.job import checkpoint_location
 
@@ -359,7 +385,7 @@ def collect_status(project: Project, metrics_file: str | Path | None = None, tab
     known = set(project.tables)
     unattributed = sum(n for t, n in quarantine.items() if t not in known)
     return Status(now or datetime.now(UTC), project.lake_root, out, stream, unattributed,
-                  str(metrics_file) if metrics_file else None)
+                  str(metrics_file) if metrics_file else None, stream_dq_report(project))
 
 
 def age(seconds: float | None) -> str:
@@ -418,6 +444,15 @@ def render(status: Status, console: Any) -> None:
     for st in status.tables:
         if st.error:
             console.print(f"[red]{st.table}[/red]: {st.error}", soft_wrap=True)
+    if status.dq is not None:
+        d = status.dq
+        failures = [f"{t['table']} {r['rule']} ({r['severity']}) {r['failed']} of {t['checked']}"
+                    + (f", {r['quarantined']} quarantined" if r["quarantined"] else "")
+                    for t in d["tables"] for r in t["rules"] if r["failed"] or r["quarantined"]]
+        start, end = (datetime.fromisoformat(d[k]) for k in ("window_start", "window_end"))
+        console.print(f"stream DQ (raw_to_staging, {_when(start)} - {_when(end)}"
+                      f" UTC, {d['batches']['count']} batches): " + ("; ".join(failures) or "no failures"),
+                      soft_wrap=True)
     console.print("times UTC; last batch: bronze feed and batch id; committed: silver's newest Delta commit; "
                   "freshness: age of the newest source change applied; wh: rows the warehouse stages quarantined; latency: source commit -> visible in "
                   "silver, the table's last micro-batch (metrics)", style="dim")

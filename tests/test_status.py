@@ -196,3 +196,33 @@ def test_cli_config_error_is_one_line(tmp_path, capsys):
     cap = capsys.readouterr()
     assert "config error" in cap.err and len(cap.err.strip().splitlines()) == 1 and cap.out == ""
     assert "Traceback" not in cap.err
+
+
+def test_status_shows_the_stream_s_newest_dq_report(tmp_path):
+    """The streaming job's DQ report (streaming/dq.py writes it): the newest window's failures per table and
+    rule in the table view, the whole report in --json."""
+    project = project_in(tmp_path)
+    folder = Path(project.path("_reports/dq"))
+    folder.mkdir(parents=True)
+
+    def report(start: datetime, first: int, failed: int) -> dict:
+        return {"kind": "stream", "stage": "raw_to_staging", "window_start": start.isoformat(),
+                "window_end": (start + timedelta(hours=1)).isoformat(),
+                "batches": {"first": first, "last": first + 9, "count": 10},
+                "tables": [{"table": "shop.customers", "checked": 40, "rules": [
+                    {"rule": "country_tidy", "severity": "warn", "failed": failed, "quarantined": 0},
+                    {"rule": "not_null", "severity": "quarantine", "failed": 0, "quarantined": 0}]},
+                    {"table": "shop.products", "checked": 8, "rules": [
+                        {"rule": "price_cap", "severity": "fail", "failed": 5, "quarantined": 8}]}]}
+
+    for start, first, failed in ((T0, 0, 1), (T0 + timedelta(hours=1), 10, 3), (T0 + timedelta(hours=1), 9, 2)):
+        (folder / f"stream-{start:%Y%m%dT%H%M%SZ}-{first}.json").write_text(json.dumps(report(start, first, failed)))
+    (folder / "20261125T110000Z-abc123.json").write_text("{}")  # a warehouse-merge run's report
+    s = st.collect_status(project, now=NOW)
+    assert s.dq == report(T0 + timedelta(hours=1), 10, 3)
+    console = Console(record=True, width=300)
+    st.render(s, console)
+    line = next(x for x in console.export_text().splitlines() if x.startswith("stream DQ"))
+    assert line == ("stream DQ (raw_to_staging, 11-25 12:00:00 - 11-25 13:00:00 UTC, 10 batches): shop.customers "
+                    "country_tidy (warn) 3 of 40; shop.products price_cap (fail) 5 of 8, 8 quarantined")
+    assert st.collect_status(project_in(tmp_path / "empty"), now=NOW).dq is None
