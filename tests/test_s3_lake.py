@@ -1,0 +1,245 @@
+"""The lake and the checkpoints on an s3:// root, against the embedded moto server (issue 17).
+
+Spark reaches S3 through Hadoop's S3A (the jars `make install` resolves), delta-rs through its object
+store; both take the endpoint and credentials from the pipeline config (cdcflow.storage) and both commit
+with S3 conditional writes (If-None-Match: *): Spark through cdcflow.delta.S3ConditionalLogStore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONFIGS, REPO
+from tests.streaming_helpers import simulate_to
+from tests.test_streaming_crash import FAST_JVM, wait_for
+
+pytestmark = [pytest.mark.stack]
+
+BUCKET = "cdcflow-s3-lake"
+
+
+def s3_env(run: str) -> dict[str, str]:
+    return {"CDCFLOW_LAKE_ROOT": f"s3://{BUCKET}/{run}/lake", "CDCFLOW_CHECKPOINT_ROOT": f"s3a://{BUCKET}/{run}/ck",
+            "CDCFLOW_STREAM": f"s3-lake-{run}", "CDCFLOW_RAW_URI": f"s3://{BUCKET}/{run}/dms"}
+
+
+def s3_project(run: str, schema: str | None = None):
+    from cdcflow.aws import bootstrap
+    from cdcflow.config import load_project
+
+    project = load_project(CONFIGS, env={**os.environ, **s3_env(run)})
+    if schema:  # a warehouse schema of the test's own
+        wh = project.pipeline.warehouse.model_copy(update={"schema_": schema})
+        project = dataclasses.replace(project, pipeline=project.pipeline.model_copy(update={"warehouse": wh}))
+    bootstrap(project)
+    return project
+
+
+def keys(project, prefix: str) -> list[str]:
+    from cdcflow.aws import project_client
+
+    s3 = project_client(project, "s3")
+    return [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+            for o in page.get("Contents", [])]
+
+
+def log_versions(project, table_uri: str) -> list[int]:
+    prefix = table_uri.split(f"{BUCKET}/", 1)[1].rstrip("/") + "/_delta_log/"
+    return sorted(int(k[len(prefix):-5]) for k in keys(project, prefix)
+                  if k.endswith(".json") and k[len(prefix):-5].isdigit())
+
+
+def silver_commits(project) -> dict[str, int]:
+    return {name: len(log_versions(project, project.path(t.delta_path))) for name, t in project.tables.items()}
+
+
+def stream_cli(run: str, metrics: Path) -> subprocess.Popen:
+    env = {**os.environ, **s3_env(run), "JDK_JAVA_OPTIONS": FAST_JVM}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cdcflow.cli", "stream", "--until-caught-up", "--trigger-seconds", "1",
+         "--metrics-file", str(metrics)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.spark
+def test_sample_pipeline_on_an_s3_lake_with_a_kill_9_and_compaction_beside_the_stream(spark, stack, tmp_path):
+    """Full load from S3 -> stream from Kinesis (kill -9 mid-batch; the restart runs beside `compact`
+    passes on the same tables) -> warehouse merge -> verify silver, quarantine and the warehouse SCD2
+    history against the oracle, with the lake and the stream's checkpoint on s3:// (moto)."""
+    import psycopg
+
+    from batch.compaction import compact
+    from batch.full_load import run_full_load
+    from batch.warehouse_job import merge_from_lake
+    from cdcflow.config.models import CompactionThresholds
+    from cdcflow.demo import deliver
+    from cdcflow.oracle import build_oracle, load_history, resolve_salt
+    from cdcflow.verify import read_actual, verify
+    from streaming.job import checkpoint_location
+
+    run = uuid.uuid4().hex[:8]
+    schema = f"s3lake_{run}"
+    project = s3_project(run, schema)
+    sim = simulate_to(project, tmp_path / "sim", events=160, duplicate_rate=0.05, out_of_order_rate=0.1,
+                      malformed_json_rate=0.02)
+    deliver(project, sim)  # DMS's split: LOAD Parquet to S3, the changes to Kinesis
+
+    loaded = run_full_load(spark, project)
+    assert loaded.files and loaded.rows
+    after_load = silver_commits(project)
+    assert all(after_load.values()), after_load  # every silver table is on S3
+
+    # kill -9 as soon as a silver table takes a commit of the stream's first batch: the batch is half
+    # applied and not checkpointed.
+    metrics = tmp_path / "metrics.jsonl"
+    proc = stream_cli(run, metrics)
+    wait_for(lambda: proc.poll() is not None
+             or any(n > after_load[t] for t, n in silver_commits(project).items()), poll=0.1)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    ck = checkpoint_location(project).split(f"{BUCKET}/", 1)[1]
+    logged = {k.rsplit("/", 1)[-1] for k in keys(project, f"{ck}/offsets/")}
+    done = {k.rsplit("/", 1)[-1] for k in keys(project, f"{ck}/commits/")}
+    assert logged - done, "the kill should land inside a batch"
+
+    # The restart re-runs the killed batch while `compact` passes (this process) rewrite the same S3
+    # tables: silver by delta-rs and bronze / quarantine by Spark, against the stream's delta-rs and
+    # Spark commits. Every table qualifies for a rewrite on every pass (its few files are all small).
+    for name, t in project.tables.items():
+        project.tables[name] = dataclasses.replace(t, compaction=CompactionThresholds(min_small_files=1,
+                                                                                       small_file_share=0))
+    restarted = stream_cli(run, metrics)
+    passes = []
+    while restarted.poll() is None and len(passes) < 20:
+        passes.append(compact(spark, project))
+    out, _ = restarted.communicate(timeout=900)
+    assert restarted.returncode == 0, out[-3000:]
+    passes.append(compact(spark, project))
+    assert len(passes) >= 2, len(passes)  # at least one pass ran while the stream committed
+    assert {r.table for p in passes for r in p if r.action == "compacted" and r.files_removed} >= {
+        "shop.customers", "bronze"}
+    stream_metrics = [json.loads(x) for x in metrics.read_text().splitlines() if x.startswith("{")]
+    assert not [m for m in stream_metrics if "TableIsolated" in m or "SchemaChangeUnsafe" in m]
+
+    url = project.pipeline.warehouse.url or ""
+    try:
+        wh = merge_from_lake(spark, project, url)
+        assert wh.error is None and sum(t.staged for t in wh.tables), wh.error
+        oracle = build_oracle(project, load_history(tmp_path / "sim"), resolve_salt(project), "kinesis")
+        bad = [d for d in verify(project, oracle, read_actual(project, spark, warehouse=True)) if not d.ok]
+        assert not bad, [(d.table, d.kind, d.missing[:3], d.extra[:3], d.different[:3]) for d in bad]
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'drop schema if exists "{schema}" cascade')
+
+    # Every Spark commit went through the conditional-PUT log store (a data file or a log entry that
+    # S3A wrote by rename would show as a temp object).
+    assert not [k for k in keys(project, f"{run}/") if "/_delta_log/." in k or ".tmp" in k.rsplit("/", 1)[-1]]
+
+
+def workers(run: str, table: str, engines: tuple[str, str], n: int, gate: Path, logstore: str | None = None):
+    env = {**os.environ, **s3_env(run), "JDK_JAVA_OPTIONS": FAST_JVM}
+    procs = []
+    for w, engine in zip("ab", engines, strict=True):
+        args = [sys.executable, "-m", "tests.s3_commit_worker", engine, table, w, str(n), str(gate)]
+        procs.append(subprocess.Popen([*args, *([logstore] if logstore else [])], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    wait_for(lambda: all(Path(f"{gate}.{w}.ready").exists() for w in "ab") or any(p.poll() is not None for p in procs),
+             timeout=300)
+    gate.write_text("")
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+
+
+@pytest.mark.spark  # the Spark writers run in processes of their own (main tier)
+@pytest.mark.parametrize("engines", [("spark", "delta-rs"), ("spark", "spark")])
+def test_two_processes_commit_to_one_s3_table_at_once(stack, tmp_path, engines):
+    """Many small appends from two processes at the same time: every commit lands once, the log's
+    versions are contiguous, no row is lost or doubled, and the two writers' commits interleave."""
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    from cdcflow.storage import rs_options
+
+    run = uuid.uuid4().hex[:8]
+    project = s3_project(run)
+    table = f"s3://{BUCKET}/{run}/race"
+    schema = pa.schema([("writer", pa.string()), ("i", pa.int32())])
+    write_deltalake(table, schema.empty_table(), storage_options=rs_options(table))  # version 0
+    n = 12
+    workers(run, table, engines, n, tmp_path / "go")
+
+    versions = log_versions(project, table)
+    assert versions == list(range(2 * n + 1))
+    dt = DeltaTable(table, storage_options=rs_options(table))
+    rows = sorted(zip(*dt.to_pyarrow_table().to_pydict().values(), strict=True))
+    assert rows == sorted((w, i) for w in "ab" for i in range(n))
+    # Which writer made each commit, in version order: they overlapped (the race was real).
+    writers = [_writer_of(project, table, v) for v in range(1, 2 * n + 1)]
+    switches = sum(1 for x, y in zip(writers, writers[1:], strict=False) if x != y)
+    assert switches >= 2, writers
+
+
+def _writer_of(project, table: str, version: int) -> str:
+    """The writer whose row version `version`'s commit added (from its add action's stats)."""
+    from cdcflow.aws import project_client
+
+    key = f"{table.split(f'{BUCKET}/', 1)[1]}/_delta_log/{version:020d}.json"
+    body = project_client(project, "s3").get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
+    for line in body.splitlines():
+        add = json.loads(line).get("add")
+        if add:
+            return json.loads(add["stats"])["minValues"]["writer"]
+    raise AssertionError(f"no add action in version {version}")
+
+
+def test_log_store_compiles_against_the_glue_delta_api(tmp_path):
+    """The log store jar Glue 5.1 loads (Delta 3.3.2) is built against Delta 4's delta-storage here:
+    compile its source against 3.3.2's LogStore API too (the Glue tier's Ivy cache)."""
+    import shutil
+
+    from cdcflow.runtime import LOCALFS_SOURCES, cached_delta_jars
+
+    glue_storage = sorted((REPO / ".cache" / "ivy-glue" / "jars").glob("io.delta_delta-storage-3.3.*.jar"))
+    javac = shutil.which("javac")
+    jars = [j for j in cached_delta_jars() or [] if "awssdk" in j or "hadoop-aws" in j]
+    if not glue_storage or not javac or not jars:
+        pytest.skip("needs javac, the Glue tier's Ivy cache and the resolved SDK jars (make install-all)")
+    import pyspark
+
+    hadoop = sorted((Path(pyspark.__file__).parent / "jars").glob("hadoop-client-api-*.jar"))
+    sources = [str(p) for p in (LOCALFS_SOURCES / "cdcflow" / "delta").glob("*.java")]
+    cp = os.pathsep.join([str(glue_storage[-1]), *jars, str(hadoop[-1])])
+    done = subprocess.run([javac, "--release", "8", "-nowarn", "-cp", cp, "-d", str(tmp_path), *sources],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "cdcflow" / "delta" / "S3ConditionalLogStore.class").exists()
+
+
+def test_moto_refuses_a_second_conditional_put(stack):
+    """What the protocol rests on, checked on the emulator the tests use: PutObject with
+    If-None-Match: * stores the object only if the key is new (412 otherwise)."""
+    from botocore.exceptions import ClientError
+
+    from cdcflow.aws import client, ensure_bucket
+
+    s3 = client("s3", os.environ["CDCFLOW_AWS_ENDPOINT"], "us-east-1")
+    ensure_bucket(s3, BUCKET)
+    key = f"{uuid.uuid4().hex}/_delta_log/00000000000000000000.json"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"first", IfNoneMatch="*")
+    with pytest.raises(ClientError) as e:
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"second", IfNoneMatch="*")
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+    assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == b"first"
