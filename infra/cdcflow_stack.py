@@ -122,6 +122,13 @@ KMS_USE = ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey", "kms:DescribeKey
 # runs): room in the generated-class cache for every query a micro-batch plans, so steady-state
 # batches reuse compiled code instead of recompiling a few hundred classes each.
 STREAMING_SPARK_CONF = "spark.sql.codegen.cache.maxEntries=2000"
+# Every job commits to the lake's Delta tables on S3 through the conditional-PUT log store
+# (cdcflow/java/cdcflow/delta, built by `make install`, shipped as dist/cdcflow-logstore.jar with
+# --extra-jars): commits are exclusive across jobs and engines (delta-rs commits the same way), with
+# nothing but s3:PutObject on the lake; no DynamoDB lock table. See docs/design.md.
+LOGSTORE_JAR_NAME = "cdcflow-logstore.jar"
+LOGSTORE_SPARK_CONF = " --conf ".join(f"spark.delta.logStore.{scheme}.impl=cdcflow.delta.S3ConditionalLogStore"
+                                      for scheme in ("s3", "s3a"))
 
 
 @dataclass(frozen=True)
@@ -1142,6 +1149,11 @@ class CdcflowStack(Stack):
             (staging / sub).mkdir(parents=True)
         config_dir = Path(cfg.config_dir) if cfg.config_dir else CONFIG_DIR
         _write_bundle(staging / "dist" / "cdcflow.zip", config_dir)
+        from cdcflow.runtime import LOGSTORE_JAR
+
+        if not LOGSTORE_JAR.exists():
+            raise RuntimeError(f"{LOGSTORE_JAR} is missing (the jobs' Delta log store for S3): run `make install`")
+        shutil.copyfile(LOGSTORE_JAR, staging / "dist" / LOGSTORE_JAR_NAME)
         for script in ENTRY_SCRIPTS:
             shutil.copyfile(REPO_ROOT / script, staging / "scripts" / Path(script).name)
 
@@ -1291,12 +1303,15 @@ class CdcflowStack(Stack):
             # The cdcflow packages as a zip (not the wheel: its pyspark/delta-spark pins are for local runs;
             # Glue 5.1 brings Spark 3.5 + Delta 3.3) and the pure-Python dependencies Glue lacks.
             "--extra-py-files": f"s3://{art}/dist/cdcflow.zip",
+            "--extra-jars": f"s3://{art}/dist/{LOGSTORE_JAR_NAME}",
             "--additional-python-modules": ",".join(m for m in (PYTHON_MODULES, modules) if m),
             "--TempDir": f"s3://{art}/tmp/{job}/",
             "--enable-metrics": "true",
             "--enable-continuous-cloudwatch-log": "true",
             "--enable-observability-metrics": "true",
             **(args or {}),
+            # Glue takes one --conf argument: further settings are chained inside its value.
+            "--conf": " --conf ".join(c for c in (LOGSTORE_SPARK_CONF, (args or {}).get("--conf")) if c),
         }
         j = glue.CfnJob(
             self,

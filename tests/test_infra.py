@@ -146,7 +146,15 @@ def test_glue_jobs_run_glue_5_1_with_delta(template):
     stream = jobs["cdcflow-shop-stream"]
     assert stream["Command"]["Name"] == "gluestreaming"
     assert stream["DefaultArguments"]["--enable-auto-scaling"] == "true"
-    assert stream["DefaultArguments"]["--conf"] == " --conf ".join(f"{k}={v}" for k, v in STREAMING_CONF.items())
+    logstore = [f"spark.delta.logStore.{s}.impl=cdcflow.delta.S3ConditionalLogStore" for s in ("s3", "s3a")]
+    assert stream["DefaultArguments"]["--conf"] == " --conf ".join(
+        [*logstore, *(f"{k}={v}" for k, v in STREAMING_CONF.items())])
+    # Every job (each writes Delta tables on S3) commits through the conditional-PUT log store, its jar
+    # from the artifacts bucket's dist/ (uploaded by the dist deployment).
+    for props in jobs.values():
+        assert props["DefaultArguments"]["--conf"].split(" --conf ")[:2] == logstore
+        jar = props["DefaultArguments"]["--extra-jars"]
+        assert jar["Fn::Join"][1][-1].endswith("/dist/cdcflow-logstore.jar"), jar
     roles = [p["Role"] for p in jobs.values()]
     assert len({str(r) for r in roles}) == len(roles), "one IAM role per job"
     template.resource_count_is("AWS::Glue::Trigger", 0)  # Step Functions + EventBridge schedule them now
@@ -771,6 +779,11 @@ def test_deploy_uploads_bundle_scripts_and_configs(template, tmp_path):
     assert role.startswith("DeployRole")
     writes = [s for s in _role_statements(template, "DeployRole") if "s3:PutObject" in _as_list(s["Action"])]
     assert sorted(r[1] for s in writes for r in _s3_object_resources(s)) == ["/configs/*", "/dist/*", "/scripts/*"]
+    # the log store jar is staged into dist/ beside the bundle, as built by `make install`
+    from cdcflow.runtime import LOGSTORE_JAR
+
+    staged = next((REPO / ".cache" / "cdk-assets").glob("*/dist/cdcflow-logstore.jar"))
+    assert staged.read_bytes() == LOGSTORE_JAR.read_bytes()
 
 
 # ---------------------------------------------------------------- linters
