@@ -212,7 +212,7 @@ class MultiTableChanges:
             by_table.setdefault(name, []).append(i)
         out: dict[str, tuple[pa.Table, list[dict]]] = {}
         for name in tables:
-            part = both.take(by_table.get(name, []))
+            part = both.take(pa.array(by_table.get(name, []), pa.int64()))  # typed: an empty list is a null array
             ok = pc.is_null(part["_rule"])
             out[name] = (part.filter(ok).select(["_values", "_op", "_seq", "_commit_ts"]),
                          part.filter(pc.invert(ok)).select(REJECTED).to_pylist())
