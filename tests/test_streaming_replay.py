@@ -340,7 +340,7 @@ def test_schema_changes_in_dms_wire_format_evolve_silver_without_blocking(spark,
     assert got == {
         1: (None, 9, None, "A"),  # renamed: the old name is kept, NULL from the rename on
         2: (None, None, None, "A"),
-        4: (None, 2, None, "late"),  # geo dropped at the source before this update: NULL
+        4: (None, 2, None, "Late"),  # geo dropped before this update: NULL (full_name title-cased by the sample transform)
         5: (None, 1, "POINT(1 2)", "A"),  # an unknown type is kept as text
         6: (big, None, None, "A"),  # above 2^31 after INT32 -> INT64
     }
