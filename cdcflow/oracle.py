@@ -265,6 +265,7 @@ def expected_state(project: Project, changes: list[dict[str, Any]], salt: str,
                 base = {c: None for c in base}
             base.update(dict(zip(t.primary_key, ev.key, strict=True)))
             base["_is_deleted"] = True
+            base["_deleted_at"] = ev.commit_ts  # silver's column: compaction GCs hard tombstones by it
             state[ev.key] = base
     return out
 

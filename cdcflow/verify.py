@@ -2,7 +2,8 @@
 
 Comparison rules (docs/design.md): live rows on every column (values normalized: decimals, floats,
 timestamps as ISO UTC, dates), tombstones on key + `_is_deleted` only; columns starting with `_` other
-than `_is_deleted` (pipeline bookkeeping) are ignored. SCD2 rows are matched on key + valid_from.
+than `_is_deleted` (pipeline bookkeeping) are ignored. A hard-delete tombstone whose delete is older than
+the table's tombstone retention may be absent: compaction collects exactly those. SCD2 rows are matched on key + valid_from.
 Quarantine rows are counted per (table, rule); table-less rules (malformed_json, unknown_table) by rule.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -112,8 +113,21 @@ def _compare_rows(exp: dict[str, Any], act: dict[str, Any], types: dict[str, str
     return out
 
 
-def compare_current(expected: dict[Key, dict[str, Any]], actual_rows: list[dict[str, Any]], table: Table) -> Diff:
-    """Silver table vs expected state: live rows on every column, tombstones on key + _is_deleted."""
+def _collectable(exp: dict[str, Any], table: Table, now: datetime) -> bool:
+    """True for a hard-delete tombstone compaction may have removed (its delete is past the retention)."""
+    deleted_at = exp.get("_deleted_at")
+    if not exp.get("_is_deleted") or table.deletes != "hard" or deleted_at is None:
+        return False
+    cutoff = now.astimezone(UTC) - timedelta(hours=table.tombstone_retention_hours)
+    return _ts(deleted_at) < _ts(cutoff)
+
+
+def compare_current(expected: dict[Key, dict[str, Any]], actual_rows: list[dict[str, Any]], table: Table,
+                    now: datetime | None = None) -> Diff:
+    """Silver table vs expected state: live rows on every column, tombstones on key + _is_deleted.
+
+    `now` (default: the clock) decides which hard tombstones compaction may already have collected."""
+    now = now or datetime.now(UTC)
     types = _types(table)
     diff = Diff(table.name, "current", len(expected), len(actual_rows))
     actual: dict[Key, dict[str, Any]] = {}
@@ -128,6 +142,8 @@ def compare_current(expected: dict[Key, dict[str, Any]], actual_rows: list[dict[
         seen.add(k)
         act = actual.get(k)
         if act is None:
+            if _collectable(exp, table, now):
+                continue
             diff.missing.append({"key": k, "_is_deleted": exp.get("_is_deleted")})
             continue
         if exp.get("_is_deleted"):

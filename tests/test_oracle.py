@@ -6,7 +6,7 @@ import hashlib
 import json
 import random
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -114,10 +114,10 @@ def test_primary_key_change_and_hard_delete(project):
     tomb = {"customer_id": None, "status": None, "order_date": None, "total_amount": None, "updated_at": None,
             "_is_deleted": True}
     assert state == {
-        (1,): {"order_id": 1, **tomb},  # old key deleted by the pk change (hard deletes null the columns)
+        (1,): {"order_id": 1, **tomb, "_deleted_at": T(1)},  # old key deleted by the pk change (hard deletes null the columns)
         (2,): {"order_id": 2, "customer_id": 7, "status": "paid", "order_date": "2026-11-20", "total_amount": "10.00",
                "updated_at": "2026-11-25 09:00:00.000000", "_is_deleted": False},  # shipping_phone dropped (PII)
-        (3,): {"order_id": 3, **tomb},
+        (3,): {"order_id": 3, **tomb, "_deleted_at": T(2)},
     }
     assert op_counts(x.changes)["shop.orders"] == {"load": 2, "update": 1, "pk_change": 1, "delete": 1}
 
@@ -308,6 +308,22 @@ def test_compare_current_normalizes_and_reports(project):
     assert d.different == [{"key": (3,), "columns": {"price": ("1.00", "1.01")}}] and d.extra == [{"key": (4,)}]
     actual[1]["_is_deleted"] = False
     assert any(x["key"] == (2,) for x in compare_current(expected, actual, t).different)
+
+
+def test_hard_tombstones_past_their_retention_may_be_collected(project):
+    """Compaction removes hard tombstones older than the retention; verify accepts their absence then only."""
+    orders, customers = project.tables["shop.orders"], project.tables["shop.customers"]
+    assert orders.deletes == "hard" and customers.deletes != "hard"
+    tomb = {"_is_deleted": True, "_deleted_at": T(2)}
+    deleted = datetime(2026, 11, 25, 10, 0, 2, tzinfo=UTC)
+    within = deleted + timedelta(hours=orders.tombstone_retention_hours) - timedelta(seconds=1)
+    past = deleted + timedelta(hours=orders.tombstone_retention_hours) + timedelta(seconds=1)
+    assert compare_current({(3,): {"order_id": 3, **tomb}}, [], orders, now=within).missing
+    assert compare_current({(3,): {"order_id": 3, **tomb}}, [], orders, now=past).ok
+    assert compare_current({(3,): {"order_id": 3, **tomb}}, [{"order_id": 3, "_is_deleted": True}], orders,
+                           now=past).ok  # not collected yet: also fine
+    assert not compare_current({(3,): {"order_id": 3, "_is_deleted": False}}, [], orders, now=past).ok  # live row
+    assert compare_current({(3,): {"customer_id": 3, **tomb}}, [], customers, now=past).missing  # soft deletes stay
 
 
 def test_compare_scd2_and_quarantine(project):
