@@ -13,17 +13,44 @@ from cdcflow.runtime import forget_delta_table
 
 
 def read_silver(spark: SparkSession, project: Project) -> dict[str, list[dict[str, Any]]]:
-    """Every silver table's rows; each table leaves Delta's cache once read (1000 tables fit in 2 GB)."""
+    """Every silver table's rows: read by delta-rs (1004 tables in seconds, no Spark job per table),
+    by Spark where delta-rs can't read the table (a reader feature it lacks)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for name, t in project.tables.items():
         path = project.path(t.delta_path)
         try:
-            out[name] = [r.asDict() for r in spark.read.format("delta").load(path).collect()]
-        except AnalysisException:
+            out[name] = _rs_rows(path)
+        except _NoTable:
             out[name] = []
-        finally:
-            forget_delta_table(spark, path)  # (a path without a table is cached too)
+        except Exception:  # noqa: BLE001 - delta-rs can't read it: Spark can
+            out[name] = _spark_rows(spark, path)
     return out
+
+
+class _NoTable(Exception):
+    pass
+
+
+def _rs_rows(path: str) -> list[dict[str, Any]]:
+    from cdcflow.cdc.apply import rs_table
+
+    try:
+        table = rs_table(path)
+    except Exception as e:
+        if type(e).__name__ == "TableNotFoundError":
+            raise _NoTable from e
+        raise
+    return table.to_pyarrow_table().to_pylist()
+
+
+def _spark_rows(spark: SparkSession, path: str) -> list[dict[str, Any]]:
+    """The table's rows through Spark; it leaves Delta's cache once read (1000 tables fit in 2 GB)."""
+    try:
+        return [r.asDict() for r in spark.read.format("delta").load(path).collect()]
+    except AnalysisException:
+        return []
+    finally:
+        forget_delta_table(spark, path)  # (a path without a table is cached too)
 
 
 def read_quarantine(spark: SparkSession, project: Project) -> list[dict[str, Any]]:
