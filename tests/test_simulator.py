@@ -298,6 +298,9 @@ def test_cli(tmp_path, capsys):
         main(["--config", str(CONFIGS), "simulate", "--late-rate", "1.5"])
     assert main(["--config", str(CONFIGS), "simulate", "--out", str(out), "--tables", "1001"]) == 1
     assert main(["--config", str(CONFIGS), "simulate", "--out", str(out), "--events", "5", "--duration", "3"]) == 1
+    assert main(["--config", str(CONFIGS), "simulate", "--out", str(out), "--table-skew", "-1"]) == 1
+    assert main(["--config", str(CONFIGS), "simulate", "--out", str(out), "--events", "40", "--table-skew", "1.1"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["options"]["generator"]["table_skew"] == 1.1
     assert main(["--config", str(CONFIGS), "verify", "--history", str(tmp_path / "nope")]) == 1
 
 
@@ -352,3 +355,33 @@ def test_drop_table_control_record_is_last_for_its_table(tmp_path):
         assert r["metadata"]["record-type"] == "control"
         assert r["metadata"]["partition-key-type"] == "task-id"
         assert set(r) == {"control", "metadata"} and "table-def" in r["control"]
+
+
+def test_table_skew_makes_a_few_hot_tables_and_a_cold_tail(tmp_path):
+    from collections import Counter
+
+    from cdcflow.sim.source import generate_history
+
+    project = load_project(write_configs(CONFIGS, tmp_path / "configs", 1000))
+    ranked = sorted(project.tables)  # the skew's rank order: fixed by the table names, not the seed
+    n = 10000
+
+    def shares(skew: float, seed: int = 5) -> tuple[Counter, list]:
+        changes = generate_history(project, seed, GenOptions(events=n, table_skew=skew)).changes
+        return Counter(c.table for c in changes if c.op in ("insert", "update", "delete")), changes
+
+    skewed, changes = shares(1.1)
+    top = sum(skewed[t] for t in ranked[:10])  # the top 1% of 1004 tables
+    assert top > 0.35 * n, top  # 1/r^1.1 gives them ~48%
+    assert skewed[ranked[0]] > skewed[ranked[9]] > skewed[ranked[-1]]
+    assert len(skewed) > 600, len(skewed)  # the cold tail still changes (~1 change each for the coldest)
+    uniform, _ = shares(0.0)
+    assert sum(uniform[t] for t in ranked[:10]) < 0.03 * n and len(uniform) > 990
+    assert max(uniform.values()) < 40  # ~10 each
+    # same seed, same history; another seed, another one (with the same hot tables)
+    again = shares(1.1)[1]
+    assert [c.to_dict() for c in again] == [c.to_dict() for c in changes]
+    other, _ = shares(1.1, seed=6)
+    assert other != skewed and other.most_common(1)[0][0] == ranked[0]
+    with pytest.raises(ValueError):
+        generate_history(project, 5, GenOptions(events=10, table_skew=-1))

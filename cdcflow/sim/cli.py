@@ -82,6 +82,9 @@ def register_simulate(sub: Any, commands: dict[str, Callable]) -> None:
     g.add_argument("--change-interval-ms", type=_interval, default=(200, 2000),
                    help="source time between changes, MIN-MAX ms (default 200-2000)")
     g.add_argument("--hot-keys", type=int, default=3, help="hot keys per table (get half the updates/deletes)")
+    g.add_argument("--table-skew", type=float, default=0.0, metavar="EXPONENT",
+                   help="share of changes per table ~ 1/rank^EXPONENT (tables by sorted name): 0 = uniform "
+                        "(default), 1.1 = a few hot tables and a long cold tail")
     f = p.add_argument_group("faults (each a rate between 0 and 1)")
     for flag in (*FAULT_FLAGS, *SOURCE_FLAGS):
         f.add_argument(f"--{flag}", type=_rate, default=0.0, metavar="RATE")
@@ -113,6 +116,8 @@ def options_from_args(args: argparse.Namespace, watermark_minutes: int) -> Any:
         raise UserError("give --events or --duration, not both")
     if min(args.load_rows, args.synth_rows, args.hot_keys) < 0:
         raise UserError("--load-rows, --synth-rows and --hot-keys must be >= 0")
+    if args.table_skew < 0:
+        raise UserError("--table-skew must be >= 0")
     if min(args.max_file_size_kb, args.cdc_max_batch_interval, args.cdc_min_file_size_kb) <= 0:
         raise UserError("S3 batching settings must be > 0")
     events, duration = args.events, args.duration
@@ -121,7 +126,7 @@ def options_from_args(args: argparse.Namespace, watermark_minutes: int) -> Any:
     elif events is None and duration is None:
         events = 200
     gen = GenOptions(events=events, duration_s=duration, load_rows=args.load_rows, synth_rows=args.synth_rows,
-                     change_interval_ms=args.change_interval_ms, hot_keys=args.hot_keys,
+                     change_interval_ms=args.change_interval_ms, hot_keys=args.hot_keys, table_skew=args.table_skew,
                      **{field: getattr(args, flag.replace("-", "_")) for flag, field in SOURCE_FLAGS.items()})
     faults = FaultOptions(watermark_minutes=watermark_minutes,
                           **{field: getattr(args, flag.replace("-", "_")) for flag, field in FAULT_FLAGS.items()})

@@ -7,7 +7,9 @@ changes for DDL). Delivery faults are applied later (cdcflow.sim.faults) and nev
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from typing import Any
 
 from cdcflow.config import Project, Table
@@ -66,6 +68,9 @@ class GenOptions:
     schema_drift_rate: float = 0.0  # per table: add a column (and widen a type), later rename it, then drop it
     drop_table_rate: float = 0.0  # per table: the source drops it after its last change (drop-table control)
     same_key_in_txn_rate: float = 0.0  # changes followed by 1-2 more changes of the same key in the same transaction
+    # Zipf-like exponent of the share of changes per table: the table ranked r (table names sorted) gets a
+    # share proportional to 1 / r**table_skew. 0: every table alike; ~1.1: a few hot tables, a long cold tail
+    table_skew: float = 0.0
 
 
 class _KeySet:
@@ -367,7 +372,7 @@ class SourceModel:
         end_us = SOURCE_START_US + int(o.duration_s * 1_000_000) if o.duration_s is not None else None
         if o.events is not None:
             self._plan_drift(o.events)
-        names = list(self.states)
+        pick_table = self._table_picker()
         done = 0
         lo, hi = o.change_interval_ms
         while done < total:
@@ -381,13 +386,27 @@ class SourceModel:
             touched: set[tuple] = set()
             rec = 0
             for _ in range(min(size, total - done)):
-                st = self.states[self.rng.choice(names)]
+                st = self.states[pick_table()]
                 made = self._one_change(st, touched, rec + 1)
                 if made:
                     rec += 1
                     done += 1
                     if o.same_key_in_txn_rate and done < total and self.rng.random() < o.same_key_in_txn_rate:
                         rec, done = self._same_key_again(st, rec, done, total)
+
+    def _table_picker(self) -> Callable[[], str]:
+        """The table of the next change: uniform, or by rank with `table_skew` (one draw of `self.rng`
+        either way, so a seed still fixes the output). The rank order is the sorted table names, not
+        drawn from the seed: which tables are hot depends on the configuration only."""
+        skew = self.opts.table_skew
+        if skew < 0:
+            raise ValueError("table_skew must be >= 0")
+        if skew == 0:  # the draw of every earlier version: histories without skew stay byte-identical
+            names = list(self.states)
+            return lambda: self.rng.choice(names)
+        ranked = sorted(self.states)
+        cum = list(accumulate(1 / rank**skew for rank in range(1, len(ranked) + 1)))
+        return lambda: self.rng.choices(ranked, cum_weights=cum)[0]
 
     def _same_key_again(self, st: _TableState, rec: int, done: int, total: int) -> tuple[int, int]:
         """1-2 more changes of the key just changed, in the same transaction (one commit time): an
