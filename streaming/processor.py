@@ -242,7 +242,7 @@ class BatchProcessor:
     def _typed_changes(self, shape: TableShape) -> TypedChanges:
         key = (shape.table.name, shape.extra)
         if key not in self._typed:
-            self._typed[key] = TypedChanges(shape, self.salt)
+            self._typed[key] = TypedChanges(shape, self.salt, spare=True)  # parse_kinesis_json gives `_prehashed`
         return self._typed[key]
 
     def _sync_catalog(self, name: str, shape: TableShape) -> None:

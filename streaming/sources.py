@@ -1,4 +1,5 @@
-"""Streaming sources, each mapped to the columns the processor needs: payload, source_position, arrival_ts.
+"""Streaming sources, each mapped to the columns the processor needs: payload, source_position, arrival_ts
+(and, from archive lines only, prehashed: the columns the archiver hashed; cdcflow.cdc.masking).
 
 - replay: DMS Kinesis JSON-lines files (from `cdcflow simulate`), one record per line, or the raw
   archiver's gzip JSON lines (`cdcflow archive`: shard, sequence number, arrival and the masked record
@@ -25,7 +26,8 @@ def replay_stream(spark: SparkSession, path: str, files_per_batch: int = 1) -> D
 def from_replay(raw: DataFrame) -> DataFrame:
     """Text lines -> processor input. A DMS record's position is file + line hash (stable across
     re-reads); an archive line's is its shard and sequence number, as read from Kinesis, and its
-    arrival time is the record's Kinesis arrival."""
+    arrival time is the record's Kinesis arrival. `prehashed` lists the columns an archive line's
+    `hashed` says are hashed already (so the processor doesn't hash them twice); null elsewhere."""
     value = F.col("value")
     shard, seq = F.get_json_object(value, "$.shard_id"), F.get_json_object(value, "$.sequence_number")
     data = F.get_json_object(value, "$.data")
@@ -39,6 +41,7 @@ def from_replay(raw: DataFrame) -> DataFrame:
         .otherwise(F.concat(F.input_file_name(), F.lit("#"), F.xxhash64("value").cast("string")))
         .alias("source_position"),
         F.when(archived, F.coalesce(arrival, F.current_timestamp())).otherwise(F.current_timestamp()).alias("arrival_ts"),
+        F.when(archived, F.from_json(F.get_json_object(value, "$.hashed"), "array<string>")).alias("prehashed"),
     )
 
 

@@ -12,7 +12,6 @@ Slow (the KCL takes 30-50 s to start and hand out leases; two starts): `make tes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cdcflow.aws import client, ensure_bucket, ensure_stream
-from tests.streaming_helpers import project_in, simulate_to
+from tests.streaming_helpers import project_in, simulate_to, verify_against_oracle
 
 pytestmark = [
     pytest.mark.stack,
@@ -173,7 +172,8 @@ def test_archiver_archives_every_record_through_kill9_and_reshard_and_replay_ver
     ck = checkpoint_location(project, "replay")
     run_stream(spark, project, replay_stream(spark, str(local), 1000), until_caught_up=True, available_now=True,
                checkpoint=ck)
-    bad = [d for d in verify_against_oracle_of_archive(spark, project, tmp_path / "sim") if not d.ok]
+    # the archive holds `hash` columns hashed already; the replay keeps them so (no workaround: issue #20)
+    bad = [d for d in verify_against_oracle(spark, project, tmp_path / "sim") if not d.ok]
     assert not bad, [(d.table, d.kind, d.missing[:3], d.extra[:3], d.different[:3]) for d in bad]
 
 
@@ -224,21 +224,3 @@ def test_a_batch_written_but_not_checkpointed_is_archived_again(stack, tmp_path,
     ddb = client("dynamodb", stack.aws_endpoint, "us-east-1")
     (lease,) = ddb.scan(TableName="cdc-archive-crash")["Items"]
     assert int(lease["checkpoint"]["S"]) == max(int(seq) for _, seq in put)
-
-
-def verify_against_oracle_of_archive(spark, project, history_dir: Path):
-    """verify against the oracle, with one known difference made explicit: the archive holds `hash`
-    columns already hashed, and the processor hashes what it reads, so silver built from the archive
-    holds sha256(salt|sha256(salt|value)) there (see the archive section of docs/design.md)."""
-    from cdcflow.oracle import build_oracle, load_history, resolve_salt
-    from cdcflow.verify import read_actual, verify
-
-    salt = resolve_salt(project)
-    oracle = build_oracle(project, load_history(history_dir), salt, "kinesis")
-    for name, table in project.tables.items():
-        hashed = [c for c, m in table.pii.items() if m == "hash"]
-        for row in oracle.state.get(name, {}).values():
-            for c in hashed:
-                if row.get(c) is not None:
-                    row[c] = hashlib.sha256(f"{salt}|{row[c]}".encode()).hexdigest()
-    return verify(project, oracle, read_actual(project, spark))

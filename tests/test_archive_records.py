@@ -146,6 +146,17 @@ def test_archive_line_keeps_shard_sequence_and_arrival(project):
         "shardId-1", "42", 1234, "pk")
 
 
+def test_archive_lines_name_the_columns_they_hold_hashed(project):
+    """`hashed` tells the replay which values not to hash again (cdcflow.cdc.masking): the table's `hash`
+    columns; absent for tables without any, unconfigured tables (redacted) and withheld records."""
+    def line(data: bytes) -> dict:
+        return json.loads(archive_line(RawRecord("shardId-1", "42", 0, "pk", 1234, data), project, SALT))
+
+    assert line(_record("shop.customers", {"customer_id": 7, "email": "a@b.c"}))["hashed"] == ["email"]
+    for data in (_record("shop.orders", {"order_id": 1}), _record("other.t", {"id": 1}), b"not json"):
+        assert "hashed" not in line(data)
+
+
 def test_the_daemon_properties_use_polling_and_the_emulator_endpoints(project):
     from cdcflow.archive.daemon import daemon_command, properties, settings_for
 

@@ -3,14 +3,17 @@
 One archive line per Kinesis record, JSON:
 
     {"shard_id": "shardId-000000000001", "sequence_number": "4959...", "sub_sequence_number": 0,
-     "partition_key": "shop.customers", "arrival_ms": 1764633600123, "data": "<the DMS record, masked>"}
+     "partition_key": "shop.customers", "arrival_ms": 1764633600123, "data": "<the DMS record, masked>",
+     "hashed": ["email"]}
 
 `data` is the record as DMS wrote it, with the PII of its `data` and before-image maps masked by the
 table configs' rules (cdcflow.cdc.masking.mask_value; records of unconfigured tables have every value
-redacted, as bronze does). A record that is not a JSON object can't be masked column by column, so
-its text is withheld, as in quarantine: `data` becomes a marker with the record's sha256 that the
-stream still quarantines as `malformed_json` (redeliveries share it). Objects are gzip JSON lines,
-one per KCL batch of one shard:
+redacted, as bronze does). `hashed` (absent when empty) names the columns whose values are hashed
+already, so a replay (`cdcflow stream --replay`) doesn't hash them again (cdcflow.cdc.masking): the
+table's `hash` columns when it was archived. A record that is not a JSON object can't be masked
+column by column, so its text is withheld, as in quarantine: `data` becomes a marker with the
+record's sha256 that the stream still quarantines as `malformed_json` (redeliveries share it).
+Objects are gzip JSON lines, one per KCL batch of one shard:
 
     <archive uri>/<stream>/year=YYYY/month=MM/day=DD/hour=HH/<shard>-<first seq>-<last seq>.jsonl.gz
 
@@ -72,12 +75,17 @@ def _as_text(v) -> str:
 
 def mask_payload(data: bytes, project: Project, salt: str) -> str:
     """The DMS record with PII masked (see the module doc); never returns unmasked PII."""
+    return _masked(data, project, salt)[0]
+
+
+def _masked(data: bytes, project: Project, salt: str) -> tuple[str, list[str]]:
+    """(the masked record, the columns whose values it holds hashed)."""
     try:
         record = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         record = None
     if not isinstance(record, dict):
-        return MALFORMED_MARKER + hashlib.sha256(data).hexdigest()
+        return MALFORMED_MARKER + hashlib.sha256(data).hexdigest(), []
     meta = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
     table = f"{meta.get('schema-name')}.{meta.get('table-name')}"
     pii = project.tables[table].pii if table in project.tables else None
@@ -85,18 +93,23 @@ def mask_payload(data: bytes, project: Project, salt: str) -> str:
     for field in ("data", before_field):
         if isinstance(record.get(field), dict):
             record[field] = _mask_map(record[field], pii, salt)
-    return json.dumps(record, separators=(",", ":"))
+    hashed = sorted(c for c, m in (pii or {}).items() if m == "hash")
+    return json.dumps(record, separators=(",", ":")), hashed
 
 
 def archive_line(rec: RawRecord, project: Project, salt: str) -> str:
-    return json.dumps({
-        "shard_id": rec.shard_id,
+    data, hashed = _masked(rec.data, project, salt)
+    line = {
+        "shard_id": rec.shard_id,  # first: streaming.sources tells archive lines by this prefix
         "sequence_number": rec.sequence_number,
         "sub_sequence_number": rec.sub_sequence_number,
         "partition_key": rec.partition_key,
         "arrival_ms": rec.arrival_ms,
-        "data": mask_payload(rec.data, project, salt),
-    }, separators=(",", ":"))
+        "data": data,
+    }
+    if hashed:
+        line["hashed"] = hashed
+    return json.dumps(line, separators=(",", ":"))
 
 
 def object_key(base: str, stream: str, records: list[RawRecord]) -> str:

@@ -14,7 +14,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from cdcflow.cdc.changes import VALUES
-from cdcflow.cdc.masking import mask_column, masked_data_map
+from cdcflow.cdc.masking import PREHASHED, mask_column, masked_data_map
 from cdcflow.config import Project, Table
 from cdcflow.runtime import new_table_options
 
@@ -38,18 +38,19 @@ def bronze_rows(norm: DataFrame, project: Project, salt: str, batch_id: int, fee
                 table: Table | None = None) -> DataFrame:
     """Normalized changes (cdcflow.cdc.envelope, or batch.full_load for one `table`) -> bronze rows, masked."""
     assert feed in FEEDS, feed
+    spare = PREHASHED in norm.columns  # stream records: an archived line's hashed columns stay as they are
     if VALUES in norm.columns:
         assert table is not None, "a typed source holds one table"
         data = _typed_data_map(norm, table, salt)
     else:
-        data = masked_data_map(F.col("_data"), F.col("_table"), project, salt)
+        data = masked_data_map(F.col("_data"), F.col("_table"), project, salt, spare)
     return norm.select(
         F.coalesce(F.col("_table"), F.lit("_unparsed")).alias("table"),
         F.to_date(F.coalesce("_commit_ts", "_arrival_ts")).alias("date"),
         F.col("_record_type").alias("record_type"),
         F.col("_op").alias("op"),
         data.alias("data"),
-        masked_data_map(F.col("_before"), F.col("_table"), project, salt).alias("before"),
+        masked_data_map(F.col("_before"), F.col("_table"), project, salt, spare).alias("before"),
         F.col("_commit_ts").alias("commit_ts"),
         F.col("_txn_id").alias("transaction_id"),
         F.col("_txn_rec_id").alias("transaction_record_id"),

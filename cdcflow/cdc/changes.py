@@ -14,7 +14,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from cdcflow import quality
-from cdcflow.cdc.masking import mask_column
+from cdcflow.cdc.masking import PREHASHED, mask_column, prehashed
 from cdcflow.cdc.sequence import sequence
 from cdcflow.config import Table
 from cdcflow.transforms import apply_transforms
@@ -70,9 +70,10 @@ class TypedChanges:
     """
 
     def __init__(self, shape: TableShape, salt: str, value_fields: list[str] | None = None,
-                 absent_order: tuple[str, ...] = ()):
+                 absent_order: tuple[str, ...] = (), spare: bool = False):
         """`value_fields`: the fields of a typed source's `_values` struct; None for `_data` text.
-        `absent_order`: ordering components the source doesn't carry (zeros: `sequence`'s `absent`)."""
+        `absent_order`: ordering components the source doesn't carry (zeros: `sequence`'s `absent`).
+        `spare`: the source carries `_prehashed` (the stream's), whose columns `hash` keeps as they are."""
         t = shape.table
         cols = shape.columns
         self.shape = shape
@@ -120,6 +121,7 @@ class TypedChanges:
             F.col("_record_hash"),
             F.col("_before"),
             F.col(self.source),
+            *([F.col(PREHASHED)] if spare else []),
             F.coalesce(F.col("_problem"), rule).alias("_rule"),
             reason.alias("_reason"),
         ]
@@ -140,11 +142,12 @@ class TypedChanges:
             .otherwise(F.col("_reason")).alias("_reason"),
             F.col("_source_position"),
             F.col("_record_hash"),
-            _masked_payload(shape, salt, raw).alias("_payload"),
+            _masked_payload(shape, salt, raw, spare).alias("_payload"),
         ]
-        self.key_change_filter, self.key_change_columns = _key_change_deletes(shape, self.source)
+        self.key_change_filter, self.key_change_columns = _key_change_deletes(shape, self.source, spare)
         self.out_columns = [
-            *[mask_column(F.col(c), t.pii[c], salt).alias(c) if c in t.pii else F.col(c) for c in shape.output_columns],
+            *[mask_column(F.col(c), t.pii[c], salt, prehashed(c) if spare else None).alias(c) if c in t.pii
+              else F.col(c) for c in shape.output_columns],
             *[F.col(c) for c in META],
             F.col("_dq"),
         ]
@@ -180,7 +183,7 @@ def typed_changes(norm: DataFrame, shape: TableShape, salt: str,
     """(good, bad) rows of `norm` (one table's normalized changes): see TypedChanges. A table with warn /
     fail raw->staging rules is counted first (one aggregate): warn failures are logged, and a fail rule
     over its threshold raises quality.DataQualityFailure before anything is applied (the full load)."""
-    typed = TypedChanges(shape, salt, value_fields(norm), absent_order)
+    typed = TypedChanges(shape, salt, value_fields(norm), absent_order, PREHASHED in norm.columns)
     if typed.counts_failures:
         rep = typed.failures(norm)
         for (rule, severity), n in sorted(rep.failures.items()):
@@ -206,10 +209,10 @@ def _source_values(columns: dict[str, str], value_fields: list[str] | None) -> d
 
 def masked_payload(shape: TableShape, salt: str, df: DataFrame) -> Column:
     """The record's data (of `df`) as JSON with PII masked (drop columns removed), for quarantine rows."""
-    return _masked_payload(shape, salt, _source_values(shape.columns, value_fields(df)))
+    return _masked_payload(shape, salt, _source_values(shape.columns, value_fields(df)), PREHASHED in df.columns)
 
 
-def _masked_payload(shape: TableShape, salt: str, values: dict[str, Column]) -> Column:
+def _masked_payload(shape: TableShape, salt: str, values: dict[str, Column], spare: bool) -> Column:
     pii = shape.table.pii
     entries = []
     for c in shape.columns:
@@ -217,11 +220,11 @@ def _masked_payload(shape: TableShape, salt: str, values: dict[str, Column]) -> 
         if method == "drop":
             continue
         v = values[c].cast("string")
-        entries += [F.lit(c), mask_column(v, method, salt) if method else v]
+        entries += [F.lit(c), mask_column(v, method, salt, prehashed(c) if spare else None) if method else v]
     return F.to_json(F.create_map(*entries)) if entries else F.lit("{}")
 
 
-def _key_change_deletes(shape: TableShape, source: str) -> tuple[Column, list[Column]]:
+def _key_change_deletes(shape: TableShape, source: str, spare: bool) -> tuple[Column, list[Column]]:
     """(which good rows change their key, the delete of the old key each one adds: its columns)."""
     t = shape.table
     before = F.col("_before")
@@ -230,7 +233,8 @@ def _key_change_deletes(shape: TableShape, source: str) -> tuple[Column, list[Co
     for k in t.primary_key:
         changed = changed | (old_key[k].isNotNull() & ~old_key[k].eqNullSafe(F.col(k)))
     moves = (F.col("_op") == "update") & before.isNotNull() & changed
-    carried = ["_seq", "_commit_ts", "_source_position", "_record_hash", "_before", source, "_rule", "_reason", "_dq"]
+    carried = ["_seq", "_commit_ts", "_source_position", "_record_hash", "_before", source,
+               *([PREHASHED] if spare else []), "_rule", "_reason", "_dq"]
     columns = [
         *[
             old_key[c].alias(c) if c in t.primary_key else F.lit(None).cast(shape.columns[c]).alias(c)

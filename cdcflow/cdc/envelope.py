@@ -6,6 +6,8 @@ Normalized columns (all sources):
   _commit_ts timestamp, _txn_id, _txn_rec_id, _stream_pos, _change_seq (strings),
   _control (control JSON text), _source_position, _arrival_ts, _problem (rule name or null),
   _record_hash (identifies a delivered record: redeliveries of one change share it).
+Kinesis JSON (the stream) also: _prehashed array<string>, the columns whose values the source hashed
+already (an archive line's; null for Kinesis: cdcflow.cdc.masking).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import MapType, StringType, StructField, StructType
+
+from cdcflow.cdc.masking import PREHASHED
 
 NORMALIZED_COLUMNS = [
     "_table", "_record_type", "_op", "_data", "_before", "_commit_ts", "_txn_id", "_txn_rec_id",
@@ -39,7 +43,8 @@ def _envelope_schema(before_field: str) -> StructType:
 def parse_kinesis_json(raw: DataFrame, known_tables: list[str], before_field: str = "before-image") -> DataFrame:
     """DMS Kinesis JSON records -> normalized changes.
 
-    `raw` has: payload (string), source_position (string), arrival_ts (timestamp).
+    `raw` has: payload (string), source_position (string), arrival_ts (timestamp), and optionally
+    prehashed (array<string>: streaming.sources.from_replay).
     Unparseable records keep `_problem = 'malformed_json'`; records for tables that are not
     configured keep `_problem = 'unknown_table'`. Nothing is dropped here.
     """
@@ -70,5 +75,6 @@ def parse_kinesis_json(raw: DataFrame, known_tables: list[str], before_field: st
         F.col("arrival_ts").alias("_arrival_ts"),
         problem.alias("_problem"),
         F.xxhash64("payload").cast("string").alias("_record_hash"),
+        (F.col("prehashed") if "prehashed" in raw.columns else F.lit(None).cast("array<string>")).alias(PREHASHED),
     )
 

@@ -1,6 +1,12 @@
 """PII masking, applied before anything is written or logged (docs/design.md).
 
 hash: sha256 hex of salt + "|" + value; redact: "[REDACTED]"; drop: the column is removed.
+
+A replayed archive (cdcflow.archive.records) holds its `hash` columns hashed already, and each line
+says which: the replay source carries that list as the `_prehashed` column of the normalized changes
+(cdcflow.cdc.envelope), and `hash` keeps those values as they are, so silver and bronze built from an
+archive equal those built from Kinesis. Only the columns a line names are spared: a column made
+`hash` after the line was archived is hashed on replay, so nothing unmasked gets through.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from cdcflow.config import Project
 from cdcflow.errors import UserError
 
 REDACTED = "[REDACTED]"
+PREHASHED = "_prehashed"  # array<string>: the columns a record's source already hashed (see above)
 LOCAL_SALT = "cdcflow-local-salt"
 
 
@@ -39,19 +46,27 @@ def mask_value(value: str | None, method: str, salt: str) -> str | None:
     raise ValueError(method)
 
 
-def mask_column(col: Column, method: str, salt: str) -> Column:
+def prehashed(column: str | Column) -> Column:
+    """Whether the record's `column` value is hashed already (its name is in `_prehashed`; null: no)."""
+    return F.array_contains(F.col(PREHASHED), column)
+
+
+def mask_column(col: Column, method: str, salt: str, hashed: Column | None = None) -> Column:
+    """`hashed`: where true, a `hash` value is this salt's hash already (see the module doc), kept as is."""
     text = col.cast("string")
     if method == "hash":
-        return F.when(text.isNull(), F.lit(None).cast("string")).otherwise(
-            F.sha2(F.concat(F.lit(salt + "|"), text), 256)
-        )
+        digest = F.sha2(F.concat(F.lit(salt + "|"), text), 256)
+        if hashed is not None:
+            digest = F.when(hashed, text).otherwise(digest)  # a null `hashed` hashes
+        return F.when(text.isNull(), F.lit(None).cast("string")).otherwise(digest)
     if method == "redact":
         return F.when(text.isNull(), F.lit(None).cast("string")).otherwise(F.lit(REDACTED))
     raise ValueError(method)
 
 
-def masked_data_map(data: Column, table: Column, project: Project, salt: str) -> Column:
+def masked_data_map(data: Column, table: Column, project: Project, salt: str, spare: bool = False) -> Column:
     """Mask the PII entries of a DMS `data` map (column -> text) using one map lookup per entry.
+    `spare`: the rows carry `_prehashed`, whose columns `hash` keeps as they are.
 
     One literal map of "<table>|<column>" -> method serves every configured table, so the cost
     doesn't grow with the number of tables. Unknown tables get every value redacted: their PII
@@ -65,7 +80,7 @@ def masked_data_map(data: Column, table: Column, project: Project, salt: str) ->
         method = pii_map[F.concat(table, F.lit("|"), k)] if pii_map is not None else F.lit(None)
         return (
             F.when(~table.isin(known), F.when(v.isNull(), v).otherwise(F.lit(REDACTED)))
-            .when(method == "hash", mask_column(v, "hash", salt))
+            .when(method == "hash", mask_column(v, "hash", salt, prehashed(k) if spare else None))
             .when(method == "redact", mask_column(v, "redact", salt))
             .otherwise(v)
         )

@@ -34,7 +34,7 @@ from pyspark.sql import functions as F
 from cdcflow import quality
 from cdcflow.cdc.apply import REJECTED, latest_per_key, spark_commits
 from cdcflow.cdc.changes import TableShape, _first_problem
-from cdcflow.cdc.masking import mask_column
+from cdcflow.cdc.masking import PREHASHED, mask_column, prehashed
 from cdcflow.cdc.sequence import sequence
 from cdcflow.runtime import to_arrow
 
@@ -88,8 +88,8 @@ class MultiTableChanges:
                 out = out.when(ty == name, v.cast(name).cast("string"))
             return out
 
-        def masked(v: Column, method: Column) -> Column:
-            return (F.when(method == "hash", mask_column(v, "hash", salt))
+        def masked(k: Column, v: Column, method: Column) -> Column:
+            return (F.when(method == "hash", mask_column(v, "hash", salt, prehashed(k)))
                     .when(method == "redact", mask_column(v, "redact", salt)).otherwise(v))
 
         known = lambda k, v: types[k].isNotNull()  # noqa: E731 - a configured column of the table
@@ -128,7 +128,7 @@ class MultiTableChanges:
         )  # fmt: skip
         self.check_columns = [
             "_table", "_typed", "_old_key", "_op", seq.alias("_seq"), "_commit_ts", "_source_position",
-            "_record_hash", "_before", "_data", F.coalesce(F.col("_problem"), rule).alias("_rule"),
+            "_record_hash", "_before", "_data", PREHASHED, F.coalesce(F.col("_problem"), rule).alias("_rule"),
             reason.alias("_reason"), "_t_types", "_t_pii", "_t_keys", "_t_rule_set",
         ]  # fmt: skip
 
@@ -162,7 +162,7 @@ class MultiTableChanges:
         dq_quarantine = F.exists("_dq", lambda x: x["severity"] == "quarantine")
         self.good_filter = parsed_ok & ~dq_quarantine
         failing = F.filter("_dq", lambda x: x["severity"] == "quarantine")
-        payload = F.transform_values(F.map_filter("_data", kept), lambda k, v: masked(v, pii[k]))
+        payload = F.transform_values(F.map_filter("_data", kept), lambda k, v: masked(k, v, pii[k]))
         self.bad_columns = [
             "_table",
             F.when(parsed_ok, failing[0]["rule"]).otherwise(F.col("_rule")).alias("_rule"),
@@ -177,7 +177,7 @@ class MultiTableChanges:
         self.key_change_filter = (F.col("_op") == "update") & F.col("_before").isNotNull() & changed
         self.out_columns = [
             "_table",
-            F.transform_values(F.map_filter("_typed", kept), lambda k, v: masked(v, pii[k])).alias("_values"),
+            F.transform_values(F.map_filter("_typed", kept), lambda k, v: masked(k, v, pii[k])).alias("_values"),
             "_op", "_seq", "_commit_ts", "_source_position", "_t_keys",
         ]  # fmt: skip
         self.key = [F.col("_table"), F.to_json(F.transform(keys, lambda k: F.col("_values")[k]))]
