@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,13 +21,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory):
+def stack():
     """The embedded stack (moto server + Postgres) on free ports, private to this test session."""
     from cdcflow import localstack
 
-    settings = localstack.StackSettings(
-        state_dir=tmp_path_factory.mktemp("stack"), moto_port=free_port(), pg_port=free_port()
-    )
+    # Not under pytest's own temp root: Postgres runs as another user, so the wheel opens that root's
+    # permissions, and a second pytest process starting meanwhile makes it private again (pytest
+    # resets it to 0700), which killed the other process's Postgres ("pg_control: Permission denied").
+    state_dir = Path(tempfile.mkdtemp(prefix="cdcflow-test-stack-"))
+    settings = localstack.StackSettings(state_dir=state_dir, moto_port=free_port(), pg_port=free_port())
     localstack.up(settings)
     saved = {k: os.environ.get(k) for k in localstack.stack_env(settings)}
     os.environ.update(localstack.stack_env(settings))
@@ -36,6 +40,7 @@ def stack(tmp_path_factory):
         else:
             os.environ[k] = v
     localstack.down(settings)
+    shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
