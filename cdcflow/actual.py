@@ -20,25 +20,20 @@ def read_silver(spark: SparkSession, project: Project) -> dict[str, list[dict[st
         path = project.path(t.delta_path)
         try:
             out[name] = _rs_rows(path)
-        except _NoTable:
-            out[name] = []
         except Exception:  # noqa: BLE001 - delta-rs can't read it: Spark can
             out[name] = _spark_rows(spark, path)
     return out
 
 
-class _NoTable(Exception):
-    pass
-
-
 def _rs_rows(path: str) -> list[dict[str, Any]]:
+    """The table's rows through delta-rs; none when there is no table yet."""
     from cdcflow.cdc.apply import rs_table
 
     try:
         table = rs_table(path)
     except Exception as e:
         if type(e).__name__ == "TableNotFoundError":
-            raise _NoTable from e
+            return []
         raise
     return table.to_pyarrow_table().to_pylist()
 
