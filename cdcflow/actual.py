@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
 from cdcflow.config import Project
 from cdcflow.runtime import forget_delta_table
 
+# A session, or a function that makes one: `cdcflow verify` reads through delta-rs and starts Spark (a JVM,
+# 10-20 s) only for a table delta-rs can't read.
+Spark = SparkSession | Callable[[], SparkSession]
 
-def read_silver(spark: SparkSession, project: Project) -> dict[str, list[dict[str, Any]]]:
+
+def _session(spark: Spark) -> SparkSession:
+    return spark if isinstance(spark, SparkSession) else spark()
+
+
+def read_silver(spark: Spark, project: Project) -> dict[str, list[dict[str, Any]]]:
     """Every silver table's rows: read by delta-rs (1004 tables in seconds, no Spark job per table),
     by Spark where delta-rs can't read the table (a reader feature it lacks)."""
     out: dict[str, list[dict[str, Any]]] = {}
@@ -21,11 +29,11 @@ def read_silver(spark: SparkSession, project: Project) -> dict[str, list[dict[st
         try:
             out[name] = _rs_rows(path)
         except Exception:  # noqa: BLE001 - delta-rs can't read it: Spark can
-            out[name] = _spark_rows(spark, path)
+            out[name] = _spark_rows(_session(spark), path)
     return out
 
 
-def _rs_rows(path: str) -> list[dict[str, Any]]:
+def _rs_rows(path: str, columns: list[str] | None = None) -> list[dict[str, Any]]:
     """The table's rows through delta-rs; none when there is no table yet."""
     from cdcflow.cdc.apply import rs_table
 
@@ -35,7 +43,7 @@ def _rs_rows(path: str) -> list[dict[str, Any]]:
         if type(e).__name__ == "TableNotFoundError":
             return []
         raise
-    return table.to_pyarrow_table().to_pylist()
+    return table.to_pyarrow_table(columns=columns).to_pylist()
 
 
 def _spark_rows(spark: SparkSession, path: str) -> list[dict[str, Any]]:
@@ -48,16 +56,21 @@ def _spark_rows(spark: SparkSession, path: str) -> list[dict[str, Any]]:
         forget_delta_table(spark, path)  # (a path without a table is cached too)
 
 
-def read_quarantine(spark: SparkSession, project: Project) -> list[dict[str, Any]]:
-    """Quarantine rows, one per delivered bad record (redeliveries of one record count once)."""
+def read_quarantine(spark: Spark, project: Project) -> list[dict[str, Any]]:
+    """Quarantine rows, one per delivered bad record (redeliveries of one record count once): the
+    raw -> staging stage the oracle models (what the streaming job and the full load check; the
+    warehouse stages quarantine into the same table with a stage prefix in `reason`)."""
+    columns = ["table", "rule", "reason", "record_hash"]
+    path = project.path("quarantine")
     try:
-        df = spark.read.format("delta").load(project.path("quarantine"))
-    except AnalysisException:
-        return []
-    # The warehouse stages quarantine into the same table with a stage prefix; the oracle models the
-    # raw -> staging stage (what the streaming job and the full load check).
-    later = ~(F.col("reason").startswith("staging_to_dimension: ") | F.col("reason").startswith("dimension_to_fact: "))
-    return [r.asDict() for r in df.filter(later).dropDuplicates(["table", "rule", "record_hash"]).collect()]
+        rows = _rs_rows(path, columns)
+    except Exception:  # noqa: BLE001 - delta-rs can't read it: Spark can
+        rows = _spark_rows(_session(spark), path)
+    seen: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        if not str(r["reason"] or "").startswith(("staging_to_dimension: ", "dimension_to_fact: ")):
+            seen.setdefault((r["table"], r["rule"], r["record_hash"]), {c: r[c] for c in columns})
+    return list(seen.values())
 
 
 def read_warehouse_scd2(

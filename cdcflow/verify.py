@@ -223,7 +223,8 @@ class Actual:
 
 
 def read_actual(project: Project, spark: Any, warehouse: bool = False) -> Actual:
-    """Read the silver Delta tables, the quarantine table and (warehouse=True) the SCD2 dimensions."""
+    """Read the silver Delta tables, the quarantine table and (warehouse=True) the SCD2 dimensions.
+    `spark`: a session, or a function making one when a table needs it (cdcflow.actual)."""
     from cdcflow.actual import read_quarantine, read_silver, read_warehouse_scd2
 
     return Actual(current=read_silver(spark, project), quarantine=read_quarantine(spark, project),
@@ -285,7 +286,7 @@ def register_verify(sub: Any, commands: dict[str, Callable]) -> None:
         try:
             from cdcflow.runtime import get_spark
 
-            actual = read_actual(project, get_spark("cdcflow-verify"), warehouse=args.warehouse)
+            actual = read_actual(project, lambda: get_spark("cdcflow-verify"), warehouse=args.warehouse)
         except NotImplementedError as e:
             raise UserError(f"cdcflow verify: {e}") from e
         diffs = verify(project, oracle, actual)

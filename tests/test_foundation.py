@@ -154,3 +154,32 @@ def test_reading_silver_back_leaves_no_table_in_deltas_cache(spark, tmp_path):
     assert delta_log.cacheSize() == cached - 1  # the Spark read forgot the table it read
     spark.read.format("delta").load(paths[0]).count()
     assert delta_log.cacheSize() == cached  # a plain read is cached again
+
+
+@pytest.mark.spark
+@pytest.mark.glue_compat
+def test_verify_reads_silver_and_quarantine_without_starting_spark(spark, tmp_path):
+    """`cdcflow verify` reads through delta-rs (tables Spark wrote, on either runtime) and asks for a
+    Spark session only when delta-rs can't read a table: no JVM start for a plain lake. Quarantine
+    counts one row per (table, rule, record) of the raw -> staging stage."""
+    from cdcflow.verify import read_actual
+    from tests.streaming_helpers import project_in
+
+    project = project_in(tmp_path)
+    silver = project.path(project.table("shop.customers").delta_path)
+    spark.range(4).selectExpr("id AS customer_id").write.format("delta").save(silver)
+    quarantine = [("shop.orders", "not_null", "order_id is null", "h1"),
+                  ("shop.orders", "not_null", "order_id is null", "h1"),  # the same record delivered twice
+                  ("shop.orders", "range", "total_amount < 0", "h2"),
+                  ("shop.customers", "not_null", "staging_to_dimension: email is null", "h3")]  # a later stage
+    spark.createDataFrame(quarantine, "table string, rule string, reason string, record_hash string") \
+        .write.format("delta").save(project.path("quarantine"))
+
+    def no_spark():
+        raise AssertionError("verify started Spark for tables delta-rs reads")
+
+    actual = read_actual(project, no_spark)
+    assert len(actual.current["shop.customers"]) == 4
+    assert actual.current["shop.orders"] == []  # not written yet: no rows, no error
+    assert sorted((r["table"], r["rule"]) for r in actual.quarantine) == [
+        ("shop.orders", "not_null"), ("shop.orders", "range")]
