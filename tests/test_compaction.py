@@ -126,3 +126,62 @@ def test_archived_raw_files_expire_after_the_configured_days(tmp_path):
     assert days == 90
     assert RawStore(project).expire_archive(now - timedelta(days=days)) == 2
     assert {a for a, f in files.items() if f.exists()} == {10, 89} and live.exists()
+
+
+def test_compact_every_writes_a_report_and_emf_per_run_and_sigterm_ends_it(spark, tmp_path, monkeypatch):
+    """`cdcflow compact --every`: each run prints its table, writes `<lake>/_reports/compaction/*.json`
+    and EMF metrics; SIGTERM ends the loop between tables with exit 0 (in-process, on the test's
+    Spark session, so no second JVM starts)."""
+    import json
+    import signal
+    import threading
+    import time
+    from pathlib import Path
+
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from batch.cli import run_compact
+    from batch.compaction import Stop
+    from cdcflow.cli import build_parser
+    from tests.conftest import CONFIGS
+
+    env = {"CDCFLOW_LAKE_ROOT": str(tmp_path / "lake"), "CDCFLOW_CHECKPOINT_ROOT": str(tmp_path / "ck"),
+           "CDCFLOW_RAW_URI": str(tmp_path / "raw")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    project = project_in(tmp_path, **env)
+    path = project.path(project.table("shop.customers").delta_path)
+    for i in range(9):  # nine one-row commits: past the default small-file thresholds
+        write_deltalake(path, pa.table({"customer_id": pa.array([i], pa.int64()), "_is_deleted": [False],
+                                        "_deleted_at": pa.array([None], pa.timestamp("us", "UTC"))}), mode="append")
+    metrics = tmp_path / "metrics.jsonl"
+    reports = Path(project.path("_reports/compaction"))
+
+    def sigterm_after_two_runs() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and len(list(reports.glob("*.json"))) < 2:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    threading.Thread(target=sigterm_after_two_runs, daemon=True).start()
+    try:
+        args = build_parser().parse_args(["--config", str(CONFIGS), "compact", "--every", "1s",
+                                          "--metrics-file", str(metrics)])
+        assert run_compact(args) == 0
+    finally:
+        Stop.requested = False
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+    runs = [json.loads(p.read_text()) for p in sorted(reports.glob("*.json"))]
+    assert len(runs) >= 2
+    first = {(r["table"], r["partition"]): r for r in runs[0]["results"]}
+    assert first[("shop.customers", None)]["action"] == "compacted"
+    assert (runs[0]["tables_compacted"], runs[0]["files_removed"]) == (1, 9) and runs[0]["bytes_rewritten"] > 0
+    again = {(r["table"], r["partition"]): r for r in runs[1]["results"]}
+    assert again[("shop.customers", None)]["action"].startswith("skipped")  # one file now: healthy, not rewritten
+    emf = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [m["FilesRemoved"] for m in emf if m.get("Job") == "compaction"][:2] == [9, 0]
+    assert all({"BytesRewritten", "TablesSkipped", "TablesCompacted", "CompactionDuration"} <= set(m) for m in emf)
