@@ -36,7 +36,7 @@ from cdcflow.cdc.apply import REJECTED, latest_per_key, spark_commits
 from cdcflow.cdc.changes import TableShape, _first_problem
 from cdcflow.cdc.masking import PREHASHED, mask_column, prehashed
 from cdcflow.cdc.sequence import sequence
-from cdcflow.runtime import to_arrow
+from cdcflow.runtime import materialize, release, to_arrow
 
 ROW_RULES = {"not_null", "range", "accepted_values", "regex", "valid_date"}
 _ARROW = {"string": pa.string(), "int": pa.int32(), "bigint": pa.int64(), "smallint": pa.int16(),
@@ -198,15 +198,21 @@ class MultiTableChanges:
         rows), in one Spark job."""
         rows = norm.filter(F.col("_table").isin(tables) & (F.col("_record_type") == "data")
                            & F.col("_problem").isNull()).join(self._table_info(norm.sparkSession), "_table")
-        checked = rows.select("*", *self.typed_columns).select(*self.check_columns)
-        checked = checked.withColumn("_dq", self.dq)
-        good = checked.filter(self.good_filter)
-        moved = good.filter(self.key_change_filter).withColumn("_typed", F.col("_old_key")).withColumn(
-            "_op", F.lit("delete"))
-        changes = latest_per_key(good.unionByName(moved).select(*self.out_columns), self.key).drop("_t_keys")
-        bad = checked.filter(self.bad_filter).select(*self.bad_columns)
-        both = to_arrow(changes.withColumn("_rule", F.lit(None).cast("string"))
-                        .unionByName(bad, allowMissingColumns=True))
+        # Typed and checked once, kept for the three branches that read them (changes, primary-key
+        # moves, rejected rows): a union recomputes each branch from its source, and this projection
+        # is most of the job (1004 tables, 40k records: 14.7 s as one plan, 4.4 s with the checkpoint).
+        checked = materialize(rows.select("*", *self.typed_columns).select(*self.check_columns)
+                              .withColumn("_dq", self.dq))
+        try:
+            good = checked.filter(self.good_filter)
+            moved = good.filter(self.key_change_filter).withColumn("_typed", F.col("_old_key")).withColumn(
+                "_op", F.lit("delete"))
+            changes = latest_per_key(good.unionByName(moved).select(*self.out_columns), self.key).drop("_t_keys")
+            bad = checked.filter(self.bad_filter).select(*self.bad_columns)
+            both = to_arrow(changes.withColumn("_rule", F.lit(None).cast("string"))
+                            .unionByName(bad, allowMissingColumns=True))
+        finally:
+            release(checked)
         by_table: dict[str, list[int]] = {}
         for i, name in enumerate(both["_table"].to_pylist()):
             by_table.setdefault(name, []).append(i)
