@@ -195,7 +195,7 @@ class MultiTableChanges:
 
     def collect(self, norm: DataFrame, tables: list[str]) -> dict[str, tuple[pa.Table, list[dict]]]:
         """`norm`'s data records of `tables` (some of these) -> per table (collapsed changes, rejected
-        rows), in one Spark job."""
+        rows): two Spark jobs, whatever the number of tables (the checked rows kept, then one collect)."""
         rows = norm.filter(F.col("_table").isin(tables) & (F.col("_record_type") == "data")
                            & F.col("_problem").isNull()).join(self._table_info(norm.sparkSession), "_table")
         # Typed and checked once, kept for the three branches that read them (changes, primary-key
