@@ -274,7 +274,7 @@ def _merge_delta_rs(spark: SparkSession, path: str, rs, src: DataFrame, shape: T
     source = source.select([c for c in source.schema.names if c in held.names or c == "_partial"])
     source = source.cast(pa.schema([held.field(c) if c in held.names else source.schema.field(c)
                                     for c in source.schema.names]))
-    _rs_merge(path, source, merge_clauses(shape, absent, _dq))
+    _rs_merge(path, source, merge_clauses(shape, absent, _dq), rs)
     return bad
 
 
@@ -317,7 +317,7 @@ def merge_rows(path: str, changes: pa.Table, shape: TableShape) -> str | None:
         "_ingested_at": pa.array([datetime.now(UTC)] * n, held.field("_ingested_at").type),
     })  # fmt: skip
     absent = [c for c in held.names if c not in shape.output_columns and c not in SILVER_META]
-    _rs_merge(path, pa.table(source), merge_clauses(shape, absent, _dq))
+    _rs_merge(path, pa.table(source), merge_clauses(shape, absent, _dq), rs)
     return None
 
 
@@ -341,16 +341,27 @@ retry_commit_conflicts = retry(retry=retry_if_exception(is_commit_conflict), sto
                                wait=wait_random_exponential(multiplier=0.3, max=10), reraise=True)
 
 
-@retry_commit_conflicts
-def _rs_merge(path: str, source: pa.Table, m: MergeClauses) -> None:
-    (
-        rs_table(path).merge(source, predicate=m.on, source_alias="s", target_alias="t")
-        .when_matched_update(updates=m.update_delete, predicate=m.match_delete)
-        .when_matched_update(updates=m.update_upsert, predicate=m.match_upsert)
-        .when_not_matched_insert(updates=m.insert_delete, predicate="s._op = 'delete'")
-        .when_not_matched_insert(updates=m.insert)
-        .execute()
-    )
+def _rs_merge(path: str, source: pa.Table, m: MergeClauses, rs=None) -> None:
+    """The guarded MERGE by delta-rs. `rs`: the table as `silver_writer` opened it for this commit, so
+    a commit reads the log once. delta-rs checks the commits made since the version `rs` read and
+    fails on a conflicting one (a concurrent transaction added or removed data it read); each retry
+    then opens the table again at its newest version, so the `_seq` guard compares with what is there
+    now (tests/test_apply_rs_commit.py)."""
+    opened = [rs] if rs is not None else []
+
+    @retry_commit_conflicts
+    def attempt() -> None:
+        table = opened.pop() if opened else rs_table(path)
+        (
+            table.merge(source, predicate=m.on, source_alias="s", target_alias="t")
+            .when_matched_update(updates=m.update_delete, predicate=m.match_delete)
+            .when_matched_update(updates=m.update_upsert, predicate=m.match_upsert)
+            .when_not_matched_insert(updates=m.insert_delete, predicate="s._op = 'delete'")
+            .when_not_matched_insert(updates=m.insert)
+            .execute()
+        )
+
+    attempt()
 
 
 @retry_commit_conflicts

@@ -1,0 +1,71 @@
+"""delta-rs commits of the many-table plan's rows (cdcflow.cdc.apply.merge_rows), without Spark: one
+open of the table per commit, and a commit that loses to a concurrent one re-reads the newest
+version, so the `_seq` guard compares with what is there now."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from cdcflow.cdc import apply
+from cdcflow.cdc.changes import TableShape
+from tests.conftest import CONFIGS
+from tests.streaming_helpers import project_in
+
+
+def _changes(*rows: tuple[int, str, str]) -> pa.Table:
+    """(product_id, name, _seq) updates of shop.products, as the many-table plan collects them."""
+    return pa.table({
+        "_values": pa.array([[("product_id", str(k)), ("sku", "SKU-00001"), ("name", n)] for k, n, _ in rows],
+                            pa.map_(pa.string(), pa.string())),
+        "_op": ["update"] * len(rows),
+        "_seq": [s for _, _, s in rows],
+        "_commit_ts": pa.array([datetime(2026, 1, 1, tzinfo=UTC)] * len(rows), pa.timestamp("us", tz="UTC")),
+    })  # fmt: skip
+
+
+@pytest.fixture
+def products(tmp_path: Path):
+    t = project_in(tmp_path, CONFIGS).table("shop.products")
+    path = str(tmp_path / "silver")
+    shape = TableShape(t)
+    assert apply.merge_rows(path, _changes((1, "a", "1001"), (2, "x", "1001")), shape) is None
+    return path, shape
+
+
+def _rows(path: str) -> list[dict]:
+    table = apply.rs_table(path).to_pyarrow_table(columns=["product_id", "name", "_seq"])
+    return sorted(table.to_pylist(), key=lambda r: r["product_id"])
+
+
+def _counting_opens(monkeypatch) -> list[str]:
+    opens: list[str] = []
+    real = apply.rs_table
+    monkeypatch.setattr(apply, "rs_table", lambda p: opens.append(p) or real(p))
+    return opens
+
+
+def test_a_commit_opens_the_table_once(products, monkeypatch):
+    path, shape = products
+    opens = _counting_opens(monkeypatch)
+    assert apply.merge_rows(path, _changes((1, "b", "1002")), shape) is None
+    assert opens == [path]
+    assert _rows(path)[0] == {"product_id": 1, "name": "b", "_seq": "1002"}
+
+
+@pytest.mark.parametrize(("late", "expected"), [
+    ((1, "c", "1002"), {1: ("b", "1003"), 2: ("y", "1003")}),  # older than what won: the guard keeps it out
+    ((1, "c", "1004"), {1: ("c", "1004"), 2: ("y", "1003")}),  # newer: applied on top, key 2 kept
+])  # fmt: skip
+def test_a_commit_that_loses_to_a_concurrent_one_reads_the_newest_version(products, monkeypatch, late, expected):
+    path, shape = products
+    stale = apply.rs_table(path)  # what silver_writer opened before another writer committed
+    assert apply.merge_rows(path, _changes((1, "b", "1003"), (2, "y", "1003")), shape) is None
+    monkeypatch.setattr(apply, "silver_writer", lambda p, t: ("delta-rs", stale))
+    opens = _counting_opens(monkeypatch)
+    assert apply.merge_rows(path, _changes(late), shape) is None
+    assert opens == [path]  # the commit on the stale version failed; the retry opened the table again
+    assert {r["product_id"]: (r["name"], r["_seq"]) for r in _rows(path)} == expected
