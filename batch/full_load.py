@@ -32,6 +32,7 @@ from cdcflow.cdc.sequence import S3_ORDERING
 from cdcflow.config import Project, Table
 from cdcflow.metrics import MetricsSink
 from cdcflow.runtime import read_delta
+from cdcflow.transform_check import require_valid_transforms
 
 LOAD_FILE = re.compile(r"(^|/)(SEGMENT\d+_)?LOAD[0-9A-F]{8}\.parquet$")
 CDC_FILE = re.compile(r"(^|/)\d{8}-\d{9,10}\.parquet$")
@@ -236,6 +237,7 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
     warehouse merge drops changes it already holds (same key and `_seq`)."""
     store = RawStore(project)
     store.require()
+    require_valid_transforms(spark, project, ("raw_to_staging",))
     salt = pii_salt(project)
     manifest_path = project.path("_manifests/full_load")
     bronze_path = project.path("bronze")

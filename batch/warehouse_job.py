@@ -48,6 +48,7 @@ from cdcflow.config.models import Column, Quality
 from cdcflow.metrics import MetricsSink
 from cdcflow.quality import StageReport
 from cdcflow.runtime import read_delta
+from cdcflow.transform_check import require_valid_transforms
 
 OPS = {"load": "I", "insert": "I", "update": "U", "delete": "D"}
 WATERMARKS = "cdcflow_watermarks"
@@ -202,6 +203,7 @@ def merge_from_lake(
     """Merge every warehouse table's new bronze changes; write the DQ report (JSON) whatever happens.
 
     `url`: postgresql:// or redshift:// (batch/warehouse/connection.py), or an open `Warehouse`."""
+    require_valid_transforms(spark, project)
     schema = schema or project.pipeline.warehouse.schema_
     run = WarehouseRun(run_id or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6])
     metrics = metrics or MetricsSink(project.pipeline.name)

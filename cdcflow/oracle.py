@@ -22,6 +22,11 @@ cannot change its answer. Semantics (docs/simulator.md):
   change detection), valid_from/valid_to from source commit times (load versions: valid_from None), a
   delete closes the current row and marks it is_deleted, a re-insert opens a new version. Changes failing
   a staging_to_dimension quarantine rule are not versioned.
+- Warehouse stages (`warehouse_row`): a change reaches the warehouse masked (bronze's values); each stage
+  (staging_to_dimension; then dimension_to_fact for facts) drops it when one of its quarantine rules
+  fails, else applies the caller's transform of that stage (`stage_transforms[(table, stage)]`, written
+  from the transform's meaning like `transforms`).
+- Facts (`expected_facts`): per key, the latest change the stages kept; a delete flags the fact deleted.
 - Masking as docs/design.md: hash = sha256(salt + "|" + value), redact = "[REDACTED]", drop = absent.
 """
 
@@ -275,6 +280,27 @@ def scd2_tables(project: Project) -> list[Table]:
             if t.cfg.warehouse and t.cfg.warehouse.kind == "dimension" and t.cfg.warehouse.scd_type == 2]
 
 
+def fact_tables(project: Project) -> list[Table]:
+    return [t for t in project.tables.values() if t.cfg.warehouse and t.cfg.warehouse.kind == "fact"]
+
+
+StageTransforms = dict[tuple[str, str], RowTransform]  # (table, warehouse stage) -> row transform
+
+
+def warehouse_row(t: Table, row: dict[str, Any], salt: str,
+                  stage_transforms: StageTransforms | None = None) -> dict[str, Any] | None:
+    """A change's row as the warehouse stages hand it on, or None when a stage's quarantine rule takes
+    it: masked, then per stage its rules (on the values the stage sees) and its transform."""
+    out = mask_row(t, row, salt)
+    stages = ("staging_to_dimension", "dimension_to_fact") if t.cfg.warehouse.kind == "fact" else ("staging_to_dimension",)
+    for stage in stages:
+        if failing_rule(t, out, stage) is not None:
+            return None
+        transform = (stage_transforms or {}).get((t.name, stage))
+        out = transform(out) if transform else out
+    return out
+
+
 def tracked_columns(table: Table) -> list[str]:
     wh = table.cfg.warehouse
     cols = list(wh.tracked_columns) if wh and wh.tracked_columns else [c for c in table.columns if c not in table.primary_key]
@@ -287,7 +313,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def expected_scd2(project: Project, changes: list[dict[str, Any]], salt: str,
-                  transforms: dict[str, RowTransform] | None = None) -> dict[str, list[dict[str, Any]]]:
+                  transforms: dict[str, RowTransform] | None = None,
+                  stage_transforms: StageTransforms | None = None) -> dict[str, list[dict[str, Any]]]:
     """table -> SCD2 rows (key columns, tracked columns masked, valid_from, valid_to, is_current, is_deleted),
     per key in source order."""
     tables = {t.name: t for t in scd2_tables(project)}
@@ -302,9 +329,9 @@ def expected_scd2(project: Project, changes: list[dict[str, Any]], salt: str,
             if cur is not None:
                 cur.update(valid_to=ev.commit_ts, is_current=False, is_deleted=True)
             continue
-        if failing_rule(t, ev.row, "staging_to_dimension") is not None:
+        masked = warehouse_row(t, ev.row, salt, stage_transforms)
+        if masked is None:
             continue
-        masked = mask_row(t, ev.row, salt)
         tracked = {c: masked.get(c) for c in tracked_columns(t)}
         if cur is not None and all(_same(cur[c], v) for c, v in tracked.items()):
             continue
@@ -317,6 +344,28 @@ def expected_scd2(project: Project, changes: list[dict[str, Any]], salt: str,
         hist.append({**key_cols, **tracked, "valid_from": ev.commit_ts, "valid_to": None, "is_current": True,
                      "is_deleted": False})
     return {name: [r for hist in by_key.values() for r in hist] for name, by_key in versions.items()}
+
+
+def expected_facts(project: Project, changes: list[dict[str, Any]], salt: str,
+                   transforms: dict[str, RowTransform] | None = None,
+                   stage_transforms: StageTransforms | None = None) -> dict[str, dict[Key, dict[str, Any]]]:
+    """fact table -> key -> expected fact row in `expected_state`'s shape: the latest change per key the
+    warehouse stages kept (`warehouse_row`), `_is_deleted` set by a later delete of a key it holds."""
+    tables = {t.name: t for t in fact_tables(project)}
+    out: dict[str, dict[Key, dict[str, Any]]] = {name: {} for name in tables}
+    for ev in applied_events(project, changes, transforms):
+        t = tables.get(ev.table)
+        if t is None:
+            continue
+        facts = out[ev.table]
+        if ev.kind == "delete":
+            if ev.key in facts:
+                facts[ev.key] = {**dict(zip(t.primary_key, ev.key, strict=True)), "_is_deleted": True}
+            continue
+        row = warehouse_row(t, ev.row, salt, stage_transforms)
+        if row is not None:
+            facts[ev.key] = {**row, "_is_deleted": False}
+    return out
 
 
 def expected_quarantine(project: Project, changes: list[dict[str, Any]],
@@ -390,13 +439,16 @@ class Oracle:
     scd2: dict[str, list[dict[str, Any]]]
     quarantine: dict[tuple[str | None, str], int]
     counts: dict[str, dict[str, int]]
+    facts: dict[str, dict[Key, dict[str, Any]]] = field(default_factory=dict)
 
 
 def build_oracle(project: Project, history: HistoryData, salt: str, target: str = "kinesis",
-                 transforms: dict[str, RowTransform] | None = None) -> Oracle:
+                 transforms: dict[str, RowTransform] | None = None,
+                 stage_transforms: StageTransforms | None = None) -> Oracle:
     return Oracle(
         state=expected_state(project, history.changes, salt, transforms),
-        scd2=expected_scd2(project, history.changes, salt, transforms),
+        scd2=expected_scd2(project, history.changes, salt, transforms, stage_transforms),
         quarantine=expected_quarantine(project, history.changes, history.faults(target)),
         counts=op_counts(history.changes),
+        facts=expected_facts(project, history.changes, salt, transforms, stage_transforms),
     )

@@ -8,11 +8,13 @@ declared `outputs`. The config loader already checked that every function import
 
 from __future__ import annotations
 
+import json
+
 from pyspark.sql import DataFrame, SparkSession
 
 from cdcflow.config import STAGES, Project, Table
 from cdcflow.config.functions import load_function
-from cdcflow.errors import ConfigProblem
+from cdcflow.errors import ConfigError, ConfigProblem
 from cdcflow.transforms import apply_transforms
 
 CARRIED = ["_op", "_seq", "_commit_ts"]  # change metadata every stage's output keeps
@@ -36,9 +38,9 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
 
 
-def check_table(spark: SparkSession, table: Table) -> list[ConfigProblem]:
+def check_table(spark: SparkSession, table: Table, stages: tuple[str, ...] = STAGES) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
-    for stage in STAGES:
+    for stage in stages:
         tr = getattr(table.cfg.transforms, stage)
         if not (tr.sql or tr.functions):
             continue  # rename / columns are checked at load time
@@ -80,6 +82,27 @@ def check_table(spark: SparkSession, table: Table) -> list[ConfigProblem]:
 
 def check_transforms(spark: SparkSession, project: Project) -> list[ConfigProblem]:
     return [p for t in project.tables.values() for p in check_table(spark, t)]
+
+
+_PASSED: set[str] = set()  # transform configs already checked in this process (jobs restart often in tests)
+
+
+def require_valid_transforms(spark: SparkSession, project: Project, stages: tuple[str, ...] = STAGES) -> None:
+    """Every job's start (the stream and the full load: raw_to_staging; the warehouse merge: every
+    stage): the same check as `cdcflow validate`, so SQL or a function that drops the key, an ordering
+    column or a declared column stops the job with the file, key path and reason before it reads
+    anything, rather than isolating the table in every micro-batch. Only tables with SQL or function
+    steps in those stages; `rename` / `columns` were checked when the configs loaded."""
+    tables = [t for t in project.tables.values()
+              if any(getattr(t.cfg.transforms, s).sql or getattr(t.cfg.transforms, s).functions for s in stages)]
+    key = json.dumps([stages] + [(t.name, t.file, t.cfg.model_dump(mode="json", include={"columns", "transforms"}))
+                                 for t in tables], sort_keys=True, default=str)
+    if not tables or key in _PASSED:
+        return
+    problems = [p for t in tables for p in check_table(spark, t, stages)]
+    if problems:
+        raise ConfigError(problems)
+    _PASSED.add(key)
 
 
 def needs_spark(project: Project) -> bool:

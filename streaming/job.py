@@ -15,6 +15,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from cdcflow.config import Project, join_uri
 from cdcflow.metrics import MetricsSink
+from cdcflow.transform_check import require_valid_transforms
 from streaming.dq import as_rows
 from streaming.processor import BatchProcessor, TableOutcome
 
@@ -55,6 +56,7 @@ def run_stream(
     until_caught_up: stop once the source has no new data (file sources use Trigger.AvailableNow;
     Kinesis stops after the source reported no new data for `idle_batches_to_stop` trigger intervals).
     """
+    require_valid_transforms(spark, project, ("raw_to_staging",))
     processor = processor or BatchProcessor(spark, project, metrics)
     totals = {"batches": 0, "read": 0, "applied": 0, "quarantined": 0}
     tables: dict[str, TableOutcome] = {}

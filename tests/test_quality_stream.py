@@ -196,3 +196,21 @@ def test_validate_runs_transforms_on_a_sample_frame_and_names_what_they_break(sp
     assert main(["--config", str(cfg), "validate"]) == 1  # the CLI reports them, one line each
     err = capsys.readouterr().err
     assert "4 problem(s) found" in err and "Traceback" not in err
+
+    # Every job makes the same check before it reads anything, for the stages it runs: the stream and
+    # the full load raw_to_staging's, the warehouse merge all three.
+    from batch.full_load import run_full_load
+    from batch.warehouse_job import merge_from_lake
+    from cdcflow.errors import ConfigError
+    from streaming.job import run_stream
+
+    (tmp_path / "raw").mkdir()
+    bad = project_in(tmp_path, cfg, CDCFLOW_RAW_URI=str(tmp_path / "raw"))
+    for job in (lambda: run_stream(spark, bad, spark.range(0), available_now=True), lambda: run_full_load(spark, bad)):
+        with pytest.raises(ConfigError) as e:
+            job()
+        assert [str(p) for p in e.value.problems] == got[:2]
+    with pytest.raises(ConfigError) as e:
+        merge_from_lake(spark, bad, "postgresql://nobody@127.0.0.1:9/none")
+    assert [str(p) for p in e.value.problems] == got
+    assert not (tmp_path / "lake").exists() and not (tmp_path / "ck").exists()  # stopped before writing

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from decimal import Decimal
 from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 from pyspark.sql import functions as F
 
 from batch.full_load import run_full_load
@@ -18,7 +20,7 @@ from batch.warehouse_job import merge_from_lake
 from cdcflow.actual import read_warehouse_scd2
 from cdcflow.aws import client
 from cdcflow.oracle import build_oracle, load_history, resolve_salt, scd2_tables
-from cdcflow.verify import compare_scd2
+from cdcflow.verify import compare_current, compare_scd2
 from streaming.job import run_stream
 from streaming.sources import replay_stream
 from tests.conftest import CONFIGS
@@ -48,10 +50,54 @@ def snapshot(url: str, schema: str) -> dict[str, list[tuple]]:
         return {n: sorted(map(repr, conn.execute(f'select * from {schema}."{n}"').fetchall())) for n in names}
 
 
+# Warehouse-stage transforms, a Spark SQL one (`columns`) and a DataFrame-API one in each stage, and the
+# oracle's reading of them (from their meaning, on the masked values the stages see).
+STAGE_TRANSFORMS = {
+    ("shop.customers", "staging_to_dimension"): {
+        "columns": {"segment": "upper(segment)"},
+        "functions": [{"function": "shop_transforms:normalise_text", "params": {"columns": ["country"], "case": "lower"}}]},
+    ("shop.orders", "dimension_to_fact"): {
+        "columns": {"total_amount": "cast(total_amount * 2 as decimal(12,2))"},
+        "functions": [{"function": "shop_transforms:normalise_text", "params": {"columns": ["status"], "case": "upper"}}]},
+}
+
+
+def _customer_dim(row: dict) -> dict:
+    return {**row, "segment": row["segment"] and row["segment"].upper(),
+            "country": row["country"] and " ".join(row["country"].split()).lower()}
+
+
+def _order_fact(row: dict) -> dict:
+    return {**row, "total_amount": row["total_amount"] and Decimal(str(row["total_amount"])) * 2,
+            "status": row["status"] and " ".join(row["status"].split()).upper()}
+
+
+def with_stage_transforms(cfg: Path) -> None:
+    for (table, stage), tr in STAGE_TRANSFORMS.items():
+        f = cfg / "tables" / f"{table}.yaml"
+        data = yaml.safe_load(f.read_text())
+        data.setdefault("transforms", {})[stage] = tr
+        if stage == "dimension_to_fact":  # referential rules look up silver at merge time: not in the oracle
+            data["quality"].pop(stage, None)
+        f.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def warehouse_facts(url: str, schema: str, table: str) -> list[dict]:
+    """A fact table's rows in silver's shape: `_is_deleted`, surrogate keys and change columns left out."""
+    with psycopg.connect(url) as conn:
+        cur = conn.execute(f'select * from {schema}."{table}"')
+        cols = [d.name for d in cur.description]
+        rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+    return [{**{c: v for c, v in r.items() if not c.endswith("_sk") and c != "is_deleted"}, "_is_deleted": r["is_deleted"]}
+            for r in rows]
+
+
 @pytest.mark.glue_compat
 def test_warehouse_merge_from_lake_matches_oracle_incrementally_and_reruns_are_noops(spark, stack, tmp_path):
     schema = f"wh_{uuid.uuid4().hex[:8]}"
-    project = project_in(tmp_path, config_with_schema(tmp_path, schema), CDCFLOW_WAREHOUSE_URL=stack.pg_url)
+    cfg = config_with_schema(tmp_path, schema)
+    with_stage_transforms(cfg)
+    project = project_in(tmp_path, cfg, CDCFLOW_WAREHOUSE_URL=stack.pg_url)
     sim = tmp_path / "sim"
     simulate_to(project, sim, events=300, duplicate_rate=0.05, out_of_order_rate=0.1, late_rate=0.03,
                 pk_change_rate=0.03, missing_primary_key_rate=0.01, dq_failure_rate=0.02)
@@ -77,13 +123,22 @@ def test_warehouse_merge_from_lake_matches_oracle_incrementally_and_reruns_are_n
     assert {t.table: t.from_batch for t in run2.tables if t.changes} and all(
         t.from_batch == {"stream": 0} and t.to_batch == {"stream": 2} for t in run2.tables if t.changes)
 
-    oracle = build_oracle(project, load_history(sim), resolve_salt(project), "kinesis")
+    stage_transforms = {("shop.customers", "staging_to_dimension"): _customer_dim,
+                        ("shop.orders", "dimension_to_fact"): _order_fact}
+    oracle = build_oracle(project, load_history(sim), resolve_salt(project), "kinesis",
+                          stage_transforms=stage_transforms)
     actual = read_warehouse_scd2(project, stack.pg_url)
     assert actual is not None
     for t in scd2_tables(project):
         diff = compare_scd2(oracle.scd2[t.name], actual[t.name], t)
         assert diff.ok, (t.name, diff.missing[:3], diff.extra[:3], diff.different[:3])
         assert len(actual[t.name]) > len({tuple(r[k] for k in t.primary_key) for r in actual[t.name]})
+    # The stage transforms changed what the warehouse holds (and the oracle saw it).
+    assert any(r["segment"] and r["segment"].isupper() for r in actual["shop.customers"])
+    orders = project.table("shop.orders")
+    facts = compare_current(oracle.facts["shop.orders"], warehouse_facts(stack.pg_url, schema, "fct_orders"), orders)
+    assert facts.ok and facts.expected_count >= 40, (facts.missing[:3], facts.extra[:3], facts.different[:3])
+    assert any(r.get("status", "").isupper() for r in oracle.facts["shop.orders"].values() if not r["_is_deleted"])
 
     # Facts landed with point-in-time surrogate keys.
     with psycopg.connect(stack.pg_url) as conn:
