@@ -3,7 +3,9 @@ once): `python -m tests.s3_commit_worker ENGINE TABLE WRITER N GATE [LOGSTORE]`.
 
 ENGINE is spark or delta-rs. Each append is one row (writer, i) and one commit. The worker writes
 GATE + ".<writer>.ready" once it can commit (a Spark session costs seconds), then waits for GATE to
-exist, so both workers' commits overlap. LOGSTORE (spark only) replaces the log store class for the
+exist, so both workers' commits overlap; before its i-th append it waits (up to a minute) for the other
+writer's (i-1)-th, so the two go in step and race for each version whatever each engine's speed (a
+delta-rs append takes milliseconds, a cold Spark one seconds). LOGSTORE (spark only) replaces the log store class for the
 s3/s3a schemes: the test's mutation check runs Delta's default S3SingleDriverLogStore through it.
 """
 
@@ -41,7 +43,6 @@ def main(engine: str, table: str, writer: str, n: int, gate: str, logstore: str 
             for attempt in range(50):  # an append never conflicts logically: a lost race is retried
                 try:
                     write_deltalake(rs_uri(table), rows, mode="append", storage_options=rs_options(table))
-                    time.sleep(0.2)  # a Spark append takes about this long: keep the two writers' commits overlapping
                     return
                 except Exception as e:  # noqa: BLE001 - delta-rs' CommitFailedError on a lost version race
                     if "CommitFailed" not in type(e).__name__ and "already exists" not in str(e) or attempt == 49:
@@ -51,8 +52,13 @@ def main(engine: str, table: str, writer: str, n: int, gate: str, logstore: str 
     Path(f"{gate}.{writer}.ready").write_text("")
     while not Path(gate).exists():
         time.sleep(0.02)
+    other = "b" if writer == "a" else "a"
     for i in range(n):
+        deadline = time.monotonic() + 60
+        while i and not Path(f"{gate}.{other}.{i - 1}").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         append(i)
+        Path(f"{gate}.{writer}.{i}").write_text("")
     print(f"{writer}: {n} commits", flush=True)
     return 0
 

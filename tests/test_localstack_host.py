@@ -91,7 +91,9 @@ def _run(args: list[str], env: dict[str, str], timeout: int = 600) -> str:
 
 def test_kinesis_stream_and_s3_full_load_against_localstack_verify(localstack, tmp_path):
     base = {**os.environ, "CDCFLOW_AWS_ENDPOINT": localstack, "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+            "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+            # short-lived JVMs: C1 only (C2's compile threads took the cores the other lane's tests need)
+            "JDK_JAVA_OPTIONS": "-XX:TieredStopAtLevel=1"}
     sim = tmp_path / "sim"
 
     # Kinesis: simulate onto LocalStack's stream (kinesis-mock), stream until caught up, verify
