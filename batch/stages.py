@@ -31,7 +31,7 @@ META_PREFIX = "_"
 @dataclass
 class StageResult:
     good: DataFrame  # rows kept (transformed), without `_dq`
-    quarantine_rows: list[tuple] = field(default_factory=list)  # QUARANTINE_SCHEMA rows
+    quarantine_rows: list[tuple] = field(default_factory=list)  # QUARANTINE_ARROW rows
     report: StageReport | None = None
 
 
@@ -101,4 +101,4 @@ def _quarantine_rows(bad: DataFrame, table: Table, stage: str, batch_id: int) ->
 
 
 def write_quarantine(spark: SparkSession, project: Project, rows: list[tuple]) -> None:
-    append_quarantine(spark, project.path("quarantine"), rows)
+    append_quarantine(project.path("quarantine"), rows)

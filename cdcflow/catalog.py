@@ -53,7 +53,7 @@ SYMLINK_OUTPUT = "org.apache.hadoop.hive.ql.io.HiveIgnoreKeyTextOutputFormat"
 MANIFEST_DIR = "_symlink_format_manifest"
 SPECTRUM_SUFFIX = "_spectrum"
 
-# cdcflow.cdc.bronze.bronze_rows (partitioned by table, date) and cdcflow.cdc.quarantine.QUARANTINE_SCHEMA.
+# cdcflow.cdc.bronze.bronze_rows (partitioned by table, date) and cdcflow.cdc.quarantine.QUARANTINE_ARROW.
 BRONZE_COLUMNS = {
     "record_type": "string", "op": "string", "data": "map<string,string>", "before": "map<string,string>",
     "commit_ts": "timestamp", "transaction_id": "string", "transaction_record_id": "string",

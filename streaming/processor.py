@@ -3,9 +3,10 @@
 Shared by every source (Python Kinesis source, Glue's Kinesis source, replay files): the source
 only provides `payload` (the DMS JSON text), `source_position` and `arrival_ts`.
 
-Exactly once: bronze and quarantine appends carry Delta's idempotent-write options (txnAppId +
-txnVersion = batch id), so a batch re-run after a crash is skipped there; silver MERGEs are guarded
-by sequence, so re-applying a batch changes nothing.
+Exactly once: bronze and quarantine appends carry Delta's idempotent-write transaction (app id +
+version = batch id; Spark's txnAppId / txnVersion for bronze, delta-rs's app transaction for
+quarantine), so a batch re-run after a crash is skipped there; silver MERGEs are guarded by
+sequence, so re-applying a batch changes nothing.
 """
 
 from __future__ import annotations
@@ -434,7 +435,7 @@ class BatchProcessor:
     def _append_quarantine(self, rows: list[tuple], batch_id: int) -> None:
         now = datetime.now()
         rows = [(*r, batch_id, now) for r in rows]
-        append_quarantine(self.spark, self.quarantine_path, rows, txn=(f"{self.app_id}-quarantine", batch_id))
+        append_quarantine(self.quarantine_path, rows, txn=(f"{self.app_id}-quarantine", batch_id))
 
     def _append_bronze(self, norm: DataFrame, batch_id: int) -> None:
         """Every consumed record, masked, partitioned by table and date, for audit and replay."""

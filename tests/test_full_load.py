@@ -217,10 +217,10 @@ def test_full_load_from_s3_stages_one_table_at_a_time_and_archives_in_the_bucket
     staged_tables: list[set[str]] = []
     real_merge = full_load.apply.merge
 
-    def watching_merge(spark, path, changes, shape, rejected=None):
+    def watching_merge(*args, **kwargs):
         # staging/<mkdtemp>/<schema>/<table>/...
         staged_tables.append({p.relative_to(staging).parts[2] for p in staging.rglob("*.parquet")})
-        return real_merge(spark, path, changes, shape, rejected)
+        return real_merge(*args, **kwargs)
 
     monkeypatch.setattr(full_load.apply, "merge", watching_merge)
     result = run_full_load(spark, project)

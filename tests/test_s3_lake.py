@@ -119,11 +119,14 @@ def test_sample_pipeline_on_an_s3_lake_with_a_kill_9_and_compaction_beside_the_s
     for name, t in project.tables.items():
         project.tables[name] = dataclasses.replace(t, compaction=CompactionThresholds(min_small_files=1,
                                                                                        small_file_share=0))
+    killed = silver_commits(project)
     restarted = stream_cli(run, metrics)
+    # The passes start once the restart commits (its JVM takes a while to start): they overlap its commits.
+    wait_for(lambda: restarted.poll() is not None or silver_commits(project) != killed, poll=0.5)
     passes = []
-    # A few passes beside the stream, not one after another until it ends: each pass rewrites every
-    # table and takes CPU from the stream, so an unbounded loop made the restart (and the test) minutes longer.
-    while restarted.poll() is None and len(passes) < 4:
+    # Two passes beside the stream, not one after another until it ends: each pass rewrites every table
+    # and takes CPU from the stream, so an unbounded loop made the restart (and the test) minutes longer.
+    while restarted.poll() is None and len(passes) < 2:
         passes.append(compact(spark, project))
     out, _ = restarted.communicate(timeout=900)
     assert restarted.returncode == 0, out[-3000:]

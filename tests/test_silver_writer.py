@@ -69,6 +69,12 @@ def test_auto_leaves_tables_with_features_delta_rs_does_not_write_to_spark(spark
     dv = replace(table, delta_properties={"delta.enableDeletionVectors": "true"})
     assert apply.silver_writer(path, dv) == ("spark", None)
     assert apply.silver_writer(path, replace(table, writer="spark")) == ("spark", None)
+    # changes read from more files than the driver should collect (a big table's full load) go to Spark,
+    # unless the table is pinned to delta-rs
+    big = apply.DELTA_RS_MAX_SOURCE_BYTES + 1
+    assert apply.silver_writer(path, table, source_bytes=big) == ("spark", None)
+    assert apply.silver_writer(path, table, source_bytes=big - 1)[0] == "delta-rs"
+    assert apply.silver_writer(path, replace(table, writer="delta-rs"), source_bytes=big)[0] == "delta-rs"
     # a table whose protocol has a writer feature delta-rs lacks (deletion vectors on an existing table)
     spark.sql(f"CREATE TABLE delta.`{path}` (product_id BIGINT) USING delta "
               "TBLPROPERTIES ('delta.enableDeletionVectors' = 'true')")

@@ -148,19 +148,20 @@ class Applied:
 
 
 def merge(spark: SparkSession, path: str, changes: DataFrame, shape: TableShape,
-          rejected: DataFrame | None = None) -> Applied:
+          rejected: DataFrame | None = None, source_bytes: int = 0) -> Applied:
     """Collapse `changes` (key, output columns, _op, _seq, _commit_ts) and MERGE them into silver.
 
     `rejected`: the same records' rows that can't be applied (REJECTED columns), collected in the
-    same Spark job as the changes when delta-rs commits, so a small table costs one job."""
+    same Spark job as the changes when delta-rs commits, so a small table costs one job.
+    `source_bytes`: the size of the files the changes come from, when known (the full load)."""
     src = collapse(changes, shape)
     if "_partial" not in src.columns:
         src = src.withColumn("_partial", F.lit(False))
     src = src.withColumn("_ingested_at", F.current_timestamp())
-    writer, table = silver_writer(path, shape.table)
+    writer, table = silver_writer(path, shape.table, source_bytes)
     if table is not None and _evolves(table, shape):
         ensure_silver(spark, path, shape)  # rare (schema drift): adds / widens columns through Spark
-        writer, table = silver_writer(path, shape.table)  # widening may add a feature delta-rs can't write
+        writer, table = silver_writer(path, shape.table, source_bytes)  # widening may add a feature delta-rs can't write
     if writer == "delta-rs":
         return Applied(writer, _merge_delta_rs(spark, path, table, src, shape, rejected))
     bad = rejected.collect() if rejected is not None else []
@@ -195,14 +196,22 @@ def spark_commits(table: Table) -> bool:
         table.writer == "auto" and table.delta_properties.get("delta.enableDeletionVectors") == "true")
 
 
-def silver_writer(path: str, table: Table):
+# delta-rs takes the changes on the driver (one Arrow collect through the 2 GB driver heap): changes
+# read from more Parquet than this (a big table's full load) go to Spark, which writes them from its
+# tasks. 1M rows of shop.customers are 40 MB of Parquet and 137 MB of Arrow; their collect ran the
+# driver out of heap once in two runs.
+DELTA_RS_MAX_SOURCE_BYTES = 16 * 1024 * 1024
+
+
+def silver_writer(path: str, table: Table, source_bytes: int = 0):
     """("delta-rs", its open table or None before the first write) or ("spark", None).
 
     `writer: auto` picks delta-rs while silver is at most `delta_rs_max_table_mb` and uses only
     features delta-rs writes: a small MERGE costs it ~15-50 ms against ~0.7 s (9.5 Spark jobs) in
     Spark; above the size, Spark's distributed rewrite wins (docs/design.md, "Silver writer").
+    Changes from more than DELTA_RS_MAX_SOURCE_BYTES of files (`source_bytes`) go to Spark too.
     """
-    if spark_commits(table):
+    if spark_commits(table) or (table.writer == "auto" and source_bytes > DELTA_RS_MAX_SOURCE_BYTES):
         return "spark", None
     try:
         rs = rs_table(path)
