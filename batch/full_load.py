@@ -288,7 +288,8 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
                 good, bad = typed_changes(norm, shape, salt, absent_order(df, ts_column))
                 batch_id = next_batch.get(name, 0)
                 bronze = bronze_rows(norm, project, salt, batch_id, feed="full_load", table=table)
-                append_bronze(bronze, bronze_path)
+                counts = [_parquet_rows(p) for p in local_paths]
+                append_bronze(bronze, bronze_path, sum(counts))
                 next_batch[name] = batch_id + 1
                 source_bytes = sum(os.path.getsize(p) for p in local_paths)
                 bad_rows = apply.merge(spark, path, good, shape, bad, source_bytes=source_bytes).rejected
@@ -298,7 +299,6 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
                 if catalogued.get(name) != columns:
                     sync_silver_table(project, name, columns, catalog_alerts)
                     catalogued[name] = columns
-                counts = [_parquet_rows(p) for p in local_paths]
                 _record(spark, project, manifest_path, name, group, counts, bad_rows)
                 result.files += len(group)
                 result.rows += sum(counts)

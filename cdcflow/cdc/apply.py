@@ -244,6 +244,29 @@ def rs_table(path: str):
     return RsTable(rs_uri(path), storage_options=rs_options(path))
 
 
+def rs_append(path: str, data: pa.Table, configuration: dict[str, str], partition_by: list[str] | None = None,
+              txn: tuple[str, int] | None = None) -> None:
+    """Append `data` by delta-rs (`configuration`: properties a new table is created with). `txn` =
+    (app id, version) makes it idempotent: skipped when the table already holds that version of the
+    app, as Delta's txnAppId / txnVersion writer options do in Spark (the same `txn` log action, so
+    either engine sees the other's). One writer per app id (one stream), so the check and the commit
+    need no lock between them."""
+    from deltalake import CommitProperties, Transaction, write_deltalake
+
+    if txn is not None:
+        try:
+            held = rs_table(path).transaction_version(txn[0])
+        except Exception as e:  # noqa: BLE001 - only a missing table means "nothing held"
+            if type(e).__name__ != "TableNotFoundError":
+                raise
+            held = None
+        if held is not None and held >= txn[1]:
+            return
+    commit = CommitProperties(app_transactions=[Transaction(txn[0], txn[1])]) if txn is not None else None
+    write_deltalake(rs_uri(path), data, mode="append", partition_by=partition_by, configuration=configuration,
+                    storage_options=rs_options(path), commit_properties=commit)
+
+
 def _collect_with_rejected(rows: DataFrame, rejected: DataFrame | None) -> tuple[pa.Table, list]:
     """(rows, rejected rows) from one Spark job: both sides of a union, told apart by `_rule`."""
     if rejected is None:

@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 from cdcflow.cdc.changes import VALUES
 from cdcflow.cdc.masking import PREHASHED, mask_column, masked_data_map
 from cdcflow.config import Project, Table
-from cdcflow.runtime import new_table_options
+from cdcflow.runtime import new_table_options, to_arrow
 
 FEEDS = ("stream", "full_load")
 
@@ -66,13 +66,25 @@ def bronze_rows(norm: DataFrame, project: Project, salt: str, batch_id: int, fee
     )
 
 
-def append_bronze(rows: DataFrame, path: str, txn: tuple[str, int] | None = None) -> None:
-    """Append; `txn` = (txnAppId, txnVersion) makes the append idempotent (a re-run is skipped).
+# Up to this many records, a bronze append is one Arrow collect (a few hundred bytes a record through
+# the driver) and a delta-rs commit: 0.15-0.25 s for 300 records against 1.4-5 s for Spark's append
+# (2026-12-03, docs/design.md "Bronze"). More go through Spark, which writes from its tasks.
+BRONZE_DRIVER_MAX_RECORDS = 50_000
 
-    No shuffle by (table, date) first: each task writes its own file per (table, date) it holds, so
-    a micro-batch leaves up to one file per input partition in each (table, date) rather than one,
-    and `cdcflow compact` bin-packs them. Shuffling every record (map columns included) cost about
-    1 s of a 25k-record batch."""
+
+def append_bronze(rows: DataFrame, path: str, records: int, txn: tuple[str, int] | None = None) -> None:
+    """Append `records` bronze rows; `txn` = (app id, version) makes the append idempotent (a re-run
+    is skipped), by either engine.
+
+    Spark's append doesn't shuffle by (table, date) first: each task writes its own file per (table,
+    date) it holds, so a micro-batch leaves up to one file per input partition in each (table, date)
+    rather than one, and `cdcflow compact` bin-packs them. Shuffling every record (map columns
+    included) cost about 1 s of a 25k-record batch."""
+    from cdcflow.cdc.apply import rs_append
+
+    if records <= BRONZE_DRIVER_MAX_RECORDS:
+        rs_append(path, to_arrow(rows), new_table_options("bronze"), partition_by=["table", "date"], txn=txn)
+        return
     w = rows.write.format("delta").mode("append").partitionBy("table", "date").options(**new_table_options("bronze"))
     if txn is not None:
         w = w.option("txnAppId", txn[0]).option("txnVersion", txn[1])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pyarrow as pa
 
 from cdcflow.runtime import new_table_options
-from cdcflow.storage import rs_options
 
 QUARANTINE_ARROW = pa.schema([
     ("table", pa.string()), ("rule", pa.string()), ("reason", pa.string()), ("source_position", pa.string()),
@@ -16,30 +15,14 @@ QUARANTINE_ARROW = pa.schema([
 
 def append_quarantine(path: str, rows: list[tuple], txn: tuple[str, int] | None = None) -> None:
     """Append QUARANTINE_ARROW rows (naive times are UTC); `txn` = (app id, version) makes the append
-    idempotent: it is skipped when the table already holds that version of the app, as Delta's
-    txnAppId / txnVersion writer options do.
+    idempotent (`apply.rs_append`). delta-rs commits it, with the lake's commit protocol
+    (cdcflow.storage): a few ms, where a Spark append cost 0.3-0.6 s per micro-batch or file group."""
+    from cdcflow.cdc.apply import rs_append
 
-    delta-rs commits it, with the lake's commit protocol (cdcflow.storage): a few ms, where a Spark
-    append cost 0.3-0.6 s per micro-batch or file group. One writer per app id (one stream), so the
-    check and the append need no lock between them."""
-    from deltalake import CommitProperties, Transaction, write_deltalake
-    from deltalake.exceptions import TableNotFoundError
-
-    from cdcflow.cdc.apply import rs_table, rs_uri
-
-    if not rows:
-        return
-    if txn is not None:
-        try:
-            held = rs_table(path).transaction_version(txn[0])
-        except TableNotFoundError:
-            held = None
-        if held is not None and held >= txn[1]:
-            return
-    data = pa.Table.from_pylist([dict(zip(QUARANTINE_ARROW.names, r, strict=True)) for r in rows], QUARANTINE_ARROW)
-    commit = CommitProperties(app_transactions=[Transaction(txn[0], txn[1])]) if txn is not None else None
-    write_deltalake(rs_uri(path), data, mode="append", configuration=new_table_options("quarantine"),
-                    storage_options=rs_options(path), commit_properties=commit)
+    if rows:
+        data = pa.Table.from_pylist([dict(zip(QUARANTINE_ARROW.names, r, strict=True)) for r in rows],
+                                    QUARANTINE_ARROW)
+        rs_append(path, data, new_table_options("quarantine"), txn=txn)
 
 
 def by_rule(counts: dict[str, int]) -> str:
