@@ -10,6 +10,7 @@ Two feeds write it, each with its own increasing `batch_id`:
 
 from __future__ import annotations
 
+import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -72,9 +73,16 @@ def bronze_rows(norm: DataFrame, project: Project, salt: str, batch_id: int, fee
 BRONZE_DRIVER_MAX_RECORDS = 50_000
 
 
-def append_bronze(rows: DataFrame, path: str, records: int, txn: tuple[str, int] | None = None) -> None:
-    """Append `records` bronze rows; `txn` = (app id, version) makes the append idempotent (a re-run
-    is skipped), by either engine.
+def append_bronze(rows: DataFrame, path: str, records: int | None = None, txn: tuple[str, int] | None = None) -> None:
+    """Append bronze rows: up to BRONZE_DRIVER_MAX_RECORDS `records` (the full load's file groups)
+    through delta-rs, else (and without `records`: the stream) through Spark. `txn` = (app id,
+    version) makes the append idempotent (a re-run is skipped).
+
+    Every column goes to delta-rs as nullable: Spark marks `data` of a full load's rows NOT NULL (a
+    map built column by column), and a table delta-rs created with that schema refused the stream's
+    malformed records (null `data`) later, in Spark (DELTA_NOT_NULL_CONSTRAINT_VIOLATED) and in
+    delta-rs (a panic in arrow-data). The stream stays on Spark for now: its delta-rs append met that
+    panic before the cause was found, and it has not been tried again since.
 
     Spark's append doesn't shuffle by (table, date) first: each task writes its own file per (table,
     date) it holds, so a micro-batch leaves up to one file per input partition in each (table, date)
@@ -82,8 +90,10 @@ def append_bronze(rows: DataFrame, path: str, records: int, txn: tuple[str, int]
     included) cost about 1 s of a 25k-record batch."""
     from cdcflow.cdc.apply import rs_append
 
-    if records <= BRONZE_DRIVER_MAX_RECORDS:
-        rs_append(path, to_arrow(rows), new_table_options("bronze"), partition_by=["table", "date"], txn=txn)
+    if records is not None and records <= BRONZE_DRIVER_MAX_RECORDS:
+        data = to_arrow(rows)
+        data = data.cast(pa.schema([f.with_nullable(True) for f in data.schema]))
+        rs_append(path, data, new_table_options("bronze"), partition_by=["table", "date"], txn=txn)
         return
     w = rows.write.format("delta").mode("append").partitionBy("table", "date").options(**new_table_options("bronze"))
     if txn is not None:
