@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pyarrow as pa
 from delta.tables import DeltaTable
-from deltalake import write_deltalake
 from deltalake.exceptions import TableNotFoundError
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -36,7 +35,6 @@ from cdcflow.cdc.sequence import S3_ORDERING
 from cdcflow.config import Project, Table
 from cdcflow.metrics import MetricsSink
 from cdcflow.runtime import new_table_options, read_delta
-from cdcflow.storage import rs_options
 from cdcflow.transform_check import require_valid_transforms
 
 LOAD_FILE = re.compile(r"(^|/)(SEGMENT\d+_)?LOAD[0-9A-F]{8}\.parquet$")
@@ -299,7 +297,7 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
                 if catalogued.get(name) != columns:
                     sync_silver_table(project, name, columns, catalog_alerts)
                     catalogued[name] = columns
-                _record(spark, project, manifest_path, name, group, counts, bad_rows)
+                _record(project, manifest_path, name, group, counts, bad_rows)
                 result.files += len(group)
                 result.rows += sum(counts)
                 result.quarantined += len(bad_rows)
@@ -363,7 +361,7 @@ def _parquet_rows(local_path: str) -> int:
     return pq.ParquetFile(local_path).metadata.num_rows
 
 
-def _record(spark: SparkSession, project: Project, manifest_path: str, name: str, group: list[FileRef],
+def _record(project: Project, manifest_path: str, name: str, group: list[FileRef],
             counts: list[int], bad_rows: list) -> None:
     """Quarantine the group's bad rows, then record its files in the manifest."""
     now = datetime.now(UTC)
@@ -372,5 +370,4 @@ def _record(spark: SparkSession, project: Project, manifest_path: str, name: str
     append_quarantine(project.path("quarantine"), q)
     rows = [{"table": name, "file": ref.rel, "kind": ref.kind, "rows": n, "applied_at": now}
             for ref, n in zip(group, counts, strict=True)]
-    write_deltalake(apply.rs_uri(manifest_path), pa.Table.from_pylist(rows, MANIFEST_SCHEMA), mode="append",
-                    configuration=new_table_options("manifest"), storage_options=rs_options(manifest_path))
+    apply.rs_append(manifest_path, pa.Table.from_pylist(rows, MANIFEST_SCHEMA), new_table_options("manifest"))
