@@ -28,8 +28,12 @@ BUCKET = "cdcflow-s3-lake"
 
 
 def s3_env(run: str) -> dict[str, str]:
+    # The stream reads the test's ~200 changes in several micro-batches (40 records per shard each), so
+    # its bronze appends (delta-rs: one file per table and date a batch) leave partitions with several
+    # files for the compaction passes beside it to rewrite.
     return {"CDCFLOW_LAKE_ROOT": f"s3://{BUCKET}/{run}/lake", "CDCFLOW_CHECKPOINT_ROOT": f"s3a://{BUCKET}/{run}/ck",
-            "CDCFLOW_STREAM": f"s3-lake-{run}", "CDCFLOW_RAW_URI": f"s3://{BUCKET}/{run}/dms"}
+            "CDCFLOW_STREAM": f"s3-lake-{run}", "CDCFLOW_RAW_URI": f"s3://{BUCKET}/{run}/dms",
+            "CDCFLOW_KINESIS_MAX_RECORDS_PER_SHARD": "40"}
 
 
 def s3_project(run: str, schema: str | None = None):
@@ -114,8 +118,8 @@ def test_sample_pipeline_on_an_s3_lake_with_a_kill_9_and_compaction_beside_the_s
     assert logged - done, "the kill should land inside a batch"
 
     # The restart re-runs the killed batch while `compact` passes (this process) rewrite the same S3
-    # tables: silver by delta-rs and bronze / quarantine by Spark, against the stream's delta-rs and
-    # Spark commits. Every table qualifies for a rewrite on every pass (its few files are all small).
+    # tables: silver by delta-rs and bronze / quarantine by Spark, against the stream's delta-rs commits.
+    # Every table qualifies for a rewrite on every pass (its few files are all small).
     for name, t in project.tables.items():
         project.tables[name] = dataclasses.replace(t, compaction=CompactionThresholds(min_small_files=1,
                                                                                        small_file_share=0))

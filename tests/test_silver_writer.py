@@ -44,6 +44,10 @@ def test_writers_take_turns_on_one_table_by_size_and_config(spark, tmp_path: Pat
 
     got = run_batch(spark, project, 0, [record("customers", "insert", cust(i), T(1), 1, i) for i in (1, 2, 3)])
     assert got[name].writer == "delta-rs"  # a new table: delta-rs writes it
+    # only the key is NOT NULL, as when Spark creates silver (Spark's NOT NULL flags on computed
+    # columns would make a later null, a tombstone's or a dropped column's, fail the commit)
+    schema = spark.read.format("delta").load(path).schema
+    assert [f.name for f in schema.fields if not f.nullable] == ["customer_id"]
 
     project.tables[name] = replace(table, delta_rs_max_table_mb=0)  # now "too big" for delta-rs
     got = run_batch(spark, project, 1, [record("customers", "update", cust(1, full_name="B"), T(2), 2, 1),

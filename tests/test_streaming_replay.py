@@ -88,8 +88,12 @@ def test_simulated_history_with_every_fault_verifies_against_oracle(spark, tmp_p
 
 
 @pytest.mark.glue_compat
-def test_rerunning_a_batch_after_a_crash_is_exactly_once(spark, tmp_path: Path):
-    """A batch re-run (crash after the Delta commits, before the checkpoint) changes nothing."""
+def test_rerunning_a_batch_after_a_crash_is_exactly_once(spark, tmp_path: Path, monkeypatch):
+    """A batch re-run (crash after the Delta commits, before the checkpoint) changes nothing, whichever
+    engine appended bronze: the first run's Spark append (as a big batch's) records the batch as an
+    app transaction, which the re-run's delta-rs append (a small batch's) finds and skips."""
+    from cdcflow.cdc import bronze
+
     project = project_in(tmp_path)
     sim = tmp_path / "sim"
     simulate_to(project, sim, events=150, duplicate_rate=0.05, malformed_json_rate=0.02)
@@ -98,7 +102,11 @@ def test_rerunning_a_batch_after_a_crash_is_exactly_once(spark, tmp_path: Path):
     from streaming.sources import from_replay
 
     proc = BatchProcessor(spark, project)
-    proc.process(from_replay(raw), 0)
+    with monkeypatch.context() as m:
+        m.setattr(bronze, "BRONZE_DRIVER_MAX_RECORDS", 0)  # every batch is "big": Spark appends bronze
+        proc.process(from_replay(raw), 0)
+    engine = spark.sql(f"DESCRIBE HISTORY delta.`{project.path('bronze')}`").first()["engineInfo"] or ""
+    assert "Spark" in engine
 
     def snapshot():
         out = {}

@@ -294,6 +294,10 @@ def _merge_delta_rs(spark: SparkSession, path: str, rs, src: DataFrame, shape: T
     if rs is None:
         rows, bad = _collect_with_rejected(first_rows(src, shape), rejected)
         t = shape.table
+        # The key NOT NULL and nothing else, as when Spark (`ensure_silver`) or `merge_rows` creates
+        # silver, whatever nullability the collect carries (a NOT NULL data column would refuse a later
+        # tombstone's or dropped column's nulls; bronze met that with delta-rs, design.md "Bronze").
+        rows = rows.cast(pa.schema([f.with_nullable(f.name not in t.primary_key) for f in rows.schema]))
         write_deltalake(rs_uri(path), rows, mode="append", partition_by=t.cfg.delta.partition_by or None,
                         configuration=silver_options(t), storage_options=rs_options(path))
         return bad

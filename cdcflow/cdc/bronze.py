@@ -74,15 +74,14 @@ BRONZE_DRIVER_MAX_RECORDS = 50_000
 
 
 def append_bronze(rows: DataFrame, path: str, records: int | None = None, txn: tuple[str, int] | None = None) -> None:
-    """Append bronze rows: up to BRONZE_DRIVER_MAX_RECORDS `records` (the full load's file groups)
-    through delta-rs, else (and without `records`: the stream) through Spark. `txn` = (app id,
-    version) makes the append idempotent (a re-run is skipped).
+    """Append bronze rows: up to BRONZE_DRIVER_MAX_RECORDS `records` (a stream micro-batch, a full
+    load's file group) through delta-rs, else (or without `records`) through Spark. `txn` = (app id,
+    version) makes the append idempotent (a re-run is skipped, whichever engine wrote the first run).
 
     Every column goes to delta-rs as nullable: Spark marks `data` of a full load's rows NOT NULL (a
     map built column by column), and a table delta-rs created with that schema refused the stream's
     malformed records (null `data`) later, in Spark (DELTA_NOT_NULL_CONSTRAINT_VIOLATED) and in
-    delta-rs (a panic in arrow-data). The stream stays on Spark for now: its delta-rs append met that
-    panic before the cause was found, and it has not been tried again since.
+    delta-rs (a panic in arrow-data).
 
     Spark's append doesn't shuffle by (table, date) first: each task writes its own file per (table,
     date) it holds, so a micro-batch leaves up to one file per input partition in each (table, date)
