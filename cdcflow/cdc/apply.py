@@ -253,17 +253,18 @@ def rs_append(path: str, data: pa.Table, configuration: dict[str, str], partitio
     need no lock between them."""
     from deltalake import CommitProperties, Transaction, write_deltalake
 
+    target = rs_uri(path)
     if txn is not None:
         try:
-            held = rs_table(path).transaction_version(txn[0])
+            target = rs_table(path)  # the append reuses this read of the log (one per micro-batch on S3)
         except Exception as e:  # noqa: BLE001 - only a missing table means "nothing held"
             if type(e).__name__ != "TableNotFoundError":
                 raise
-            held = None
+        held = None if isinstance(target, str) else target.transaction_version(txn[0])
         if held is not None and held >= txn[1]:
             return
     commit = CommitProperties(app_transactions=[Transaction(txn[0], txn[1])]) if txn is not None else None
-    write_deltalake(rs_uri(path), data, mode="append", partition_by=partition_by, configuration=configuration,
+    write_deltalake(target, data, mode="append", partition_by=partition_by, configuration=configuration,
                     storage_options=rs_options(path), commit_properties=commit)
 
 
