@@ -44,8 +44,8 @@ def test_writers_take_turns_on_one_table_by_size_and_config(spark, tmp_path: Pat
 
     got = run_batch(spark, project, 0, [record("customers", "insert", cust(i), T(1), 1, i) for i in (1, 2, 3)])
     assert got[name].writer == "delta-rs"  # a new table: delta-rs writes it
-    # only the key is NOT NULL, as when Spark creates silver (Spark's NOT NULL flags on computed
-    # columns would make a later null, a tombstone's or a dropped column's, fail the commit)
+    # the key NOT NULL and nothing else, as when Spark creates silver (the collect carries no flags of
+    # its own here; a NOT NULL data column would refuse a later tombstone's or dropped column's nulls)
     schema = spark.read.format("delta").load(path).schema
     assert [f.name for f in schema.fields if not f.nullable] == ["customer_id"]
 
