@@ -116,15 +116,16 @@ def _files(spark: SparkSession, path: str) -> tuple[int, int]:
 
 
 @_retry
-def optimize(spark: SparkSession, path: str, zorder: list[str], target_mb: int, where: str | None = None) -> None:
+def optimize(spark: SparkSession, path: str, zorder: list[str], target_mb: int, where: str | None = None) -> tuple[int, int]:
+    """OPTIMIZE (or Z-ORDER); (files removed, bytes removed) from its own metrics: a partition of one
+    file, or files another writer compacted first, are left as they are and count 0."""
     spark.conf.set("spark.databricks.delta.optimize.maxFileSize", str(target_mb * MB))
     builder = DeltaTable.forPath(spark, path).optimize()
     if where:
         builder = builder.where(where)
-    if zorder:
-        builder.executeZOrderBy(*zorder)
-    else:
-        builder.executeCompaction()
+    result = builder.executeZOrderBy(*zorder) if zorder else builder.executeCompaction()
+    m = result.first()["metrics"]
+    return int(m["numFilesRemoved"]), int(m["filesRemoved"]["totalSize"] or 0)
 
 
 @_retry
@@ -459,8 +460,7 @@ def _compact_silver(spark: SparkSession, path: str, t, now: datetime, vacuum_hou
             r.files_before, r.bytes_before = _files(spark, path)
         if t.deletes == "hard":
             r.tombstones_removed = gc_tombstones(spark, path, t.tombstone_retention_hours, now)
-        optimize(spark, path, zorder, t.target_file_size_mb)
-        r.files_removed, r.bytes_rewritten = r.files_before, r.bytes_before
+        r.files_removed, r.bytes_rewritten = optimize(spark, path, zorder, t.target_file_size_mb)
         vacuum(spark, path, vacuum_hours)
     r.vacuumed = True
     after = (log_files(path) or {}).get((), None)
@@ -496,11 +496,11 @@ def _compact_appended(spark: SparkSession, project: Project, name: str, partitio
                 yield r, started
                 continue
             where = " AND ".join(f"`{c}` = '{v}'" for c, v in zip(partitioned, key, strict=True)) or None
-            optimize(spark, path, [], target, where)
+            r.files_removed, r.bytes_rewritten = optimize(spark, path, [], target, where)
             rewritten = True
             after = (log_files(path, partitioned) or {}).get(key, Files(()))
             r.files_after, r.bytes_after = len(after.sizes), sum(after.sizes)
-            r.files_removed, r.bytes_rewritten, r.action = r.files_before, r.bytes_before, "compacted"
+            r.action = "compacted"
             yield r, started
         if rewritten:
             vacuum(spark, path, vacuum_hours)
