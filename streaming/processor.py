@@ -122,6 +122,7 @@ class BatchProcessor:
                 F.countDistinct("_record_hash").alias("distinct"),
                 F.sum(late.cast("int")).alias("late"),
                 F.max("_commit_ts").alias("max_ts"),
+                F.sum("_payload_bytes").alias("bytes"),
             )
             .collect()
         )
@@ -174,7 +175,7 @@ class BatchProcessor:
         # Silver first, bronze after: freshness is the time to silver, and a bronze append running
         # beside the MERGEs shared the CPU with them (on 2 cores silver commits came ~1 s later; the
         # batch took as long). The batch ends only once bronze is written; both appends are idempotent.
-        self._append_bronze(norm, batch_id, sum(r["n"] for r in stats))
+        self._append_bronze(norm, batch_id, sum(r["n"] for r in stats), sum(r["bytes"] or 0 for r in stats))
         self._append_quarantine(quarantine, batch_id)
 
         batch_max = max((r["max_ts"] for r in stats if r["max_ts"] is not None), default=None)
@@ -437,10 +438,11 @@ class BatchProcessor:
         rows = [(*r, batch_id, now) for r in rows]
         append_quarantine(self.quarantine_path, rows, txn=(f"{self.app_id}-quarantine", batch_id))
 
-    def _append_bronze(self, norm: DataFrame, batch_id: int, records: int) -> None:
+    def _append_bronze(self, norm: DataFrame, batch_id: int, records: int, payload_bytes: int) -> None:
         """Every consumed record, masked, partitioned by table and date, for audit and replay."""
         rows = bronze_rows(norm, self.project, self.salt, batch_id, feed="stream")
-        append_bronze(rows, self.bronze_path, records, txn=(f"{self.app_id}-bronze", batch_id))
+        append_bronze(rows, self.bronze_path, records, txn=(f"{self.app_id}-bronze", batch_id),
+                      payload_bytes=payload_bytes)
 
     def _emit_metrics(self, outcomes: list[TableOutcome], batch_id: int, seconds: float) -> None:
         for o in outcomes:

@@ -1,12 +1,13 @@
-"""A process that commits many small appends to one Delta table on S3 (tests/test_s3_lake.py runs two at
-once): `python -m tests.s3_commit_worker ENGINE TABLE WRITER N GATE [LOGSTORE]`.
+"""A process that commits many small appends to one Delta table on S3 (tests/test_s3_lake.py runs
+several at once): `python -m tests.s3_commit_worker ENGINE TABLE WRITER WRITERS N GATE [LOGSTORE]`.
 
-ENGINE is spark or delta-rs. Each append is one row (writer, i) and one commit. The worker writes
-GATE + ".<writer>.ready" once it can commit (a Spark session costs seconds), then waits for GATE to
-exist, so both workers' commits overlap; before its i-th append it waits (up to a minute) for the other
-writer's (i-1)-th, so the two go in step and race for each version whatever each engine's speed (a
-delta-rs append takes milliseconds, a cold Spark one seconds). LOGSTORE (spark only) replaces the log store class for the
-s3/s3a schemes: the test's mutation check runs Delta's default S3SingleDriverLogStore through it.
+ENGINE is spark or delta-rs; WRITER is this worker's letter, WRITERS all the workers' ("abc"). Each
+append is one row (writer, i) and one commit. The worker writes GATE + ".<writer>.ready" once it can
+commit (a Spark session costs seconds), then waits for GATE to exist, so the workers' commits overlap;
+before its i-th append it waits (up to a minute) for every other writer's (i-1)-th, so they go in step
+and race for each version whatever each engine's speed (a delta-rs append takes milliseconds, a cold
+Spark one seconds). LOGSTORE (spark only) replaces the log store class for the s3/s3a schemes: the
+test's mutation check runs Delta's default S3SingleDriverLogStore through it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 
-def main(engine: str, table: str, writer: str, n: int, gate: str, logstore: str | None = None) -> int:
+def main(engine: str, table: str, writer: str, writers: str, n: int, gate: str, logstore: str | None = None) -> int:
     from cdcflow.config import load_project
 
     load_project("configs")  # the lake's S3 settings (endpoint, credentials) from the environment's config
@@ -52,10 +53,10 @@ def main(engine: str, table: str, writer: str, n: int, gate: str, logstore: str 
     Path(f"{gate}.{writer}.ready").write_text("")
     while not Path(gate).exists():
         time.sleep(0.02)
-    other = "b" if writer == "a" else "a"
+    others = [w for w in writers if w != writer]
     for i in range(n):
         deadline = time.monotonic() + 60
-        while i and not Path(f"{gate}.{other}.{i - 1}").exists() and time.monotonic() < deadline:
+        while i and not all(Path(f"{gate}.{w}.{i - 1}").exists() for w in others) and time.monotonic() < deadline:
             time.sleep(0.01)
         append(i)
         Path(f"{gate}.{writer}.{i}").write_text("")
@@ -65,4 +66,4 @@ def main(engine: str, table: str, writer: str, n: int, gate: str, logstore: str 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    sys.exit(main(args[0], args[1], args[2], int(args[3]), args[4], args[5] if len(args) > 5 else None))
+    sys.exit(main(args[0], args[1], args[2], args[3], int(args[4]), args[5], args[6] if len(args) > 6 else None))

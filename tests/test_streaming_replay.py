@@ -103,7 +103,7 @@ def test_rerunning_a_batch_after_a_crash_is_exactly_once(spark, tmp_path: Path, 
 
     proc = BatchProcessor(spark, project)
     with monkeypatch.context() as m:
-        m.setattr(bronze, "BRONZE_DRIVER_MAX_RECORDS", 0)  # every batch is "big": Spark appends bronze
+        m.setattr(bronze, "BRONZE_DRIVER_MAX_BYTES", 0)  # every batch is "big": Spark appends bronze
         proc.process(from_replay(raw), 0)
     engine = spark.sql(f"DESCRIBE HISTORY delta.`{project.path('bronze')}`").first()["engineInfo"] or ""
     assert "Spark" in engine

@@ -67,16 +67,28 @@ def bronze_rows(norm: DataFrame, project: Project, salt: str, batch_id: int, fee
     )
 
 
-# Up to this many records, a bronze append is one Arrow collect (a few hundred bytes a record through
-# the driver) and a delta-rs commit: 0.15-0.25 s for 300 records against 1.4-5 s for Spark's append
-# (2026-12-03, docs/design.md "Bronze"). More go through Spark, which writes from its tasks.
+# A bronze append is one Arrow collect through the driver and a delta-rs commit when the batch is
+# small enough for the 2 GB driver: 0.15-0.25 s for 300 records against 1.4-5 s for Spark's append
+# (2026-12-03), and about half Spark's time per record at 80-140k records (docs/design.md "Bronze").
+# A stream's micro-batch is bounded by its DMS JSON bytes (bronze's masked rows are about that size);
+# a full load's file group, whose size as text is unknown, by its records. Bigger ones go through
+# Spark, which writes from its tasks.
+BRONZE_DRIVER_MAX_BYTES = 128 << 20
 BRONZE_DRIVER_MAX_RECORDS = 50_000
 
 
-def append_bronze(rows: DataFrame, path: str, records: int | None = None, txn: tuple[str, int] | None = None) -> None:
-    """Append bronze rows: up to BRONZE_DRIVER_MAX_RECORDS `records` (a stream micro-batch, a full
-    load's file group) through delta-rs, else (or without `records`) through Spark. `txn` = (app id,
-    version) makes the append idempotent (a re-run is skipped, whichever engine wrote the first run).
+def through_driver(records: int | None, payload_bytes: int | None) -> bool:
+    if payload_bytes is not None:
+        return payload_bytes <= BRONZE_DRIVER_MAX_BYTES
+    return records is not None and records <= BRONZE_DRIVER_MAX_RECORDS
+
+
+def append_bronze(rows: DataFrame, path: str, records: int | None = None, txn: tuple[str, int] | None = None,
+                  payload_bytes: int | None = None) -> None:
+    """Append bronze rows: a batch under the driver bound (`through_driver`: the stream's DMS JSON
+    `payload_bytes`, or a full load's `records`) through delta-rs, else (or with neither) through
+    Spark. `txn` = (app id, version) makes the append idempotent (a re-run is skipped, whichever
+    engine wrote the first run).
 
     Every column goes to delta-rs as nullable: Spark marks `data` of a full load's rows NOT NULL (a
     map built column by column), and a table delta-rs created with that schema refused the stream's
@@ -89,7 +101,7 @@ def append_bronze(rows: DataFrame, path: str, records: int | None = None, txn: t
     included) cost about 1 s of a 25k-record batch."""
     from cdcflow.cdc.apply import rs_append
 
-    if records is not None and records <= BRONZE_DRIVER_MAX_RECORDS:
+    if through_driver(records, payload_bytes):
         data = to_arrow(rows)
         data = data.cast(pa.schema([f.with_nullable(True) for f in data.schema]))
         rs_append(path, data, new_table_options("bronze"), partition_by=["table", "date"], txn=txn)

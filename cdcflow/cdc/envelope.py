@@ -7,7 +7,8 @@ Normalized columns (all sources):
   _control (control JSON text), _source_position, _arrival_ts, _problem (rule name or null),
   _record_hash (identifies a delivered record: redeliveries of one change share it).
 Kinesis JSON (the stream) also: _prehashed array<string>, the columns whose values the source hashed
-already (an archive line's; null for Kinesis: cdcflow.cdc.masking).
+already (an archive line's; null for Kinesis: cdcflow.cdc.masking), and _payload_bytes, the record's
+size as DMS sent it (what bronze's driver bound counts: cdcflow.cdc.bronze).
 """
 
 from __future__ import annotations
@@ -76,5 +77,6 @@ def parse_kinesis_json(raw: DataFrame, known_tables: list[str], before_field: st
         problem.alias("_problem"),
         F.xxhash64("payload").cast("string").alias("_record_hash"),
         (F.col("prehashed") if "prehashed" in raw.columns else F.lit(None).cast("array<string>")).alias(PREHASHED),
+        F.octet_length("payload").alias("_payload_bytes"),
     )
 
