@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pyarrow as pa
 from delta.tables import DeltaTable
-from deltalake.exceptions import TableNotFoundError
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -228,10 +227,10 @@ def normalize_parquet(df: DataFrame, table: Table, ref: FileRef, ts_column: str)
 
 def _manifest(path: str) -> set[tuple[str, str]]:
     """(table, file) of every applied raw file."""
-    try:
-        held = apply.rs_table(path).to_pyarrow_table(columns=["table", "file"])
-    except TableNotFoundError:
+    table = apply.rs_table_or_none(path)
+    if table is None:
         return set()
+    held = table.to_pyarrow_table(columns=["table", "file"])
     return set(zip(held["table"].to_pylist(), held["file"].to_pylist(), strict=True))
 
 

@@ -35,15 +35,10 @@ def read_silver(spark: Spark, project: Project) -> dict[str, list[dict[str, Any]
 
 def _rs_rows(path: str, columns: list[str] | None = None) -> list[dict[str, Any]]:
     """The table's rows through delta-rs; none when there is no table yet."""
-    from cdcflow.cdc.apply import rs_table
+    from cdcflow.cdc.apply import rs_table_or_none
 
-    try:
-        table = rs_table(path)
-    except Exception as e:
-        if type(e).__name__ == "TableNotFoundError":
-            return []
-        raise
-    return table.to_pyarrow_table(columns=columns).to_pylist()
+    table = rs_table_or_none(path)
+    return table.to_pyarrow_table(columns=columns).to_pylist() if table is not None else []
 
 
 def _spark_rows(spark: SparkSession, path: str) -> list[dict[str, Any]]:

@@ -90,18 +90,15 @@ class BatchProcessor:
         """The newest commit time in bronze, from its files' statistics in the Delta log: a restart used
         to scan every bronze file for it. Spark's aggregate only when a file has no statistics. (Stats
         keep milliseconds; the watermark is minutes behind it and only counts late records.)"""
-        try:
-            adds = pa.table(apply.rs_table(self.bronze_path).get_add_actions(flatten=True))
-        except Exception as e:  # noqa: BLE001 - only a missing table means "no watermark yet"
-            if type(e).__name__ != "TableNotFoundError":
-                raise
+        bronze = apply.rs_table_or_none(self.bronze_path)
+        if bronze is None:
             return None
+        adds = pa.table(bronze.get_add_actions(flatten=True))
         if "max.commit_ts" in adds.column_names and adds["null_count.commit_ts"].null_count == 0:
             newest = pc.max(adds["max.commit_ts"]).as_py()
             # naive local time, as Spark's collect gives the batches' own maxima (compared with it)
             return datetime.fromtimestamp(newest.timestamp()) if newest is not None else None
-        bronze = read_delta(self.spark, self.bronze_path)
-        return bronze.agg(F.max("commit_ts")).first()[0] if bronze is not None else None
+        return read_delta(self.spark, self.bronze_path).agg(F.max("commit_ts")).first()[0]
 
     def _recover_blocked(self) -> dict[str, str]:
         q = read_delta(self.spark, self.quarantine_path)

@@ -244,6 +244,16 @@ def rs_table(path: str):
     return RsTable(rs_uri(path), storage_options=rs_options(path))
 
 
+def rs_table_or_none(path: str):
+    """The delta-rs table at `path`, or None when there is none yet (other errors raise)."""
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        return rs_table(path)
+    except TableNotFoundError:
+        return None
+
+
 def rs_append(path: str, data: pa.Table, configuration: dict[str, str], partition_by: list[str] | None = None,
               txn: tuple[str, int] | None = None) -> None:
     """Append `data` by delta-rs (`configuration`: properties a new table is created with). `txn` =
@@ -253,18 +263,14 @@ def rs_append(path: str, data: pa.Table, configuration: dict[str, str], partitio
     need no lock between them."""
     from deltalake import CommitProperties, Transaction, write_deltalake
 
-    target = rs_uri(path)
+    table = None
     if txn is not None:
-        try:
-            target = rs_table(path)  # the append reuses this read of the log (one per micro-batch on S3)
-        except Exception as e:  # noqa: BLE001 - only a missing table means "nothing held"
-            if type(e).__name__ != "TableNotFoundError":
-                raise
-        held = None if isinstance(target, str) else target.transaction_version(txn[0])
+        table = rs_table_or_none(path)  # the append reuses this read of the log (one per micro-batch on S3)
+        held = table.transaction_version(txn[0]) if table is not None else None
         if held is not None and held >= txn[1]:
             return
     commit = CommitProperties(app_transactions=[Transaction(txn[0], txn[1])]) if txn is not None else None
-    write_deltalake(target, data, mode="append", partition_by=partition_by, configuration=configuration,
+    write_deltalake(table if table is not None else rs_uri(path), data, mode="append", partition_by=partition_by, configuration=configuration,
                     storage_options=rs_options(path), commit_properties=commit)
 
 
