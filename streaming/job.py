@@ -62,8 +62,14 @@ def run_stream(
     tables: dict[str, TableOutcome] = {}
     by_rule: dict[str, dict[str, int]] = {}
 
+    running = {"batch": -1, "busy": False}  # the batch `on_batch` last entered, and whether it is in it
+
     def on_batch(df: DataFrame, batch_id: int) -> None:
-        outcomes = processor.process(df, batch_id)
+        running["batch"], running["busy"] = batch_id, True
+        try:
+            outcomes = processor.process(df, batch_id)
+        finally:
+            running["busy"] = False
         totals["batches"] += 1
         for o in outcomes:
             totals["read"] += o.read
@@ -104,15 +110,32 @@ def run_stream(
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             old[sig] = signal.signal(sig, request_stop)
+
+    def between_batches(status: dict) -> bool:
+        """No batch in flight: the last one `on_batch` entered is committed (a query's progress is
+        reported after its commit). A batch that outlasts the trigger interval is followed at once by the
+        next, so "no trigger active" is almost never seen then: stopping on it alone let a signalled
+        stream run on to the end of its backlog. `stop()` here interrupts at most the next batch's
+        planning, which nothing has been applied from (a restart plans it again)."""
+        if running["busy"]:
+            return False
+        if not status["isTriggerActive"]:
+            return True
+        last = query.lastProgress
+        return last is not None and last["batchId"] >= running["batch"]
+
     secs = project.pipeline.streaming.trigger_seconds if trigger_seconds is None else trigger_seconds
     idle_for = max(idle_batches_to_stop * secs, 3.0)
     try:
         idle_since: float | None = None
         while query.isActive:
             status = query.status
-            if stop_requested.is_set() and not status["isTriggerActive"]:
-                query.stop()
-                break
+            if stop_requested.is_set():
+                if between_batches(status):
+                    query.stop()
+                    break
+                time.sleep(0.02)  # catch the gap between a commit and the next batch's start
+                continue
             # Caught up: no batch running and the source reports nothing new, for a few triggers.
             if until_caught_up and not available_now and query.lastProgress is not None:
                 if not status["isTriggerActive"] and not status["isDataAvailable"]:

@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CONFIGS, REPO
-from tests.streaming_helpers import simulate_to
-from tests.test_streaming_crash import FAST_JVM, wait_for
+from tests.streaming_helpers import FAST_JVM, simulate_to, wait_for
 
 pytestmark = [pytest.mark.stack]
 
@@ -28,12 +27,12 @@ BUCKET = "cdcflow-s3-lake"
 
 
 def s3_env(run: str) -> dict[str, str]:
-    # The stream reads the test's ~200 changes in several micro-batches (40 records per shard each), so
-    # its bronze appends (delta-rs: one file per table and date a batch) leave partitions with several
-    # files for the compaction passes beside it to rewrite.
+    # The stream reads the test's ~150 changes in several micro-batches (20 records per shard each): the
+    # signalled restart stops with changes left for the stream after it, and bronze's appends (delta-rs:
+    # one file per table and date a batch) leave partitions with several files for compaction to rewrite.
     return {"CDCFLOW_LAKE_ROOT": f"s3://{BUCKET}/{run}/lake", "CDCFLOW_CHECKPOINT_ROOT": f"s3a://{BUCKET}/{run}/ck",
             "CDCFLOW_STREAM": f"s3-lake-{run}", "CDCFLOW_RAW_URI": f"s3://{BUCKET}/{run}/dms",
-            "CDCFLOW_KINESIS_MAX_RECORDS_PER_SHARD": "40"}
+            "CDCFLOW_KINESIS_MAX_RECORDS_PER_SHARD": "20"}
 
 
 def s3_project(run: str, schema: str | None = None):
@@ -66,10 +65,19 @@ def silver_commits(project) -> dict[str, int]:
     return {name: len(log_versions(project, project.path(t.delta_path))) for name, t in project.tables.items()}
 
 
+def stream_batches(project, log: str) -> set[str]:
+    """The stream's batch ids in its S3 checkpoint's `offsets` (started) or `commits` (finished) log."""
+    from streaming.job import checkpoint_location
+
+    ck = checkpoint_location(project).split(f"{BUCKET}/", 1)[1]
+    return {k.rsplit("/", 1)[-1] for k in keys(project, f"{ck}/{log}/") if k.rsplit("/", 1)[-1].isdigit()}
+
+
 def stream_cli(run: str, metrics: Path) -> subprocess.Popen:
+    """`cdcflow stream` from Kinesis onto the S3 lake, until a signal stops it."""
     env = {**os.environ, **s3_env(run), "JDK_JAVA_OPTIONS": FAST_JVM}
     return subprocess.Popen(
-        [sys.executable, "-m", "cdcflow.cli", "stream", "--until-caught-up", "--trigger-seconds", "1",
+        [sys.executable, "-m", "cdcflow.cli", "stream", "--trigger-seconds", "1",
          "--metrics-file", str(metrics)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -77,9 +85,11 @@ def stream_cli(run: str, metrics: Path) -> subprocess.Popen:
 
 @pytest.mark.spark
 def test_sample_pipeline_on_an_s3_lake_with_a_kill_9_and_compaction_beside_the_stream(spark, stack, tmp_path):
-    """Full load from S3 -> stream from Kinesis (kill -9 mid-batch; the restart runs beside `compact`
-    passes on the same tables) -> warehouse merge -> verify silver, quarantine and the warehouse SCD2
-    history against the oracle, with the lake and the stream's checkpoint on s3:// (moto)."""
+    """Full load from S3 -> stream from Kinesis (kill -9 mid-batch; a restart stopped by SIGTERM inside
+    the re-run batch, beside a `compact` pass on the same tables; the rest in this process) -> warehouse
+    merge -> verify silver, quarantine and the warehouse SCD2 history against the oracle, with the lake
+    and the stream's checkpoint on s3:// (moto). The stream processes' JVM starts are most of its time,
+    so this one test holds the crash, the signal and the concurrent compaction."""
     import psycopg
 
     from batch.compaction import compact
@@ -87,16 +97,18 @@ def test_sample_pipeline_on_an_s3_lake_with_a_kill_9_and_compaction_beside_the_s
     from batch.warehouse_job import merge_from_lake
     from cdcflow.config.models import CompactionThresholds
     from cdcflow.demo import deliver
+    from cdcflow.metrics import MetricsSink
     from cdcflow.oracle import build_oracle, load_history, resolve_salt
     from cdcflow.verify import read_actual, verify
-    from streaming.job import checkpoint_location
+    from streaming.job import checkpoint_location, run_stream
+    from streaming.sources import kinesis_stream
 
     run = uuid.uuid4().hex[:8]
     schema = f"s3lake_{run}"
     project = s3_project(run, schema)
     sim = simulate_to(project, tmp_path / "sim", events=160, duplicate_rate=0.05, out_of_order_rate=0.1,
                       malformed_json_rate=0.02)
-    deliver(project, sim)  # DMS's split: LOAD Parquet to S3, the changes to Kinesis
+    _, put = deliver(project, sim)  # DMS's split: LOAD Parquet to S3, the changes to Kinesis
 
     loaded = run_full_load(spark, project)
     assert loaded.files and loaded.rows
@@ -112,32 +124,47 @@ def test_sample_pipeline_on_an_s3_lake_with_a_kill_9_and_compaction_beside_the_s
     proc.send_signal(signal.SIGKILL)
     out, _ = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, out[-3000:]
-    ck = checkpoint_location(project).split(f"{BUCKET}/", 1)[1]
-    logged = {k.rsplit("/", 1)[-1] for k in keys(project, f"{ck}/offsets/")}
-    done = {k.rsplit("/", 1)[-1] for k in keys(project, f"{ck}/commits/")}
-    assert logged - done, "the kill should land inside a batch"
+    assert stream_batches(project, "offsets") - stream_batches(project, "commits"), "the kill should land inside a batch"
 
-    # The restart re-runs the killed batch while `compact` passes (this process) rewrite the same S3
-    # tables: silver by delta-rs and bronze / quarantine by Spark, against the stream's delta-rs commits.
-    # Every table qualifies for a rewrite on every pass (its few files are all small).
+    # The restart re-runs the killed batch; SIGTERM as soon as it commits to silver, so the signal lands
+    # inside that batch: the batch finishes (silver, bronze, quarantine, checkpoint) and the process exits
+    # cleanly. A `compact` pass (this process) rewrites the same S3 tables beside the rest of that batch:
+    # silver by delta-rs and bronze / quarantine by Spark, against the stream's delta-rs commits. Every
+    # table qualifies for a rewrite on every pass (its few files are all small).
     for name, t in project.tables.items():
         project.tables[name] = dataclasses.replace(t, compaction=CompactionThresholds(min_small_files=1,
                                                                                        small_file_share=0))
     killed = silver_commits(project)
     restarted = stream_cli(run, metrics)
-    # The passes start once the restart commits (its JVM takes a while to start): they overlap its commits.
-    wait_for(lambda: restarted.poll() is not None or silver_commits(project) != killed, poll=0.5)
-    # One pass beside the stream, not one after another until it ends: each pass rewrites every table
-    # and takes CPU from the stream, so an unbounded loop made the restart (and the test) minutes longer,
-    # and a second pass beside it added about a minute to CI's run without a race the first lacks.
+    wait_for(lambda: restarted.poll() is not None or silver_commits(project) != killed, poll=0.1)
+    done = stream_batches(project, "commits")
+    in_flight = stream_batches(project, "offsets") - done
+    restarted.send_signal(signal.SIGTERM)
     beside = restarted.poll() is None
     passes = [compact(spark, project)]
-    out, _ = restarted.communicate(timeout=900)
+    out, _ = restarted.communicate(timeout=600)
     assert restarted.returncode == 0, out[-3000:]
+    assert "Traceback" not in out and "stopping after the current batch" in out, out[-3000:]
     assert beside, "the stream ended before the compaction pass started"
+    # The batch in flight at the signal finished; it stopped then (a batch that outlasts the 1 s trigger is
+    # followed at once by the next: at most that one ran too), with changes left for the stream below.
+    ran = stream_batches(project, "commits") - done
+    assert in_flight and in_flight <= ran and len(ran) <= len(in_flight) + 1, (in_flight, ran)
+
+    # The rest of the changes: the same stream in this process (its JVM is warm; a third process would
+    # cost another JVM start), until the source has nothing new, then a pass after it.
+    summary = run_stream(spark, project, kinesis_stream(spark, project, checkpoint_location(project)),
+                         until_caught_up=True, trigger_seconds=1,
+                         metrics=MetricsSink(project.pipeline.name, path=str(metrics)))
+    assert summary.batches, "the signalled stream should stop with changes left"
+    assert not [t for t in summary.tables.values() if t.isolated]
     passes.append(compact(spark, project))
     assert {r.table for p in passes for r in p if r.action == "compacted" and r.files_removed} >= {
         "shop.customers", "bronze"}
+    # Bronze holds every record put to Kinesis once: the killed batch re-run and the signalled one were
+    # not appended twice, and nothing the signal interrupted is missing.
+    bronze = spark.read.format("delta").load(project.path("bronze")).filter("feed = 'stream'")
+    assert bronze.count() == put
     stream_metrics = [json.loads(x) for x in metrics.read_text().splitlines() if x.startswith("{")]
     assert not [m for m in stream_metrics if "TableIsolated" in m or "SchemaChangeUnsafe" in m]
 
