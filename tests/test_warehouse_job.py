@@ -157,6 +157,10 @@ def test_warehouse_merge_from_lake_matches_oracle_incrementally_and_reruns_are_n
     before = snapshot(stack.pg_url, schema)
     again = merge_from_lake(spark, project, stack.pg_url)
     assert all(t.changes == 0 for t in again.tables)
+    if spark.version.startswith("3."):
+        # The Glue tier stops here: the two merges below read the lake with the Spark code the merges
+        # above ran; what they check (the watermarks, the Redshift DB-API and COPY path) is not Spark's.
+        return
     with psycopg.connect(stack.pg_url) as conn:
         conn.execute(f"delete from {schema}.cdcflow_watermarks")
     merge_from_lake(spark, project, stack.pg_url)
