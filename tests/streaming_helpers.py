@@ -11,7 +11,8 @@ from tests.conftest import CONFIGS
 
 # A stream process in a test lives for a few batches of tiny data: its JVM spends them compiling Spark's
 # planner and codegen paths, not in hot loops. C1 alone gets through that sooner and leaves both cores to
-# the work (a kill -9 and restart test: 174 s -> 121 s measured; JIT tiers change no results).
+# the work (a kill -9 and restart test: 174 s -> 121 s measured; JIT tiers change no results). Not for
+# a pytest session's own JVM, which lives for minutes: the Glue tier took 587 s with it, 355 s without.
 FAST_JVM = "-XX:TieredStopAtLevel=1"
 
 
