@@ -214,11 +214,11 @@ def silver_writer(path: str, table: Table, source_bytes: int = 0):
     if spark_commits(table) or (table.writer == "auto" and source_bytes > DELTA_RS_MAX_SOURCE_BYTES):
         return "spark", None
     try:
-        rs = rs_table(path)
-    except Exception as e:  # noqa: BLE001 - no table yet, or one delta-rs can't read
-        if type(e).__name__ == "TableNotFoundError":
-            return "delta-rs", None
+        rs = rs_table_or_none(path)
+    except Exception:  # noqa: BLE001 - a table delta-rs can't read
         return ("delta-rs", None) if table.writer == "delta-rs" else ("spark", None)
+    if rs is None:
+        return "delta-rs", None
     if table.writer == "delta-rs":
         return "delta-rs", rs
     proto = rs.protocol()
