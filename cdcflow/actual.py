@@ -76,10 +76,43 @@ def read_warehouse_scd2(
     Full-load versions are stored with valid_from = 1900-01-01 (no source commit time); the oracle
     calls that None. Inferred members (placeholders for facts) are not history and are skipped.
     """
-    import psycopg
-
     from batch.warehouse.ddl import LOW_TS
     from cdcflow.oracle import scd2_tables
+
+    out = _warehouse_rows(project, scd2_tables(project), url, schema, "where not coalesce(is_inferred, false)")
+    for rows in (out or {}).values():
+        for r in rows:
+            if r.get("valid_from") is not None and str(r["valid_from"]).startswith(LOW_TS[:10]):
+                r["valid_from"] = None
+    return out
+
+
+def read_warehouse_facts(
+    project: Project, url: str | None = None, schema: str | None = None
+) -> dict[str, list[dict[str, Any]]] | None:
+    """Fact rows from the warehouse in silver's shape (the oracle's `expected_facts`): `is_deleted` as
+    `_is_deleted`, the surrogate keys left out (the lookups are checked by the warehouse tests), or
+    None when unreachable."""
+    from cdcflow.oracle import fact_tables
+
+    out = _warehouse_rows(project, fact_tables(project), url, schema)
+    if out is None:
+        return None
+    facts = {}
+    for name, rows in out.items():
+        left_out = {"is_deleted"} | {lk.surrogate_column for lk in project.tables[name].cfg.warehouse.lookups}
+        facts[name] = [{**{c: v for c, v in r.items() if c not in left_out}, "_is_deleted": r["is_deleted"]}
+                       for r in rows]
+    return facts
+
+
+def _warehouse_rows(project: Project, tables: list, url: str | None, schema: str | None,
+                    where: str = "") -> dict[str, list[dict[str, Any]]] | None:
+    """Each of `tables`' warehouse table as rows (tables not created yet are left out), or None when the
+    warehouse is unreachable or holds none of them."""
+    import psycopg
+
+    from batch.warehouse.ddl import model
 
     url = url or project.pipeline.warehouse.url
     schema = schema or project.pipeline.warehouse.schema_
@@ -89,16 +122,12 @@ def read_warehouse_scd2(
         return None
     out: dict[str, list[dict[str, Any]]] = {}
     with conn:
-        for t in scd2_tables(project):
-            name = t.cfg.warehouse.table or f"dim_{t.table}"
+        for t in tables:
+            name = model(project, t.name, schema).target_name
             exists = conn.execute("select to_regclass(%s)", (f'{schema}."{name}"',)).fetchone()[0]
             if not exists:
                 continue
-            cur = conn.execute(f'select * from {schema}."{name}" where not coalesce(is_inferred, false)')
+            cur = conn.execute(f'select * from {schema}."{name}" {where}')
             cols = [d.name for d in cur.description]
-            rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
-            for r in rows:
-                if r.get("valid_from") is not None and str(r["valid_from"]).startswith(LOW_TS[:10]):
-                    r["valid_from"] = None
-            out[t.name] = rows
+            out[t.name] = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
     return out or None

@@ -26,7 +26,12 @@ cannot change its answer. Semantics (docs/simulator.md):
   (staging_to_dimension; then dimension_to_fact for facts) drops it when one of its quarantine rules
   fails, else applies the caller's transform of that stage (`stage_transforms[(table, stage)]`, written
   from the transform's meaning like `transforms`).
-- Facts (`expected_facts`): per key, the latest change the stages kept; a delete flags the fact deleted.
+- Facts (`expected_facts`): per key, the latest change the stages kept; a delete leaves a flagged
+  tombstone (deletes are not checked), also for a key whose changes the stages all dropped.
+- A warehouse stage's referential rule looks the value up among the referenced column's live rows in
+  the expected silver state (`References`): the warehouse merge is taken to run once the stream has
+  applied the whole history (a merge between micro-batches sees an earlier silver; tests of that drop
+  the rule). At raw_to_staging, referential rules are skipped.
 - Masking as docs/design.md: hash = sha256(salt + "|" + value), redact = "[REDACTED]", drop = absent.
 """
 
@@ -114,8 +119,15 @@ def _bound(text: str | None) -> datetime | None:
     return _as_datetime(text)
 
 
-def rule_fails(rule: Any, row: dict[str, Any]) -> bool:
+# (referenced table, column) -> the column's values in the table's live silver rows, as text
+References = dict[tuple[str, str], set[str]]
+
+
+def rule_fails(rule: Any, row: dict[str, Any], references: References | None = None) -> bool:
     kind = rule.rule
+    if kind == "referential" and references is not None:
+        v = row.get(rule.column)
+        return v is not None and str(v) not in references.get(tuple(rule.references.rsplit(".", 1)), set())
     if kind == "not_null":
         return any(row.get(c) is None for c in rule.columns)
     if kind in ("unique", "referential", "expression"):
@@ -141,10 +153,11 @@ def rule_fails(rule: Any, row: dict[str, Any]) -> bool:
     raise ValueError(f"unknown rule {kind!r}")
 
 
-def failing_rule(table: Table, row: dict[str, Any], stage: str = "raw_to_staging") -> str | None:
+def failing_rule(table: Table, row: dict[str, Any], stage: str = "raw_to_staging",
+                 references: References | None = None) -> str | None:
     """The first quarantine-severity rule of `stage` the row breaks (its name or type), or None."""
     for rule in table.cfg.quality.stage(stage):
-        if rule.severity == "quarantine" and rule_fails(rule, row):
+        if rule.severity == "quarantine" and rule_fails(rule, row, references):
             return rule.rule_name
     return None
 
@@ -287,14 +300,27 @@ def fact_tables(project: Project) -> list[Table]:
 StageTransforms = dict[tuple[str, str], RowTransform]  # (table, warehouse stage) -> row transform
 
 
-def warehouse_row(t: Table, row: dict[str, Any], salt: str,
-                  stage_transforms: StageTransforms | None = None) -> dict[str, Any] | None:
+def live_references(project: Project, state: dict[str, dict[Key, dict[str, Any]]]) -> References:
+    """What the warehouse stages' referential rules look up, from the expected silver `state`."""
+    out: References = {}
+    for t in project.tables.values():
+        for stage in ("staging_to_dimension", "dimension_to_fact"):
+            for rule in t.cfg.quality.stage(stage):
+                if rule.rule == "referential":
+                    table, column = rule.references.rsplit(".", 1)
+                    out[(table, column)] = {str(r[column]) for r in state.get(table, {}).values()
+                                            if not r.get("_is_deleted") and r.get(column) is not None}
+    return out
+
+
+def warehouse_row(t: Table, row: dict[str, Any], salt: str, stage_transforms: StageTransforms | None = None,
+                  references: References | None = None) -> dict[str, Any] | None:
     """A change's row as the warehouse stages hand it on, or None when a stage's quarantine rule takes
     it: masked, then per stage its rules (on the values the stage sees) and its transform."""
     out = mask_row(t, row, salt)
     stages = ("staging_to_dimension", "dimension_to_fact") if t.cfg.warehouse.kind == "fact" else ("staging_to_dimension",)
     for stage in stages:
-        if failing_rule(t, out, stage) is not None:
+        if failing_rule(t, out, stage, references) is not None:
             return None
         transform = (stage_transforms or {}).get((t.name, stage))
         out = transform(out) if transform else out
@@ -314,7 +340,8 @@ def _same(a: Any, b: Any) -> bool:
 
 def expected_scd2(project: Project, changes: list[dict[str, Any]], salt: str,
                   transforms: dict[str, RowTransform] | None = None,
-                  stage_transforms: StageTransforms | None = None) -> dict[str, list[dict[str, Any]]]:
+                  stage_transforms: StageTransforms | None = None,
+                  references: References | None = None) -> dict[str, list[dict[str, Any]]]:
     """table -> SCD2 rows (key columns, tracked columns masked, valid_from, valid_to, is_current, is_deleted),
     per key in source order."""
     tables = {t.name: t for t in scd2_tables(project)}
@@ -329,7 +356,7 @@ def expected_scd2(project: Project, changes: list[dict[str, Any]], salt: str,
             if cur is not None:
                 cur.update(valid_to=ev.commit_ts, is_current=False, is_deleted=True)
             continue
-        masked = warehouse_row(t, ev.row, salt, stage_transforms)
+        masked = warehouse_row(t, ev.row, salt, stage_transforms, references)
         if masked is None:
             continue
         tracked = {c: masked.get(c) for c in tracked_columns(t)}
@@ -348,9 +375,10 @@ def expected_scd2(project: Project, changes: list[dict[str, Any]], salt: str,
 
 def expected_facts(project: Project, changes: list[dict[str, Any]], salt: str,
                    transforms: dict[str, RowTransform] | None = None,
-                   stage_transforms: StageTransforms | None = None) -> dict[str, dict[Key, dict[str, Any]]]:
+                   stage_transforms: StageTransforms | None = None,
+                   references: References | None = None) -> dict[str, dict[Key, dict[str, Any]]]:
     """fact table -> key -> expected fact row in `expected_state`'s shape: the latest change per key the
-    warehouse stages kept (`warehouse_row`), `_is_deleted` set by a later delete of a key it holds."""
+    warehouse stages kept (`warehouse_row`), or a tombstone (`_is_deleted`) after a delete."""
     tables = {t.name: t for t in fact_tables(project)}
     out: dict[str, dict[Key, dict[str, Any]]] = {name: {} for name in tables}
     for ev in applied_events(project, changes, transforms):
@@ -358,13 +386,12 @@ def expected_facts(project: Project, changes: list[dict[str, Any]], salt: str,
         if t is None:
             continue
         facts = out[ev.table]
-        if ev.kind == "delete":
-            if ev.key in facts:
-                facts[ev.key] = {**dict(zip(t.primary_key, ev.key, strict=True)), "_is_deleted": True}
+        if ev.kind == "delete":  # a tombstone, also for a key the facts never held (the warehouse's insert)
+            facts[ev.key] = {**dict(zip(t.primary_key, ev.key, strict=True)), "_is_deleted": True}
             continue
-        row = warehouse_row(t, ev.row, salt, stage_transforms)
-        if row is not None:
-            facts[ev.key] = {**row, "_is_deleted": False}
+        row = warehouse_row(t, ev.row, salt, stage_transforms, references)
+        if row is not None:  # the fact table holds the declared columns (not drift columns silver adds)
+            facts[ev.key] = {**{c: v for c, v in row.items() if c in t.columns}, "_is_deleted": False}
     return out
 
 
@@ -445,10 +472,12 @@ class Oracle:
 def build_oracle(project: Project, history: HistoryData, salt: str, target: str = "kinesis",
                  transforms: dict[str, RowTransform] | None = None,
                  stage_transforms: StageTransforms | None = None) -> Oracle:
+    state = expected_state(project, history.changes, salt, transforms)
+    references = live_references(project, state)
     return Oracle(
-        state=expected_state(project, history.changes, salt, transforms),
-        scd2=expected_scd2(project, history.changes, salt, transforms, stage_transforms),
+        state=state,
+        scd2=expected_scd2(project, history.changes, salt, transforms, stage_transforms, references),
         quarantine=expected_quarantine(project, history.changes, history.faults(target)),
         counts=op_counts(history.changes),
-        facts=expected_facts(project, history.changes, salt, transforms, stage_transforms),
+        facts=expected_facts(project, history.changes, salt, transforms, stage_transforms, references),
     )

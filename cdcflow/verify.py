@@ -4,6 +4,7 @@ Comparison rules (docs/design.md): live rows on every column (values normalized:
 timestamps as ISO UTC, dates), tombstones on key + `_is_deleted` only; columns starting with `_` other
 than `_is_deleted` (pipeline bookkeeping) are ignored. A hard-delete tombstone whose delete is older than
 the table's tombstone retention may be absent: compaction collects exactly those. SCD2 rows are matched on key + valid_from.
+Warehouse facts compare like silver (flagged deletes as tombstones), without their surrogate keys.
 Quarantine rows are counted per (table, rule); table-less rules (malformed_json, unknown_table) by rule.
 """
 
@@ -11,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from cdcflow.config import Project, Table
-from cdcflow.oracle import Key, Oracle, scd2_tables
+from cdcflow.oracle import Key, Oracle, fact_tables, scd2_tables
 from cdcflow.sim.values import decimal_spec
 
 TABLELESS_RULES = ("malformed_json", "unknown_table")
@@ -82,7 +83,7 @@ def normalize(v: Any, col_type: str | None = None) -> Any:
 @dataclass
 class Diff:
     table: str
-    kind: str  # current | scd2 | quarantine
+    kind: str  # current | scd2 | facts | quarantine
     expected_count: int = 0
     actual_count: int = 0
     missing: list[dict[str, Any]] = field(default_factory=list)
@@ -220,15 +221,17 @@ class Actual:
     current: dict[str, list[dict[str, Any]]]
     scd2: dict[str, list[dict[str, Any]]] | None = None
     quarantine: list[dict[str, Any]] | None = None
+    facts: dict[str, list[dict[str, Any]]] | None = None
 
 
 def read_actual(project: Project, spark: Any, warehouse: bool = False) -> Actual:
-    """Read the silver Delta tables, the quarantine table and (warehouse=True) the SCD2 dimensions.
-    `spark`: a session, or a function making one when a table needs it (cdcflow.actual)."""
-    from cdcflow.actual import read_quarantine, read_silver, read_warehouse_scd2
+    """Read the silver Delta tables, the quarantine table and (warehouse=True) the SCD2 dimensions and
+    the facts. `spark`: a session, or a function making one when a table needs it (cdcflow.actual)."""
+    from cdcflow.actual import read_quarantine, read_silver, read_warehouse_facts, read_warehouse_scd2
 
     return Actual(current=read_silver(spark, project), quarantine=read_quarantine(spark, project),
-                  scd2=read_warehouse_scd2(project) if warehouse else None)
+                  scd2=read_warehouse_scd2(project) if warehouse else None,
+                  facts=read_warehouse_facts(project) if warehouse else None)
 
 
 def verify(project: Project, oracle: Oracle, actual: Actual) -> list[Diff]:
@@ -237,6 +240,9 @@ def verify(project: Project, oracle: Oracle, actual: Actual) -> list[Diff]:
     if actual.scd2 is not None:
         diffs += [compare_scd2(oracle.scd2.get(t.name, []), actual.scd2.get(t.name, []), t)
                   for t in scd2_tables(project)]
+    if actual.facts is not None:
+        diffs += [replace(compare_current(oracle.facts.get(t.name, {}), actual.facts.get(t.name, []), t), kind="facts")
+                  for t in fact_tables(project)]
     if actual.quarantine is not None:
         diffs.append(compare_quarantine(oracle.quarantine, actual.quarantine))
     return diffs
@@ -266,7 +272,7 @@ def print_summary(diffs: list[Diff], console: Any | None = None, examples: int =
 def register_verify(sub: Any, commands: dict[str, Callable]) -> None:
     p = sub.add_parser("verify", help="compare the Delta / warehouse tables with the simulator's oracle")
     p.add_argument("--history", required=True, help="the `cdcflow simulate --out` folder")
-    p.add_argument("--warehouse", action="store_true", help="also compare the warehouse SCD2 dimensions")
+    p.add_argument("--warehouse", action="store_true", help="also compare the warehouse's SCD2 dimensions and facts")
     p.add_argument("--target", choices=["kinesis", "s3"], default="kinesis",
                    help="which delivered output the pipeline consumed (decides the expected quarantine)")
 

@@ -14,6 +14,7 @@ import pytest
 
 from cdcflow.config import load_project
 from cdcflow.oracle import (
+    HistoryData,
     build_oracle,
     expected_quarantine,
     expected_scd2,
@@ -161,6 +162,47 @@ def test_scd2_intervals(project):
                                       "price": "1.00", "active": True, "valid_from": None, "valid_to": None,
                                       "is_current": True, "is_deleted": False}]
     assert set(rows) == {"shop.customers", "shop.products"}  # only scd_type 2 dimensions
+
+
+def test_facts_keep_the_latest_change_the_stages_pass_with_referential_rules_on_the_final_silver(project):
+    """shop.orders' dimension_to_fact rule: customer_id must be a live shop.customers row once the history
+    is applied (the warehouse merge runs after the stream): a deleted customer's orders never reach the
+    facts, a fact keeps its last change that passed, and a delete always leaves a tombstone."""
+    x = Hist()
+    for cid in (1, 2):
+        x.add("shop.customers", "load", customer(cid, f"{cid}@x.com"))
+
+    def order(oid: int, cid: int, status: str) -> dict:
+        return {"order_id": oid, "customer_id": cid, "status": status, "order_date": "2026-11-25",
+                "total_amount": "10.00", "shipping_phone": "555-0101", "updated_at": "2026-11-25 10:00:00"}
+
+    x.add("shop.orders", "insert", order(10, 1, "placed"), T(1))
+    x.add("shop.orders", "insert", order(11, 2, "placed"), T(2))
+    x.add("shop.orders", "insert", {**order(12, 1, "placed"), "gift_note": "n"}, T(3))  # a drift column
+    x.add("shop.orders", "update", order(12, 2, "paid"), T(4))  # moved to the customer deleted below
+    x.add("shop.orders", "update", order(10, 1, "paid"), T(5))
+    x.add("shop.orders", "delete", order(10, 1, "paid"), T(6))
+    x.add("shop.orders", "insert", order(13, 2, "placed"), T(7))
+    x.add("shop.orders", "delete", order(13, 2, "placed"), T(8))
+    x.add("shop.customers", "delete", customer(2, "2@x.com"), T(9))
+    oracle = build_oracle(project, HistoryData(x.changes), SALT)
+    facts = oracle.facts["shop.orders"]
+    assert facts[(10,)] == {"order_id": 10, "_is_deleted": True}
+    assert (11,) not in facts  # its customer is gone from silver
+    assert facts[(13,)] == {"order_id": 13, "_is_deleted": True}  # its insert was dropped; the delete is not checked
+    assert facts[(12,)]["customer_id"] == 1 and facts[(12,)]["status"] == "placed"  # the change before the move
+    assert "gift_note" not in facts[(12,)]  # the fact table has the declared columns only
+    assert oracle.state["shop.orders"][(12,)]["customer_id"] == 2  # silver has the move: no referential rule there
+
+    # verify compares the warehouse's facts (rows in silver's shape) with these
+    def facts_diff(rows: list[dict]):
+        diffs = verify(project, oracle, Actual(current={}, facts={"shop.orders": rows}))
+        return {d.table: d for d in diffs if d.kind == "facts"}
+
+    assert set(facts_diff([])) == {"shop.orders", "shop.order_items"}
+    assert facts_diff(list(facts.values()))["shop.orders"].ok
+    moved = facts_diff([facts[(10,)], {**facts[(12,)], "customer_id": 2}, facts[(13,)]])["shop.orders"]
+    assert [d["key"] for d in moved.different] == [(12,)] and not moved.missing
 
 
 def test_quality_rules(project):

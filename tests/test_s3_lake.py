@@ -87,7 +87,7 @@ def stream_cli(run: str, metrics: Path) -> subprocess.Popen:
 def test_sample_pipeline_on_an_s3_lake_with_a_kill_9_and_compaction_beside_the_stream(spark, stack, tmp_path):
     """Full load from S3 -> stream from Kinesis (kill -9 mid-batch; a restart stopped by SIGTERM inside
     the re-run batch, beside a `compact` pass on the same tables; the rest in this process) -> warehouse
-    merge -> verify silver, quarantine and the warehouse SCD2 history against the oracle, with the lake
+    merge -> verify silver, quarantine, the warehouse SCD2 history and facts against the oracle, with the lake
     and the stream's checkpoint on s3:// (moto). The stream processes' JVM starts are most of its time,
     so this one test holds the crash, the signal and the concurrent compaction."""
     import psycopg

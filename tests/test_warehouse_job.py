@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 
 from batch.full_load import run_full_load
 from batch.warehouse_job import merge_from_lake
-from cdcflow.actual import read_warehouse_scd2
+from cdcflow.actual import read_warehouse_facts, read_warehouse_scd2
 from cdcflow.aws import client
 from cdcflow.oracle import build_oracle, load_history, resolve_salt, scd2_tables
 from cdcflow.verify import compare_current, compare_scd2
@@ -82,16 +82,6 @@ def with_stage_transforms(cfg: Path) -> None:
         f.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def warehouse_facts(url: str, schema: str, table: str) -> list[dict]:
-    """A fact table's rows in silver's shape: `_is_deleted`, surrogate keys and change columns left out."""
-    with psycopg.connect(url) as conn:
-        cur = conn.execute(f'select * from {schema}."{table}"')
-        cols = [d.name for d in cur.description]
-        rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
-    return [{**{c: v for c, v in r.items() if not c.endswith("_sk") and c != "is_deleted"}, "_is_deleted": r["is_deleted"]}
-            for r in rows]
-
-
 @pytest.mark.glue_compat
 def test_warehouse_merge_from_lake_matches_oracle_incrementally_and_reruns_are_noops(spark, stack, tmp_path):
     schema = f"wh_{uuid.uuid4().hex[:8]}"
@@ -136,7 +126,8 @@ def test_warehouse_merge_from_lake_matches_oracle_incrementally_and_reruns_are_n
     # The stage transforms changed what the warehouse holds (and the oracle saw it).
     assert any(r["segment"] and r["segment"].isupper() for r in actual["shop.customers"])
     orders = project.table("shop.orders")
-    facts = compare_current(oracle.facts["shop.orders"], warehouse_facts(stack.pg_url, schema, "fct_orders"), orders)
+    facts = compare_current(oracle.facts["shop.orders"], read_warehouse_facts(project, stack.pg_url)["shop.orders"],
+                            orders)
     assert facts.ok and facts.expected_count >= 40, (facts.missing[:3], facts.extra[:3], facts.different[:3])
     assert any(r.get("status", "").isupper() for r in oracle.facts["shop.orders"].values() if not r["_is_deleted"])
 
