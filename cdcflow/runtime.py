@@ -361,6 +361,23 @@ def get_spark(
     return _session
 
 
+@contextmanager
+def session_conf(spark: SparkSession, conf: dict[str, str]) -> Iterator[None]:
+    """Runtime SQL settings for the duration of a block, then the previous values again (one session
+    may run several jobs: the tests, `cdcflow demo`)."""
+    before = {k: spark.conf.get(k, None) for k in conf}
+    for k, v in conf.items():
+        spark.conf.set(k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
+
+
 def materialize(df: DataFrame) -> DataFrame:
     """Compute `df` once and keep the rows (local checkpoint), cutting its lineage.
 
