@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 GLUE_VENV := .venv-glue
 PYTEST_ARGS ?=
-# Installs go through uv (pinned, bootstrapped into .cache/uv with the system pip): it resolves and
+# Installs go through uv (pinned, bootstrapped into a venv of its own, .cache/uv): it resolves and
 # links wheels from its cache in parallel. pip took most of `make install-all`'s 2:07 on a fresh clone.
 # Neither compiles bytecode at install; a run compiles only what it imports, once, into __pycache__.
 UV_VERSION := 0.13.9
@@ -18,7 +18,8 @@ UV_PIP = $(UV) pip install --quiet --python
 
 $(UV):
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11+ is required (set PYTHON=/path/to/python3.11)"; exit 1; }
-	$(PYTHON) -m pip install --quiet --no-compile --disable-pip-version-check --target .cache/uv "uv==$(UV_VERSION)"
+	$(PYTHON) -m venv .cache/uv
+	.cache/uv/bin/pip install --quiet --no-compile --disable-pip-version-check "uv==$(UV_VERSION)"
 
 $(PY): | $(UV)
 	$(UV) venv --quiet --clear --python $(PYTHON) $(VENV)
