@@ -239,6 +239,7 @@ def _manifest(path: str) -> set[tuple[str, str]]:
 # JIT-warming the generated stage code once per plan. 1M rows of shop.customers, two runs each:
 # cold 25.8 / 26.5 s against 30.1 / 28.3 s with it on, warm 14.6 / 14.2 s against 15.5 / 15.1 s.
 # Expressions stay compiled: with those interpreted as well (factoryMode NO_CODEGEN) it took 50.9 s.
+# Local sessions have it off anyway (runtime.STREAMING_CONF); this is what sets it in the Glue full-load job.
 FULL_LOAD_SQL_CONF = {"spark.sql.codegen.wholeStage": "false"}
 
 
