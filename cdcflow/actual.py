@@ -8,7 +8,7 @@ from typing import Any
 from pyspark.sql import SparkSession
 from pyspark.sql.utils import AnalysisException
 
-from cdcflow.config import Project
+from cdcflow.config import Project, Table
 from cdcflow.runtime import forget_delta_table
 
 # A session, or a function that makes one: `cdcflow verify` reads through delta-rs and starts Spark (a JVM,
@@ -106,7 +106,7 @@ def read_warehouse_facts(
     return facts
 
 
-def _warehouse_rows(project: Project, tables: list, url: str | None, schema: str | None,
+def _warehouse_rows(project: Project, tables: list[Table], url: str | None, schema: str | None,
                     where: str = "") -> dict[str, list[dict[str, Any]]] | None:
     """Each of `tables`' warehouse table as rows (tables not created yet are left out), or None when the
     warehouse is unreachable or holds none of them."""
