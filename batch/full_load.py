@@ -33,7 +33,7 @@ from cdcflow.cdc.quarantine import append_quarantine
 from cdcflow.cdc.sequence import S3_ORDERING
 from cdcflow.config import Project, Table
 from cdcflow.metrics import MetricsSink
-from cdcflow.runtime import new_table_options, read_delta, session_conf
+from cdcflow.runtime import new_table_options, read_delta
 from cdcflow.transform_check import require_valid_transforms
 
 LOAD_FILE = re.compile(r"(^|/)(SEGMENT\d+_)?LOAD[0-9A-F]{8}\.parquet$")
@@ -234,15 +234,6 @@ def _manifest(path: str) -> set[tuple[str, str]]:
     return set(zip(held["table"].to_pylist(), held["file"].to_pylist(), strict=True))
 
 
-# Whole-stage code generation off while the full load runs: a load is a few large jobs over wide
-# projections (every column typed, checked and masked), and a fresh job pays for compiling and
-# JIT-warming the generated stage code once per plan. 1M rows of shop.customers, two runs each:
-# cold 25.8 / 26.5 s against 30.1 / 28.3 s with it on, warm 14.6 / 14.2 s against 15.5 / 15.1 s.
-# Expressions stay compiled: with those interpreted as well (factoryMode NO_CODEGEN) it took 50.9 s.
-# Local sessions have it off anyway (runtime.STREAMING_CONF); this is what sets it in the Glue full-load job.
-FULL_LOAD_SQL_CONF = {"spark.sql.codegen.wholeStage": "false"}
-
-
 def run_full_load(spark: SparkSession, project: Project, tables: list[str] | None = None,
                   ts_column: str = "dms_commit_ts", archive: bool = True, progress=None) -> LoadResult:
     """Apply every not-yet-applied raw file: a table's LOAD files in one Spark read and one apply (they
@@ -253,12 +244,6 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
     Each file group's records also go to bronze (feed `full_load`, masked), so `warehouse-merge`
     sees the table's changes. A group re-applied after a crash gets a new bronze batch id: the
     warehouse merge drops changes it already holds (same key and `_seq`)."""
-    with session_conf(spark, FULL_LOAD_SQL_CONF):
-        return _run_full_load(spark, project, tables, ts_column, archive, progress)
-
-
-def _run_full_load(spark: SparkSession, project: Project, tables: list[str] | None, ts_column: str,
-                   archive: bool, progress) -> LoadResult:
     store = RawStore(project)
     store.require()
     require_valid_transforms(spark, project, ("raw_to_staging",))

@@ -182,17 +182,27 @@ def spark_versions() -> dict[str, str]:
 
 # Static settings the streaming job wants wherever it runs (local runs here; the CDK stack passes
 # the same ones to the Glue streaming job with --conf).
+# Static settings (fixed when the JVM starts): local sessions set them at creation; the CDK stack
+# passes them to the Glue stream job with --conf.
 STREAMING_CONF = {
     # Every micro-batch plans the same few hundred queries again (per table: typed changes, the
     # MERGE, Delta's snapshot reads). Spark's generated-class cache holds 100 by default, so it
     # thrashed and every batch recompiled ~240 classes: ~6 s of Janino per batch on 2 cores, about
     # half of a small batch's time. With room for them, a steady-state batch compiles ~12.
     "spark.sql.codegen.cache.maxEntries": "2000",
+}
+
+# SQL settings every job relies on, local or on Glue (get_spark sets them on Glue's session too), so
+# each Glue job runs with what the tests ran.
+SESSION_SQL_CONF = {
+    "spark.sql.ansi.enabled": "false",
+    "spark.sql.session.timeZone": "UTC",
     # No whole-stage code generation: a micro-batch's plans are small and many, and the fused stage
     # code for wide projections cost more to compile and JIT than it saved. Issue 16's target 3 (4
     # sample tables, 10,000 events/s, same run as the canonical pattern): batches of 55-60k records
-    # in 5.5-5.9 s instead of 77-114k in 8.7-11.4 s, p95 freshness 10.2 s instead of 18.1 s.
-    # Expressions stay compiled (interpreting them too was slower on large batches).
+    # in 5.5-5.9 s instead of 77-114k in 8.7-11.4 s, p95 freshness 10.2 s instead of 18.1 s. A full
+    # load of 1M rows: 25.8 / 26.5 s cold against 30.1 / 28.3 s with it on. Expressions stay
+    # compiled (interpreting them too was slower on large batches; the full load took 50.9 s).
     "spark.sql.codegen.wholeStage": "false",
 }
 
@@ -215,8 +225,7 @@ def local_conf(shuffle_partitions: int = 2, driver_memory: str = "2g", ui: bool 
         "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
         "spark.sql.shuffle.partitions": str(shuffle_partitions),
         "spark.default.parallelism": "2",
-        "spark.sql.ansi.enabled": "false",
-        "spark.sql.session.timeZone": "UTC",
+        **SESSION_SQL_CONF,
         "spark.ui.enabled": str(ui).lower(),
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.adaptive.enabled": "true",
@@ -336,8 +345,8 @@ def get_spark(
     if mode == "glue":
         # Glue creates the session (with --datalake-formats delta); only pin what we rely on.
         spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
-        spark.conf.set("spark.sql.ansi.enabled", "false")
-        spark.conf.set("spark.sql.session.timeZone", "UTC")
+        for k, v in SESSION_SQL_CONF.items():
+            spark.conf.set(k, v)
         _session = spark
         return spark
     check_java()
@@ -365,23 +374,6 @@ def get_spark(
         "org.apache.spark.rdd.MapPartitionsRDD", jvm.org.apache.logging.log4j.Level.ERROR
     )
     return _session
-
-
-@contextmanager
-def session_conf(spark: SparkSession, conf: dict[str, str]) -> Iterator[None]:
-    """Runtime SQL settings for the duration of a block, then the previous values again (one session
-    may run several jobs: the tests, `cdcflow demo`)."""
-    before = {k: spark.conf.get(k, None) for k in conf}
-    for k, v in conf.items():
-        spark.conf.set(k, v)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                spark.conf.unset(k)
-            else:
-                spark.conf.set(k, v)
 
 
 def materialize(df: DataFrame) -> DataFrame:

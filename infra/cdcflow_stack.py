@@ -120,9 +120,9 @@ KMS_USE = ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey", "kms:DescribeKey
 
 # Static Spark settings of the streaming job (the same as cdcflow.runtime.STREAMING_CONF for local
 # runs): room in the generated-class cache for every query a micro-batch plans, so steady-state
-# batches reuse compiled code instead of recompiling a few hundred classes each; no whole-stage code
-# generation (its fused code for wide projections cost more to compile than it saved per batch).
-STREAMING_SPARK_CONF = "spark.sql.codegen.cache.maxEntries=2000 --conf spark.sql.codegen.wholeStage=false"
+# batches reuse compiled code instead of recompiling a few hundred classes each. SQL settings (no
+# whole-stage code generation, ...) every job sets on Glue's session itself (runtime.SESSION_SQL_CONF).
+STREAMING_SPARK_CONF = "spark.sql.codegen.cache.maxEntries=2000"
 # Every job commits to the lake's Delta tables on S3 through the conditional-PUT log store
 # (cdcflow/java/cdcflow/delta, built by `make install`, shipped as dist/cdcflow-logstore.jar with
 # --extra-jars): commits are exclusive across jobs and engines (delta-rs commits the same way), with

@@ -120,6 +120,26 @@ def test_spark_delta_round_trip_on_pinned_versions(spark, tmp_path):
 
 @pytest.mark.spark
 @pytest.mark.glue_compat
+def test_glue_mode_pins_the_sql_settings_the_jobs_are_tested_with(spark, monkeypatch):
+    """On Glue the session is Glue's: get_spark(mode="glue") sets SESSION_SQL_CONF on it (whole-stage
+    codegen off for every job, as in local sessions), instead of each job setting what it needs."""
+    from cdcflow import runtime
+
+    monkeypatch.setattr(runtime, "_session", None)  # as in a fresh Glue job: the session is not ours yet
+    before = {k: spark.conf.get(k) for k in runtime.SESSION_SQL_CONF}
+    assert before == runtime.SESSION_SQL_CONF  # local sessions are created with them
+    spark.conf.set("spark.sql.codegen.wholeStage", "true")  # Spark's default, as Glue starts
+    spark.conf.set("spark.sql.session.timeZone", "America/New_York")
+    try:
+        assert runtime.get_spark(mode="glue") is spark
+        assert {k: spark.conf.get(k) for k in runtime.SESSION_SQL_CONF} == runtime.SESSION_SQL_CONF
+    finally:
+        for k, v in before.items():
+            spark.conf.set(k, v)
+
+
+@pytest.mark.spark
+@pytest.mark.glue_compat
 def test_materialize_keeps_rows_once_and_release_frees_them(spark):
     from cdcflow.runtime import materialize, release
 
