@@ -24,6 +24,8 @@ Results: benchmarks/results/streaming.json. Numbers from a shared 2-core machine
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -178,13 +180,26 @@ def _throughput(spark, work: Path, events: int, batches: int, tables: int) -> di
     }  # fmt: skip
 
 
-def _data_table(line: str) -> str | None:
-    """The table (schema.table) of a DMS Kinesis data record; None for control or unparseable ones."""
+def _line_facts(line: str) -> tuple[str | None, str]:
+    """(the data record's table or None, its Kinesis partition key) of a DMS Kinesis line. DMS's default
+    partition key is schema.table (`partition-key-type: schema-table`); control records are keyed by
+    the task (`task-id`). An unparseable line gets a key of its own text."""
     try:
         meta = json.loads(line).get("metadata", {})
     except ValueError:
-        return None
-    return f"{meta.get('schema-name')}.{meta.get('table-name')}" if meta.get("record-type") == "data" else None
+        return None, line
+    table = f"{meta.get('schema-name')}.{meta.get('table-name')}"
+    if meta.get("partition-key-type", "schema-table") == "schema-table":
+        key = table
+    else:
+        key = str(meta.get("partition-key-value") or meta.get("partition-key-type"))
+    return (table if meta.get("record-type") == "data" else None), key
+
+
+def kinesis_shard(partition_key: str, shards: int) -> int:
+    """The shard Kinesis puts a record in: MD5 of its partition key as a 128-bit number, in a stream
+    whose shards split the hash key range evenly (as CreateStream does)."""
+    return int(hashlib.md5(partition_key.encode()).hexdigest(), 16) * shards >> 128
 
 
 def _percentiles(values) -> dict[str, float | None]:
@@ -232,9 +247,12 @@ ROW_GROUP = 10_000  # rows per Parquet row group of the replayed lines: a batch'
 
 
 def _prepare(config_dir: str, work: str, events: int, skew: float) -> tuple[int, list[str]]:
-    """Simulate `events` changes and lay the Kinesis lines out for replay: lines.parquet (i, value) in
-    arrival order, and tables.npy, each line's table as an index into the returned names (-1 for
-    control and unparseable lines).
+    """Simulate `events` changes and lay the Kinesis lines out for replay: lines/shard-K.parquet
+    (i, value) in arrival order, a file per shard of the config's Kinesis stream (`kinesis.shards`),
+    each line in the shard its partition key hashes to; and tables.npy, each line's table as an index
+    into the returned names (-1 for control and unparseable lines). A micro-batch then reads a
+    partition per shard, as from Kinesis: one file of all lines put most batches in one partition,
+    so the parse and every plan's first stage ran on one core whatever the shard count.
 
     Runs in a child process (_prepare_in_child): the driver process then never holds the history or
     the lines, so its RSS is the pipeline's, not the simulator's (a million changes are GBs of dicts)."""
@@ -242,16 +260,22 @@ def _prepare(config_dir: str, work: str, events: int, skew: float) -> tuple[int,
     import pyarrow.parquet as pq
 
     out = Path(work)
-    _simulate(_project(out, Path(config_dir)), out / "sim", events, Path(config_dir), 0, skew)
+    project = _project(out, Path(config_dir))
+    _simulate(project, out / "sim", events, Path(config_dir), 0, skew)
     lines = [x for c in _split(out / "sim", out / "replay", 1) for x in c]
-    tables = [_data_table(x) for x in lines]
-    names = sorted({t for t in tables if t})
+    facts = [_line_facts(x) for x in lines]
+    names = sorted({t for t, _ in facts if t})
     index = {t: k for k, t in enumerate(names)}
-    np.save(out / "tables.npy", np.array([index.get(t, -1) if t else -1 for t in tables], dtype=np.int16))
-    # through a Parquet file: createDataFrame from a list ships the whole list in the driver's task
+    np.save(out / "tables.npy", np.array([index.get(t, -1) if t else -1 for t, _ in facts], dtype=np.int16))
+    # through Parquet files: createDataFrame from a list ships the whole list in the driver's task
     # data, which runs a 2 GB driver out of heap at a million lines
+    shards = project.pipeline.kinesis.shards
+    shard = np.array([kinesis_shard(key, shards) for _, key in facts], dtype=np.int16)
     data = pa.table({"i": pa.array(range(len(lines)), pa.int64()), "value": lines})
-    pq.write_table(data, out / "lines.parquet", row_group_size=ROW_GROUP)
+    (out / "lines").mkdir()
+    for k in range(shards):
+        pq.write_table(data.filter(pa.array(shard == k)), out / "lines" / f"shard-{k}.parquet",
+                       row_group_size=ROW_GROUP)
     return len(lines), names
 
 
@@ -335,7 +359,7 @@ class MemoryPeaks:
 
 
 def _arrival_run(apply, n: int, rate: int, trigger: float, tables: np.ndarray, n_tables: int,
-                 deadline: float | None = None) -> dict:  # fmt: skip
+                 deadline: float | None = None, t0: float | None = None) -> dict:  # fmt: skip
     """Records 0..n arrive at `rate` per second on the wall clock (record i at i / rate s); each
     micro-batch takes every record that has arrived when it starts, as a Kinesis source with a large
     enough per-shard limit does. A batch starts `trigger` s after the previous start, or at once when
@@ -345,8 +369,9 @@ def _arrival_run(apply, n: int, rate: int, trigger: float, tables: np.ndarray, n
     index, whether it applied the whole batch). Freshness of a data record = its table's commit time
     - its arrival; a record of a table the batch did not commit (isolated) counts at the batch's end.
     Past `deadline` no batch starts, and a batch cut short leaves its uncommitted tables' records
-    unprocessed: those that have arrived count with (stop - arrival), a lower bound."""
-    t0 = time.time()
+    unprocessed: those that have arrived count with (stop - arrival), a lower bound. `t0`: the
+    arrival clock's start (default now)."""
+    t0 = time.time() if t0 is None else t0
     start, done, batches, fresh, fresh_end = t0 + trigger, 0, [], [], []
     complete, cut = True, np.zeros(0, dtype=float)
     while done < n:
@@ -418,7 +443,6 @@ def sustained(spark, rate: int, seconds: int, trigger: float = 5.0, warmup_batch
 def _sustained(spark, work: Path, rate: int, seconds: int, trigger: float, warmup_batches: int, tables: int,
                skew: float, canonical: bool, warmup_records: int | None, max_seconds: float | None) -> dict:  # fmt: skip
     from streaming.processor import BatchProcessor
-    from streaming.sources import from_replay
 
     config_dir = REPO / "configs"
     if tables:
@@ -429,10 +453,22 @@ def _sustained(spark, work: Path, rate: int, seconds: int, trigger: float, warmu
     project = _project(work, config_dir)
     line_tables = np.load(work / "tables.npy")
     index = {t: k for k, t in enumerate(names)}
-    allrecs = spark.read.parquet(str(work / "lines.parquet"))  # not cached: the heap figures are the job's
+    # not cached: the heap figures are the job's
+    shard_lines = [spark.read.parquet(str(f)) for f in sorted((work / "lines").glob("shard-*.parquet"))]
+    clock = {"t0": time.time()}  # record i arrives at t0 + i / rate (t0: the measured run's start)
 
     def records(first: int, end: int) -> DataFrame:
-        return from_replay(allrecs.filter((F.col("i") >= first) & (F.col("i") < end)).select("value"))
+        """Lines [first, end) as the Kinesis source hands them to the processor (streaming.sources.
+        from_kinesis_columns): a partition per shard (a file can span several of Spark's splits;
+        coalesce(1) puts a shard's back together without a shuffle), the position as shard and
+        sequence number, the arrival time as Kinesis's approximate arrival time (the replay source's
+        `current_timestamp()` is a new literal in the parse's generated code every batch)."""
+        shards = [lines.filter((F.col("i") >= first) & (F.col("i") < end)).coalesce(1).select(
+            F.col("value").alias("payload"),
+            F.concat(F.lit(f"shard-{k}:"), F.col("i").cast("string")).alias("source_position"),
+            F.timestamp_seconds(F.lit(clock["t0"]) + F.col("i") / rate).alias("arrival_ts"))
+            for k, lines in enumerate(shard_lines)]  # fmt: skip
+        return functools.reduce(DataFrame.union, shards)
 
     if warmup_batches:
         scratch = BatchProcessor(spark, _project(work / "warmup", config_dir))
@@ -447,8 +483,9 @@ def _sustained(spark, work: Path, rate: int, seconds: int, trigger: float, warmu
         return {index[o.table]: o.visible_at for o in outcomes if o.visible_at and o.table in index}, True
 
     peaks = MemoryPeaks(spark)
-    run = _arrival_run(ours, n, rate, trigger, line_tables, len(names),
-                       deadline=time.time() + max_seconds if max_seconds else None)  # fmt: skip
+    clock["t0"] = time.time()
+    run = _arrival_run(ours, n, rate, trigger, line_tables, len(names), t0=clock["t0"],
+                       deadline=clock["t0"] + max_seconds if max_seconds else None)  # fmt: skip
     memory = peaks.stop()
     ok = _verify(spark, project, work / "sim") if run["complete"] else None
     result = {
@@ -478,7 +515,8 @@ def _sustained(spark, work: Path, rate: int, seconds: int, trigger: float, warmu
             return {index[t]: v for t, v in committed.items() if t in index}, whole
 
         peaks = MemoryPeaks(spark)
-        c = _arrival_run(canon, n, rate, trigger, line_tables, len(names), deadline=deadline)
+        clock["t0"] = time.time()
+        c = _arrival_run(canon, n, rate, trigger, line_tables, len(names), t0=clock["t0"], deadline=deadline)
         c_memory = peaks.stop()
         c_ok = _verify(spark, project, work / "sim", prefix="canonical/") if c["complete"] else None
         result["canonical_foreachBatch_merge"] = {
