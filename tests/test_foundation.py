@@ -154,6 +154,23 @@ def test_materialize_keeps_rows_once_and_release_frees_them(spark):
 
 @pytest.mark.spark
 @pytest.mark.glue_compat
+def test_sql_in_says_what_isin_says(spark):
+    """runtime.sql_in (one SQL expression for a long IN list) against Column.isin, on names that need
+    quoting, nulls and an empty list."""
+    from pyspark.sql import functions as F
+
+    from cdcflow.runtime import sql_in
+
+    values = ["shop.customers", "o'brien.t", "back\\slash", "tab\tbed", "x"]
+    df = spark.createDataFrame([(v,) for v in [*values, "shop.customer", "other", None]], "t string")
+    for subset in (values, values[:1], []):
+        got = [r[0] for r in df.select(sql_in("t", subset)).collect()]
+        assert got == [r[0] for r in df.select(F.col("t").isin(subset)).collect()], subset
+    assert [r[0] for r in df.select(sql_in("t", values)).collect()][:6] == [True] * 5 + [False]
+
+
+@pytest.mark.spark
+@pytest.mark.glue_compat
 def test_reading_silver_back_leaves_no_table_in_deltas_cache(spark, tmp_path):
     """Each table read keeps ~2.5 MB of driver heap in Delta's DeltaLog cache; verify over 1000 tables
     must not keep them (tests/test_streaming_scale.py ran out of heap before). read_silver reads by

@@ -44,14 +44,14 @@ def bronze_rows(norm: DataFrame, project: Project, salt: str, batch_id: int, fee
         assert table is not None, "a typed source holds one table"
         data = _typed_data_map(norm, table, salt)
     else:
-        data = masked_data_map(F.col("_data"), F.col("_table"), project, salt, spare)
+        data = masked_data_map(F.col("_data"), "_table", project, salt, spare)
     return norm.select(
         F.coalesce(F.col("_table"), F.lit("_unparsed")).alias("table"),
         F.to_date(F.coalesce("_commit_ts", "_arrival_ts")).alias("date"),
         F.col("_record_type").alias("record_type"),
         F.col("_op").alias("op"),
         data.alias("data"),
-        masked_data_map(F.col("_before"), F.col("_table"), project, salt, spare).alias("before"),
+        masked_data_map(F.col("_before"), "_table", project, salt, spare).alias("before"),
         F.col("_commit_ts").alias("commit_ts"),
         F.col("_txn_id").alias("transaction_id"),
         F.col("_txn_rec_id").alias("transaction_record_id"),

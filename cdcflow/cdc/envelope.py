@@ -18,6 +18,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import MapType, StringType, StructField, StructType
 
 from cdcflow.cdc.masking import PREHASHED
+from cdcflow.runtime import sql_in
 
 NORMALIZED_COLUMNS = [
     "_table", "_record_type", "_op", "_data", "_before", "_commit_ts", "_txn_id", "_txn_rec_id",
@@ -54,11 +55,7 @@ def parse_kinesis_json(raw: DataFrame, known_tables: list[str], before_field: st
     table = F.concat_ws(".", meta["schema-name"], meta["table-name"])
     record_type = F.lower(meta["record-type"])
     malformed = env.isNull() | meta.isNull() | record_type.isNull() | meta["operation"].isNull()
-    problem = (
-        F.when(malformed, F.lit("malformed_json"))
-        .when((record_type == "data") & ~table.isin(known_tables), F.lit("unknown_table"))
-    )
-    return raw.select(
+    parsed = raw.select(
         F.when(~malformed, table).alias("_table"),
         record_type.alias("_record_type"),
         F.lower(meta["operation"]).alias("_op"),
@@ -74,9 +71,12 @@ def parse_kinesis_json(raw: DataFrame, known_tables: list[str], before_field: st
         F.when(record_type == "control", F.get_json_object("payload", "$.control")).alias("_control"),
         F.col("source_position").alias("_source_position"),
         F.col("arrival_ts").alias("_arrival_ts"),
-        problem.alias("_problem"),
+        F.when(malformed, F.lit("malformed_json")).alias("_problem"),
         F.xxhash64("payload").cast("string").alias("_record_hash"),
         (F.col("prehashed") if "prehashed" in raw.columns else F.lit(None).cast("array<string>")).alias(PREHASHED),
         F.octet_length("payload").alias("_payload_bytes"),
     )
+    # By name, as one SQL expression (runtime.sql_in): `_table` is the record's table when not malformed.
+    unknown = F.col("_problem").isNull() & (F.col("_record_type") == "data") & ~sql_in("_table", known_tables)
+    return parsed.withColumn("_problem", F.when(unknown, F.lit("unknown_table")).otherwise(F.col("_problem")))
 

@@ -19,6 +19,7 @@ from pyspark.sql import functions as F
 
 from cdcflow.config import Project
 from cdcflow.errors import UserError
+from cdcflow.runtime import sql_in, sql_text
 
 REDACTED = "[REDACTED]"
 PREHASHED = "_prehashed"  # array<string>: the columns a record's source already hashed (see above)
@@ -64,22 +65,26 @@ def mask_column(col: Column, method: str, salt: str, hashed: Column | None = Non
     raise ValueError(method)
 
 
-def masked_data_map(data: Column, table: Column, project: Project, salt: str, spare: bool = False) -> Column:
+def masked_data_map(data: Column, table_column: str, project: Project, salt: str, spare: bool = False) -> Column:
     """Mask the PII entries of a DMS `data` map (column -> text) using one map lookup per entry.
-    `spare`: the rows carry `_prehashed`, whose columns `hash` keeps as they are.
+    `table_column`: the rows' table name column. `spare`: the rows carry `_prehashed`, whose
+    columns `hash` keeps as they are.
 
-    One literal map of "<table>|<column>" -> method serves every configured table, so the cost
-    doesn't grow with the number of tables. Unknown tables get every value redacted: their PII
-    columns are not known, so nothing from them is trusted.
+    One literal map of "<table>|<column>" -> method serves every configured table, so the plan
+    doesn't grow with the number of tables; it and the configured tables' list are each one SQL
+    expression (a JVM call per entry cost about 0.9 s of driver time a micro-batch at 1004 tables).
+    Unknown tables get every value redacted: their PII columns are not known, so nothing from them
+    is trusted.
     """
     pii = {f"{t.name}|{c}": m for t in project.tables.values() for c, m in t.pii.items()}
-    known = list(project.tables)
-    pii_map = F.create_map(*[F.lit(x) for kv in pii.items() for x in kv]) if pii else None
+    table = F.col(table_column)
+    known = sql_in(table_column, project.tables)
+    pii_map = F.expr(f"map({', '.join(sql_text(x) for kv in pii.items() for x in kv)})") if pii else None
 
     def mask_entry(k: Column, v: Column) -> Column:
         method = pii_map[F.concat(table, F.lit("|"), k)] if pii_map is not None else F.lit(None)
         return (
-            F.when(~table.isin(known), F.when(v.isNull(), v).otherwise(F.lit(REDACTED)))
+            F.when(~known, F.when(v.isNull(), v).otherwise(F.lit(REDACTED)))
             .when(method == "hash", mask_column(v, "hash", salt, prehashed(k) if spare else None))
             .when(method == "redact", mask_column(v, "redact", salt))
             .otherwise(v)

@@ -36,7 +36,7 @@ from cdcflow.cdc.apply import REJECTED, latest_per_key, spark_commits
 from cdcflow.cdc.changes import TableShape, _first_problem
 from cdcflow.cdc.masking import PREHASHED, mask_column, prehashed
 from cdcflow.cdc.sequence import sequence
-from cdcflow.runtime import materialize, release, to_arrow
+from cdcflow.runtime import materialize, release, sql_in, to_arrow
 
 ROW_RULES = {"not_null", "range", "accepted_values", "regex", "valid_date"}
 _ARROW = {"string": pa.string(), "int": pa.int32(), "bigint": pa.int64(), "smallint": pa.int16(),
@@ -196,7 +196,7 @@ class MultiTableChanges:
     def collect(self, norm: DataFrame, tables: list[str]) -> dict[str, tuple[pa.Table, list[dict]]]:
         """`norm`'s data records of `tables` (some of these) -> per table (collapsed changes, rejected
         rows): two Spark jobs, whatever the number of tables (the checked rows kept, then one collect)."""
-        rows = norm.filter(F.col("_table").isin(tables) & (F.col("_record_type") == "data")
+        rows = norm.filter(sql_in("_table", tables) & (F.col("_record_type") == "data")
                            & F.col("_problem").isNull()).join(self._table_info(norm.sparkSession), "_table")
         # Typed and checked once, kept for the three branches that read them (changes, primary-key
         # moves, rejected rows): a union recomputes each branch from its source, and this projection
