@@ -1,6 +1,7 @@
 """delta-rs commits of the many-table plan's rows (cdcflow.cdc.apply.merge_rows), without Spark: one
 open of the table per commit, and a commit that loses to a concurrent one re-reads the newest
-version, so the `_seq` guard compares with what is there now."""
+version, so the `_seq` guard compares with what is there now. Each by both ways delta-rs commits:
+its MERGE, and a small table's rewrite (copy-on-write)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ def _changes(*rows: tuple[int, str, str]) -> pa.Table:
     })  # fmt: skip
 
 
-@pytest.fixture
-def products(tmp_path: Path):
+@pytest.fixture(params=["merge", "copy_on_write"])
+def products(tmp_path: Path, monkeypatch, request):
+    monkeypatch.setattr(apply, "COPY_ON_WRITE_MAX_BYTES", 1 << 40 if request.param == "copy_on_write" else -1)
     t = project_in(tmp_path, CONFIGS).table("shop.products")
     path = str(tmp_path / "silver")
     shape = TableShape(t)

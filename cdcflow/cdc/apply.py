@@ -385,25 +385,48 @@ retry_commit_conflicts = retry(retry=retry_if_exception(is_commit_conflict), sto
                                wait=wait_random_exponential(multiplier=0.3, max=10), reraise=True)
 
 
+# A table of at most this many bytes of Parquet is merged in Arrow and rewritten whole (copy-on-write,
+# cdcflow.cdc.arrow_merge) instead of by delta-rs's MERGE. benchmarks/silver_commit.py: the rewrite
+# costs 0.65-0.9x the MERGE's CPU up to 100k rows (2.6 MB) and 1.1-1.2x at 400k rows (8 MB).
+COPY_ON_WRITE_MAX_BYTES = 2 * 1024 * 1024
+
+
+def copies_on_write(table) -> bool:
+    """Whether a commit to this delta-rs table rewrites it whole: small, unpartitioned, and without
+    the change data feed (a rewrite would feed every row as changed)."""
+    meta = table.metadata()
+    if meta.partition_columns or meta.configuration.get("delta.enableChangeDataFeed") == "true":
+        return False
+    sizes = pa.table(table.get_add_actions(flatten=True))["size_bytes"]
+    return (pc.sum(sizes).as_py() or 0) <= COPY_ON_WRITE_MAX_BYTES
+
+
 def _rs_merge(path: str, source: pa.Table, m: MergeClauses, rs=None) -> None:
     """The guarded MERGE by delta-rs. `rs`: the table as `silver_writer` opened it for this commit, so
-    a commit reads the log once. delta-rs checks the commits made since the version `rs` read and
-    fails on a conflicting one (a concurrent transaction added or removed data it read); each retry
-    then opens the table again at its newest version, so the `_seq` guard compares with what is there
-    now (tests/test_apply_rs_commit.py)."""
+    a commit reads the log once. A small table is read whole, merged in Arrow and rewritten by one
+    overwrite whose predicate covers the table, so any commit since the version read conflicts; a
+    bigger one gets delta-rs's MERGE, which fails on a conflicting commit (a concurrent transaction
+    added or removed data it read). Each retry opens the table again at its newest version, so the
+    `_seq` guard compares with what is there now (tests/test_apply_rs_commit.py)."""
+    from deltalake import write_deltalake
+
+    from cdcflow.cdc import arrow_merge
+
     opened = [rs] if rs is not None else []
 
     @retry_commit_conflicts
     def attempt() -> None:
         table = opened.pop() if opened else rs_table(path)
-        (
-            table.merge(source, predicate=m.on, source_alias="s", target_alias="t")
-            .when_matched_update(updates=m.update_delete, predicate=m.match_delete)
-            .when_matched_update(updates=m.update_upsert, predicate=m.match_upsert)
-            .when_not_matched_insert(updates=m.insert_delete, predicate="s._op = 'delete'")
-            .when_not_matched_insert(updates=m.insert)
-            .execute()
-        )
+        if copies_on_write(table):
+            merged = arrow_merge.merge(table.to_pyarrow_table(), source, m)
+            write_deltalake(table, merged, mode="overwrite", predicate="true", storage_options=rs_options(path))
+            return
+        builder = table.merge(source, predicate=m.on, source_alias="s", target_alias="t")
+        for condition, values in m.when_matched():
+            builder = builder.when_matched_update(updates=values, predicate=condition)
+        for condition, values in m.when_not_matched():
+            builder = builder.when_not_matched_insert(updates=values, predicate=condition)
+        builder.execute()
 
     attempt()
 
@@ -442,6 +465,14 @@ class MergeClauses:
     update_upsert: dict[str, str]
     insert_delete: dict[str, str]
     insert: dict[str, str]
+
+    def when_matched(self) -> list[tuple[str, dict[str, str]]]:
+        """(condition, assignments) of WHEN MATCHED, in order: the first that holds applies."""
+        return [(self.match_delete, self.update_delete), (self.match_upsert, self.update_upsert)]
+
+    def when_not_matched(self) -> list[tuple[str | None, dict[str, str]]]:
+        """(condition or None, values) of WHEN NOT MATCHED (by source), in order."""
+        return [("s._op = 'delete'", self.insert_delete), (None, self.insert)]
 
 
 def merge_clauses(shape: TableShape, absent: list[str], q, partial: bool = True) -> MergeClauses:
@@ -502,11 +533,14 @@ def merge_sql(path: str, source_view: str, shape: TableShape, absent: list[str] 
     def insert_values(values: dict[str, str]) -> str:
         return f"({', '.join(_q(c) for c in values)}) VALUES ({', '.join(values.values())})"
 
-    return f"""MERGE INTO delta.{_q(path)} AS t USING {source_view} AS s ON {m.on}
-WHEN MATCHED AND {m.match_delete} THEN UPDATE SET {assign(m.update_delete)}
-WHEN MATCHED AND {m.match_upsert} THEN UPDATE SET {assign(m.update_upsert)}
-WHEN NOT MATCHED AND s._op = 'delete' THEN INSERT {insert_values(m.insert_delete)}
-WHEN NOT MATCHED THEN INSERT {insert_values(m.insert)}"""
+    def when(condition: str | None) -> str:
+        return f" AND {condition}" if condition else ""
+
+    return "\n".join([
+        f"MERGE INTO delta.{_q(path)} AS t USING {source_view} AS s ON {m.on}",
+        *(f"WHEN MATCHED{when(c)} THEN UPDATE SET {assign(v)}" for c, v in m.when_matched()),
+        *(f"WHEN NOT MATCHED{when(c)} THEN INSERT {insert_values(v)}" for c, v in m.when_not_matched()),
+    ])
 
 
 def first_rows(src: DataFrame, shape: TableShape) -> DataFrame:
