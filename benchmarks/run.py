@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["config_scale", "warehouse_scd2", "full_load", "compaction", "silver_writer", "streaming"]
+BENCHMARKS = ["config_scale", "warehouse_scd2", "full_load", "compaction", "silver_writer", "silver_commit", "streaming"]
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ half new keys, every fifth a delete) with a newer sequence. Median CPU and wall 
 the table's Parquet bytes, written to results/silver_commit.json; `apply.COPY_ON_WRITE_MAX_BYTES`
 is set from where copy-on-write stops winning.
 
-    python -m benchmarks.silver_commit [--sizes 40,1000,10000,100000] [--changes 25,1000]
+    python -m benchmarks.silver_commit [--sizes 40,1000,10000,100000,400000] [--changes 25,1000]
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def run(work: Path, rows: int, changes: int, reps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="40,1000,10000,100000")
+    ap.add_argument("--sizes", default="40,1000,10000,100000,400000")
     ap.add_argument("--changes", default="25,1000")
     ap.add_argument("--reps", type=int, default=9)
     args = ap.parse_args()
