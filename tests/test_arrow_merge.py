@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from deltalake import write_deltalake
+from deltalake import TableFeatures, write_deltalake
 
 from cdcflow.cdc import apply, arrow_merge
 from cdcflow.cdc.changes import TableShape
@@ -128,5 +128,10 @@ def test_only_small_unpartitioned_tables_without_the_change_feed_are_rewritten(t
     assert apply.copies_on_write(apply.rs_table(str(tmp_path / "plain")))
     assert not apply.copies_on_write(apply.rs_table(str(tmp_path / "partitioned")))
     assert not apply.copies_on_write(apply.rs_table(str(tmp_path / "feed")))
-    monkeypatch.setattr(apply, "COPY_ON_WRITE_MAX_BYTES", 100)  # the plain table's file is bigger
+    generated = apply.rs_table(str(tmp_path / "plain"))
+    generated.alter.add_feature(TableFeatures.GeneratedColumns, allow_protocol_versions_increase=True)
     assert not apply.copies_on_write(apply.rs_table(str(tmp_path / "plain")))
+    write_deltalake(tmp_path / "small", data)
+    assert apply.copies_on_write(apply.rs_table(str(tmp_path / "small")))
+    monkeypatch.setattr(apply, "COPY_ON_WRITE_MAX_BYTES", 100)  # the table's file is bigger
+    assert not apply.copies_on_write(apply.rs_table(str(tmp_path / "small")))

@@ -392,10 +392,13 @@ COPY_ON_WRITE_MAX_BYTES = 2 * 1024 * 1024
 
 
 def copies_on_write(table) -> bool:
-    """Whether a commit to this delta-rs table rewrites it whole: small, unpartitioned, and without
-    the change data feed (a rewrite would feed every row as changed)."""
+    """Whether a commit to this delta-rs table rewrites it whole: small, unpartitioned, without the
+    change data feed (a rewrite would feed every row as changed) and without generated columns
+    (delta-rs's MERGE computes them for inserted rows; a rewrite would have to)."""
     meta = table.metadata()
     if meta.partition_columns or meta.configuration.get("delta.enableChangeDataFeed") == "true":
+        return False
+    if "generatedColumns" in (table.protocol().writer_features or ()):
         return False
     sizes = pa.table(table.get_add_actions(flatten=True))["size_bytes"]
     return (pc.sum(sizes).as_py() or 0) <= COPY_ON_WRITE_MAX_BYTES
