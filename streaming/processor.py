@@ -57,6 +57,14 @@ class TableOutcome:
     dq: StageReport | None = None  # raw->staging rule counts, for tables with warn / fail rules (streaming.dq)
 
 
+def biggest_first(outcomes: dict[str, TableOutcome]) -> list[str]:
+    """The order in which a batch's tables are queued for the apply pool: most records first. When the
+    pool is smaller than the tables touched, most records become visible early instead of waiting
+    behind small tables' fixed costs; with skewed tables (a few hot ones, a long cold tail), the hot
+    tables' commits come at the start of the round of commits instead of anywhere in it."""
+    return sorted(outcomes, key=lambda name: -outcomes[name].read)
+
+
 class BatchProcessor:
     """What lasts across micro-batches: paths, the watermark, blocked tables, the apply pool."""
 
@@ -171,12 +179,11 @@ class BatchProcessor:
                 outcomes.setdefault(name, TableOutcome(name))
         # Tables delta-rs commits share one plan for their typing, checks, masking and collapse
         # (cdcflow.cdc.multi_table): a plan per table costs ~0.7 s of driver time at any size.
-        many = [name for name in outcomes if self._takes_many(name, changes)]
-        # The rest: biggest tables first, so that when the pool is smaller than the tables touched,
-        # most records become visible early instead of waiting behind small tables' fixed costs.
+        order = biggest_first(outcomes)
+        many = [name for name in order if self._takes_many(name, changes)]
         futures = {
-            name: self.pool.submit(self._apply_table, norm, name, changes.get(name, []), batch_id, o)
-            for name, o in sorted(outcomes.items(), key=lambda kv: -kv[1].read) if name not in many
+            name: self.pool.submit(self._apply_table, norm, name, changes.get(name, []), batch_id, outcomes[name])
+            for name in order if name not in many
         }
         if many:
             futures.update(self._apply_many(norm, many, changes, batch_id, outcomes))

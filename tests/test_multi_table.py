@@ -13,6 +13,7 @@ from cdcflow.cdc.changes import TableShape
 from cdcflow.cdc.multi_table import fits
 from cdcflow.sim.synthetic import write_configs
 from streaming.job import run_stream
+from streaming.processor import TableOutcome, biggest_first
 from streaming.sources import replay_stream
 from tests.conftest import CONFIGS
 from tests.streaming_helpers import project_in, simulate_to, split_replay, verify_against_oracle
@@ -27,6 +28,11 @@ def test_which_tables_the_shared_plan_takes(tmp_path: Path):
     taken = {name for name, t in project.tables.items() if fits(TableShape(t))}
     # customers has raw->staging transforms, order_items ignore_null_updates: their own plans.
     assert taken == {"shop.orders", "shop.products", "synth.t0001"}
+
+
+def test_a_batch_queues_its_tables_most_records_first():
+    outcomes = {name: TableOutcome(name, read=n) for name, n in [("cold", 2), ("hot", 900), ("warm", 40), ("tie", 40)]}
+    assert biggest_first(outcomes) == ["hot", "warm", "tie", "cold"]  # ties keep the batch's order
 
 
 @pytest.mark.spark
