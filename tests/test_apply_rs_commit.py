@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from deltalake import DeltaTable as RsTable
+from deltalake import Field as DeltaField
 
 from cdcflow.cdc import apply
 from cdcflow.cdc.changes import TableShape
@@ -71,3 +73,31 @@ def test_a_commit_that_loses_to_a_concurrent_one_reads_the_newest_version(produc
     assert apply.merge_rows(path, _changes(late), shape) is None
     assert opens == [path]  # the commit on the stale version failed; the retry opened the table again
     assert {r["product_id"]: (r["name"], r["_seq"]) for r in _rows(path)} == expected
+
+
+def test_a_rewrite_reads_back_only_what_it_did_not_write(tmp_path: Path, monkeypatch):
+    """A small table's next commit takes the rows this process last wrote while the table holds just
+    that commit's files under the same schema; after another writer's commit it reads the table."""
+    monkeypatch.setattr(apply, "COPY_ON_WRITE_MAX_BYTES", 1 << 40)
+    t = project_in(tmp_path, CONFIGS).table("shop.products")
+    path, shape = str(tmp_path / "silver"), TableShape(t)
+    reads = []
+    real = RsTable.to_pyarrow_table
+    monkeypatch.setattr(RsTable, "to_pyarrow_table", lambda self, *a, **k: reads.append(1) or real(self, *a, **k))
+
+    assert apply.merge_rows(path, _changes((1, "a", "1001"), (2, "x", "1001")), shape) is None
+    assert apply.merge_rows(path, _changes((1, "b", "1002")), shape) is None
+    assert len(reads) == 1  # the new, empty table's; the second commit read nothing
+
+    apply.rs_table(path).optimize.z_order(["product_id"])  # another writer: the same rows in a new file
+    assert apply.merge_rows(path, _changes((2, "y", "1003")), shape) is None
+    assert len(reads) == 2
+    # a column added without rewriting a file: same files, another schema
+    apply.rs_table(path).alter.add_columns(DeltaField("note", "string"))
+    assert apply.merge_rows(path, _changes((1, "c", "1004")), shape) is None
+    assert len(reads) == 3
+    assert apply.merge_rows(path, _changes((3, "n", "1005")), shape) is None
+    assert len(reads) == 3
+    assert {r["product_id"]: (r["name"], r["_seq"]) for r in _rows(path)} == {
+        1: ("c", "1004"), 2: ("y", "1003"), 3: ("n", "1005")}
+    assert "note" in apply.rs_table(path).schema().to_arrow().names

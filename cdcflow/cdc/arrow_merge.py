@@ -177,3 +177,4 @@ def merge(target: pa.Table, source: pa.Table, m: MergeClauses) -> pa.Table:
     columns, taken = _when(m.when_not_matched(), inserted, schema, lambda f: pa.nulls(inserted.n, f.type))
     parts.append(pa.Table.from_arrays(columns, schema=schema).filter(taken))
     return pa.concat_tables(parts)
+
