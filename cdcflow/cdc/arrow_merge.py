@@ -1,8 +1,9 @@
 """The guarded MERGE computed in Arrow, for a small table committed as one rewrite (copy-on-write).
 
-A delta-rs MERGE of a small table costs ~13-25 ms of CPU, most of it DataFusion planning the MERGE;
-reading the whole table, computing the same MERGE here and committing the result as one
-overwrite costs about half (docs/design.md, "Silver writer"). The rule stays `apply.merge_clauses`:
+A delta-rs MERGE of a small table costs ~20-30 ms of CPU, most of it DataFusion planning the MERGE;
+reading the whole table, computing the same MERGE here and committing the result as one overwrite
+costs about two thirds of that (docs/design.md, "Copy-on-write for small tables"); taking the rows
+from this process's last rewrite (`apply.REWRITTEN`) saves the read. The rule stays `apply.merge_clauses`:
 this module evaluates its SQL fragments over Arrow arrays, with MERGE's semantics: rows join on
 the ON clause's key equalities, the first WHEN clause whose condition holds wins, an update keeps
 the columns it does not set and an insert leaves them NULL, a source row no clause takes is not
