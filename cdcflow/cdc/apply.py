@@ -404,8 +404,12 @@ def copies_on_write(table, adds: pa.Table) -> bool:
     return (pc.sum(adds["size_bytes"]).as_py() or 0) <= COPY_ON_WRITE_MAX_BYTES
 
 
-def _files(table) -> tuple[str, ...]:
-    return tuple(sorted(pa.table(table.get_add_actions(flatten=True))["path"].to_pylist()))
+def _add_actions(table) -> pa.Table:
+    return pa.table(table.get_add_actions(flatten=True))
+
+
+def _file_set(adds: pa.Table) -> tuple[str, ...]:
+    return tuple(sorted(adds["path"].to_pylist()))
 
 
 class Rewritten:
@@ -462,13 +466,13 @@ def _rs_merge(path: str, source: pa.Table, m: MergeClauses, rs=None) -> None:
     @retry_commit_conflicts
     def attempt() -> None:
         table = opened.pop() if opened else rs_table(path)
-        adds = pa.table(table.get_add_actions(flatten=True))
+        adds = _add_actions(table)
         if copies_on_write(table, adds):
             schema = table.schema().to_json()
-            current = REWRITTEN.get(path, tuple(sorted(adds["path"].to_pylist())), schema)
+            current = REWRITTEN.get(path, _file_set(adds), schema)
             merged = arrow_merge.merge(table.to_pyarrow_table() if current is None else current, source, m)
             write_deltalake(table, merged, mode="overwrite", predicate="true", storage_options=rs_options(path))
-            REWRITTEN.put(path, _files(table), schema, merged)
+            REWRITTEN.put(path, _file_set(_add_actions(table)), schema, merged)  # the handle is at the new version
             return
         builder = table.merge(source, predicate=m.on, source_alias="s", target_alias="t")
         for condition, values in m.when_matched():
