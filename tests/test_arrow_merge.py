@@ -18,7 +18,6 @@ from deltalake import TableFeatures, write_deltalake
 from cdcflow.cdc import apply, arrow_merge
 from cdcflow.cdc.changes import TableShape
 from cdcflow.cdc.multi_table import arrow_type
-from cdcflow.cdc.schema import SILVER_META
 from tests.conftest import CONFIGS
 from tests.streaming_helpers import project_in
 
@@ -59,10 +58,8 @@ def _silver(rng: random.Random, shape: TableShape, n: int, legacy: bool) -> pa.T
         if legacy:
             row["legacy"] = rng.choice([None, "kept?"])
         rows.append(row)
-    fields = [pa.field(c, arrow_type(shape.output_type(c)), nullable=c not in t.primary_key) for c in shape.output_columns]
-    fields += [pa.field(c, arrow_type(ty)) for c, ty in SILVER_META.items()]
-    fields += [pa.field("legacy", pa.string())] if legacy else []
-    return pa.Table.from_pylist(rows, pa.schema(fields))
+    schema = apply.silver_schema(shape)
+    return pa.Table.from_pylist(rows, schema.append(pa.field("legacy", pa.string())) if legacy else schema)
 
 
 def _changes(rng: random.Random, shape: TableShape, n: int, silver: pa.Schema, partial: bool) -> pa.Table:

@@ -323,6 +323,15 @@ def _merge_delta_rs(spark: SparkSession, path: str, rs, src: DataFrame, shape: T
     return bad
 
 
+def silver_schema(shape: TableShape) -> pa.Schema:
+    """A new silver table's Arrow schema: the output columns (only the key NOT NULL), then SILVER_META."""
+    from cdcflow.cdc.multi_table import arrow_type
+
+    fields = [pa.field(c, arrow_type(shape.output_type(c)), nullable=c not in shape.table.primary_key)
+              for c in shape.output_columns]
+    return pa.schema(fields + [pa.field(c, arrow_type(ty)) for c, ty in SILVER_META.items()])
+
+
 def merge_rows(path: str, changes: pa.Table, shape: TableShape) -> str | None:
     """Commit collapsed changes that are already on the driver (cdcflow.cdc.multi_table: `_values`,
     a column -> text map, with `_op`, `_seq`, `_commit_ts`) by delta-rs, with the same MERGE as
@@ -333,8 +342,6 @@ def merge_rows(path: str, changes: pa.Table, shape: TableShape) -> str | None:
 
     from deltalake import DeltaTable as RsTable
 
-    from cdcflow.cdc.multi_table import arrow_type
-
     writer, rs = silver_writer(path, shape.table)
     if writer != "delta-rs":
         return "spark"
@@ -343,10 +350,7 @@ def merge_rows(path: str, changes: pa.Table, shape: TableShape) -> str | None:
     if rs is None:
         # A new table: created empty, then the same MERGE inserts (and tombstones) its first changes.
         t = shape.table
-        fields = [pa.field(c, arrow_type(shape.output_type(c)), nullable=c not in t.primary_key)
-                  for c in shape.output_columns]
-        fields += [pa.field(c, arrow_type(ty)) for c, ty in SILVER_META.items()]
-        rs = RsTable.create(rs_uri(path), pa.schema(fields), partition_by=t.cfg.delta.partition_by or None,
+        rs = RsTable.create(rs_uri(path), silver_schema(shape), partition_by=t.cfg.delta.partition_by or None,
                             configuration=silver_options(t), mode="ignore", storage_options=rs_options(path))
     if changes.num_rows == 0:
         return None

@@ -165,7 +165,7 @@ def merge(target: pa.Table, source: pa.Table, m: MergeClauses) -> pa.Table:
     s_idx, t_idx = joined["_s"], joined["_t"]
     both = pc.and_(pc.is_valid(s_idx), pc.is_valid(t_idx))
 
-    kept = target.take(pc.drop_null(pc.filter(t_idx, pc.is_null(s_idx))))
+    kept = target.take(pc.filter(t_idx, pc.is_null(s_idx)))  # no source row: as it is
     parts = [kept]
 
     m_s, m_t = pc.filter(s_idx, both), pc.filter(t_idx, both)
