@@ -112,3 +112,23 @@ def rs_options(uri: str) -> dict[str, str] | None:
             "AWS_SECRET_ACCESS_KEY": secret,
         })
     return opts
+
+
+_s3_client = None
+
+
+def read_object(uri: str) -> bytes:
+    """The bytes of a small object of the lake: a local path or s3://; FileNotFoundError if absent."""
+    if not is_s3(uri):
+        with open(uri, "rb") as f:
+            return f.read()
+    global _s3_client
+    from cdcflow.aws import client, split_s3
+
+    if _s3_client is None:  # boto3 clients are thread-safe; a second one made in a race is harmless
+        _s3_client = client("s3", _aws.endpoint_url if _aws else None, _aws.region if _aws else None)
+    bucket, key = split_s3(uri)
+    try:
+        return _s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except _s3_client.exceptions.NoSuchKey as e:
+        raise FileNotFoundError(uri) from e

@@ -5,6 +5,7 @@ its MERGE, and a small table's rewrite (copy-on-write)."""
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable as RsTable
 from deltalake import Field as DeltaField
+from deltalake import write_deltalake
 
 from cdcflow.cdc import apply
 from cdcflow.cdc.changes import TableShape
@@ -54,10 +56,45 @@ def _counting_opens(monkeypatch) -> list[str]:
 
 def test_a_commit_opens_the_table_once(products, monkeypatch):
     path, shape = products
+    apply.HANDLES.take(path)  # as in a process that has not committed to the table yet
     opens = _counting_opens(monkeypatch)
     assert apply.merge_rows(path, _changes((1, "b", "1002")), shape) is None
     assert opens == [path]
     assert _rows(path)[0] == {"product_id": 1, "name": "b", "_seq": "1002"}
+
+
+def _recreate(path: str, rows: list[tuple[int, str, str]], versions: int) -> None:
+    """Drop the table and create it again at the same path (another process), `versions` commits long."""
+    held = apply.rs_table(path).to_pyarrow_table()
+    shutil.rmtree(path)
+    new = pa.Table.from_pylist([{**held.slice(0, 1).to_pylist()[0], "product_id": k, "name": n, "_seq": q}
+                                for k, n, q in rows], schema=held.schema)
+    write_deltalake(path, new)
+    for _ in range(versions - 1):
+        write_deltalake(path, new.slice(0, 0), mode="append")
+
+
+@pytest.mark.parametrize("versions", [1, 8])  # fewer log entries than the held table's, and more
+def test_a_held_table_is_used_while_its_log_entry_is_its_last_commit(products, monkeypatch, versions):
+    """The next commit brings the table this process committed last up to date instead of opening it,
+    another writer's commits included; a table dropped and created again at the same path is opened
+    afresh, not read as the old one's next versions."""
+    path, shape = products
+    opens = _counting_opens(monkeypatch)
+    assert apply.merge_rows(path, _changes((1, "b", "1002")), shape) is None
+    assert opens == []
+    apply.rs_table(path).optimize.z_order(["product_id"])  # another writer between two commits
+    opens.clear()
+    assert apply.merge_rows(path, _changes((2, "y", "1003")), shape) is None
+    assert opens == []
+    assert {r["product_id"]: (r["name"], r["_seq"]) for r in _rows(path)} == {1: ("b", "1002"), 2: ("y", "1003")}
+
+    _recreate(path, [(5, "r", "2000"), (1, "q", "2000")], versions)
+    opens.clear()
+    assert apply.merge_rows(path, _changes((1, "d", "3000"), (6, "n", "3000")), shape) is None
+    assert opens == [path]
+    assert {r["product_id"]: (r["name"], r["_seq"]) for r in _rows(path)} == {
+        5: ("r", "2000"), 1: ("d", "3000"), 6: ("n", "3000")}
 
 
 @pytest.mark.parametrize(("late", "expected"), [
@@ -68,7 +105,7 @@ def test_a_commit_that_loses_to_a_concurrent_one_reads_the_newest_version(produc
     path, shape = products
     stale = apply.rs_table(path)  # what silver_writer opened before another writer committed
     assert apply.merge_rows(path, _changes((1, "b", "1003"), (2, "y", "1003")), shape) is None
-    monkeypatch.setattr(apply, "silver_writer", lambda p, t: ("delta-rs", stale))
+    monkeypatch.setattr(apply, "silver_writer", lambda p, t, **held: ("delta-rs", stale))
     opens = _counting_opens(monkeypatch)
     assert apply.merge_rows(path, _changes(late), shape) is None
     assert opens == [path]  # the commit on the stale version failed; the retry opened the table again

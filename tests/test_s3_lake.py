@@ -284,3 +284,37 @@ def test_moto_refuses_a_second_conditional_put(stack):
         s3.put_object(Bucket=BUCKET, Key=key, Body=b"second", IfNoneMatch="*")
     assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
     assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == b"first"
+
+
+def test_a_held_table_is_checked_against_its_s3_log_entry(stack, monkeypatch):
+    """On S3 the check of a table held from the last commit reads its log entry through the lake's
+    S3 settings: the next commit opens nothing; a table dropped and created again at the same path
+    is opened afresh, and the commit lands on the new table."""
+    import pyarrow.compute as pc
+    from deltalake import write_deltalake
+
+    from cdcflow.aws import project_client
+    from cdcflow.cdc import apply
+    from cdcflow.cdc.changes import TableShape
+    from cdcflow.storage import rs_options
+    from tests.test_apply_rs_commit import _changes, _counting_opens, _rows
+
+    run = uuid.uuid4().hex[:8]
+    project = s3_project(run)
+    shape = TableShape(project.table("shop.products"))
+    path = project.path(shape.table.delta_path)
+    assert apply.merge_rows(path, _changes((1, "a", "1001"), (2, "x", "1001")), shape) is None
+    opens = _counting_opens(monkeypatch)
+    assert apply.merge_rows(path, _changes((1, "b", "1002")), shape) is None
+    assert opens == []
+
+    held = apply.rs_table(path).to_pyarrow_table()
+    s3 = project_client(project, "s3")
+    prefix = path.split(f"{BUCKET}/", 1)[1].rstrip("/") + "/"
+    for key in keys(project, prefix):
+        s3.delete_object(Bucket=BUCKET, Key=key)
+    write_deltalake(apply.rs_uri(path), held.filter(pc.equal(held["product_id"], 2)), storage_options=rs_options(path))
+    opens.clear()
+    assert apply.merge_rows(path, _changes((3, "n", "1003")), shape) is None
+    assert opens == [path]
+    assert {r["product_id"]: r["name"] for r in _rows(path)} == {2: "x", 3: "n"}

@@ -54,16 +54,24 @@ class _Rows:
 
     def __init__(self, n: int, source: pa.Table, s_idx: pa.Array | None, target: pa.Table, t_idx: pa.Array | None):
         self.n = n
-        self.sides = {"s": (source, s_idx), "t": (target, t_idx)}
+        # each side taken whole, once: one call instead of one per column it reads
+        self.sides = {"s": (source.schema, source.take(s_idx) if s_idx is not None else None),
+                      "t": (target.schema, target.take(t_idx) if t_idx is not None else None)}
         self.taken: dict[tuple[str, str], pa.Array] = {}
+        self.values: dict[str, Value] = {}  # fragment -> its value: the clauses share most of theirs
+
+    def value(self, sql: str) -> Value:
+        if sql not in self.values:
+            self.values[sql] = evaluate(parsed(sql), self)
+        return self.values[sql]
 
     def column(self, side: str, name: str) -> pa.Array:
         if (side, name) not in self.taken:
-            table, idx = self.sides[side]
-            if name not in table.schema.names:
+            schema, rows = self.sides[side]
+            if name not in schema.names:
                 raise KeyError(f"the MERGE reads {side}.{name}, which its {side} side lacks")
-            self.taken[side, name] = (table[name].take(idx).combine_chunks() if idx is not None
-                                      else pa.nulls(self.n, table.schema.field(name).type))
+            self.taken[side, name] = (rows[name].combine_chunks() if rows is not None
+                                      else pa.nulls(self.n, schema.field(name).type))
         return self.taken[side, name]
 
 
@@ -131,27 +139,38 @@ def _assign(values: dict[str, str], rows: _Rows, schema: pa.Schema, unset: Calla
         if field.name not in values:
             out.append(unset(field))
             continue
-        value = evaluate(parsed(values[field.name]), rows)
+        value = rows.value(values[field.name])
         if value is NULL:
             out.append(pa.nulls(rows.n, field.type))
         elif isinstance(value, pa.Scalar):
             out.append(pa.array([value.as_py()] * rows.n, field.type))
         else:
-            out.append(value.cast(field.type))
+            out.append(value if value.type == field.type else value.cast(field.type))
     return out
 
 
 def _when(clauses: list[tuple[str | None, dict[str, str]]], rows: _Rows, schema: pa.Schema,
           unset: Callable[[pa.Field], pa.Array]) -> tuple[list[pa.Array], pa.Array]:
-    """The rows' columns after the first clause that holds for each row, and which rows one held for."""
-    columns = [unset(f) for f in schema]
+    """The rows' columns after the first clause that holds for each row, and which rows one held for.
+    Most commits of a small table meet a clause that holds for none or all of its rows (no deletes,
+    only new keys): such a clause is skipped or taken whole, without a per-row choice per column."""
+    if rows.n == 0:
+        return [pa.array([], f.type) for f in schema], pa.array([], pa.bool_())
+    columns: list[pa.Array] | None = None  # None: no clause holds for any row yet (`unset`)
     taken = pa.array([False] * rows.n, pa.bool_())
     for predicate, values in reversed(clauses):  # an earlier clause overrides a later one
-        holds = _condition(evaluate(parsed(predicate), rows), rows.n) if predicate else pa.array([True] * rows.n, pa.bool_())
+        holds = _condition(rows.value(predicate), rows.n) if predicate else pa.array([True] * rows.n, pa.bool_())
+        some, every = pc.any(holds).as_py(), pc.all(holds).as_py()
+        if not some:
+            continue
         assigned = _assign(values, rows, schema, unset)
-        columns = [pc.if_else(holds, a, c) for a, c in zip(assigned, columns, strict=True)]
+        if every:
+            columns = assigned
+        else:
+            held = columns if columns is not None else [unset(f) for f in schema]
+            columns = [pc.if_else(holds, a, c) for a, c in zip(assigned, held, strict=True)]
         taken = pc.or_(taken, holds)
-    return columns, taken
+    return (columns if columns is not None else [unset(f) for f in schema]), taken
 
 
 def merge(target: pa.Table, source: pa.Table, m: MergeClauses) -> pa.Table:

@@ -213,13 +213,17 @@ class MultiTableChanges:
                             .unionByName(bad, allowMissingColumns=True))
         finally:
             release(checked)
-        by_table: dict[str, list[int]] = {}
-        for i, name in enumerate(both["_table"].to_pylist()):
-            by_table.setdefault(name, []).append(i)
-        out: dict[str, tuple[pa.Table, list[dict]]] = {}
-        for name in tables:
-            part = both.take(pa.array(by_table.get(name, []), pa.int64()))  # typed: an empty list is a null array
-            ok = pc.is_null(part["_rule"])
-            out[name] = (part.filter(ok).select(["_values", "_op", "_seq", "_commit_ts"]),
-                         part.filter(pc.invert(ok)).select(REJECTED).to_pylist())
-        return out
+        # Split by table: the changes sorted by table once, then a zero-copy slice per table (a take
+        # and two filters per table cost ~0.5 s of a 1004-table batch, before any commit could start).
+        ok = pc.is_null(both["_rule"])
+        good = both.filter(ok)
+        good = good.take(pc.sort_indices(good["_table"]))
+        counts = pc.value_counts(good["_table"])  # in order of first appearance: the sorted order
+        spans, start = {}, 0
+        for name, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True):
+            spans[name], start = (start, n), start + n
+        good = good.select(["_values", "_op", "_seq", "_commit_ts"])
+        rejected: dict[str, list[dict]] = {}
+        for row in both.filter(pc.invert(ok)).select(["_table", *REJECTED]).to_pylist():
+            rejected.setdefault(row.pop("_table"), []).append(row)
+        return {name: (good.slice(*spans.get(name, (0, 0))), rejected.get(name, [])) for name in tables}
