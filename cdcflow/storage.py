@@ -33,8 +33,8 @@ def is_s3(uri: str) -> bool:
 
 def use(aws: AwsSettings) -> None:
     """Make `aws` the settings of this process's S3 access (Spark's S3A and delta-rs)."""
-    global _aws
-    _aws = aws
+    global _aws, _s3_client
+    _aws, _s3_client = aws, None  # read_object's client follows the settings
     from cdcflow import runtime
 
     session = runtime._session
