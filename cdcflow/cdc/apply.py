@@ -228,7 +228,7 @@ def silver_writer(path: str, table: Table, source_bytes: int = 0, opened=None):
     features = set(proto.writer_features or ())
     if proto.min_writer_version in (5, 6) or not features <= DELTA_RS_WRITER_FEATURES:
         return "spark", None
-    size = pc.sum(_add_actions(rs)["size_bytes"]).as_py() or 0
+    size = table_files(rs).size_bytes
     return ("delta-rs", rs) if size <= table.delta_rs_max_table_mb * 1024 * 1024 else ("spark", None)
 
 
@@ -398,30 +398,40 @@ retry_commit_conflicts = retry(retry=retry_if_exception(is_commit_conflict), sto
 COPY_ON_WRITE_MAX_BYTES = 2 * 1024 * 1024
 
 
-def copies_on_write(table, adds: pa.Table) -> bool:
-    """Whether a commit to this delta-rs table (`adds`: its add actions) rewrites it whole: small,
-    unpartitioned, without the change data feed (a rewrite would feed every row as changed) and
-    without generated columns (delta-rs's MERGE computes them for inserted rows; a rewrite would have to)."""
+def copies_on_write(table, size_bytes: int) -> bool:
+    """Whether a commit to this delta-rs table (`size_bytes`: its data files' size) rewrites it whole:
+    small, unpartitioned, without the change data feed (a rewrite would feed every row as changed)
+    and without generated columns (delta-rs's MERGE computes them for inserted rows; a rewrite would have to)."""
     meta = table.metadata()
     if meta.partition_columns or meta.configuration.get("delta.enableChangeDataFeed") == "true":
         return False
     if "generatedColumns" in (table.protocol().writer_features or ()):
         return False
-    return (pc.sum(adds["size_bytes"]).as_py() or 0) <= COPY_ON_WRITE_MAX_BYTES
+    return size_bytes <= COPY_ON_WRITE_MAX_BYTES
 
 
-def _add_actions(table) -> pa.Table:
-    """The table's add actions at its version: read once per open table and version (a commit reads
-    them for the writer's size check, copy-on-write's size and file set, and after its write)."""
-    held = getattr(table, "_cdcflow_adds", None)  # (version, add actions), kept on the open table
-    if held is None or held[0] != table.version():
-        held = (table.version(), pa.table(table.get_add_actions(flatten=True)))
-        table._cdcflow_adds = held
-    return held[1]
+@dataclass(frozen=True)
+class TableFiles:
+    """An open table's data files at one version: their paths (sorted) and total size."""
+
+    version: int
+    paths: tuple[str, ...]
+    size_bytes: int
 
 
-def _file_set(adds: pa.Table) -> tuple[str, ...]:
-    return tuple(sorted(adds["path"].to_pylist()))
+def table_files(table) -> TableFiles:
+    """The open table's data files at its version, read once per open table and version (a commit
+    reads them for the writer's size check, copy-on-write's size and file set, and after its write).
+    Kept as plain Python values: the Arrow add actions delta-rs hands over hold their Rust allocation,
+    about 160 KB a table whatever their rows (a `/tmp` probe of 500 held tables: 81 MB against none),
+    so 1,024 held tables kept them at ~160 MB of the driver."""
+    held = getattr(table, "_cdcflow_files", None)
+    if held is None or held.version != table.version():
+        adds = pa.table(table.get_add_actions(flatten=True))
+        held = TableFiles(table.version(), tuple(sorted(adds["path"].to_pylist())),
+                          pc.sum(adds["size_bytes"]).as_py() or 0)
+        table._cdcflow_files = held
+    return held
 
 
 class Rewritten:
@@ -504,9 +514,9 @@ class Handles:
 
 
 # One per silver table the process commits to (1004 in the scale targets). A held table costs the
-# driver's Python about 0.4 MB (target 2's probe: 2,006 held, from the warm-up lake and the measured
-# one, took its RSS from 1.15 to 1.9 GB), so at most 1,024 are held, the least recently used dropped
-# first: a job committing to more tables each batch than that opens the rest as before.
+# driver's Python about 150 KB of delta-rs state (a `/tmp` probe: 500 held 13-column tables, 75 MB),
+# so at most 1,024 are held, the least recently used dropped first: a job committing to more tables
+# each batch than that opens the rest as before.
 HANDLES = Handles(max_tables=1024)
 
 
@@ -551,14 +561,14 @@ def _rs_merge(path: str, source: pa.Table, m: MergeClauses, rs=None) -> None:
         # the first attempt's table: given, or held from this process's last commit; a retry's: opened
         table = opened.pop() if opened else HANDLES.take(path) or rs_table(path)
         commit_id, commit = _commit_id()
-        adds = _add_actions(table)
-        if copies_on_write(table, adds):
+        files = table_files(table)
+        if copies_on_write(table, files.size_bytes):
             schema = table.schema().to_json()
-            current = REWRITTEN.get(path, _file_set(adds), schema)
+            current = REWRITTEN.get(path, files.paths, schema)
             merged = arrow_merge.merge(table.to_pyarrow_table() if current is None else current, source, m)
             write_deltalake(table, merged, mode="overwrite", predicate="true", storage_options=rs_options(path),
                             commit_properties=commit)
-            REWRITTEN.put(path, _file_set(_add_actions(table)), schema, merged)  # the handle is at the new version
+            REWRITTEN.put(path, table_files(table).paths, schema, merged)  # the handle is at the new version
         else:
             builder = table.merge(source, predicate=m.on, source_alias="s", target_alias="t", commit_properties=commit)
             for condition, values in m.when_matched():
