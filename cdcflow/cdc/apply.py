@@ -427,9 +427,9 @@ def table_files(table) -> TableFiles:
     so 1,024 held tables kept them at ~160 MB of the driver."""
     held = getattr(table, "_cdcflow_files", None)
     if held is None or held.version != table.version():
-        adds = pa.table(table.get_add_actions(flatten=True))
-        held = TableFiles(table.version(), tuple(sorted(adds["path"].to_pylist())),
-                          pc.sum(adds["size_bytes"]).as_py() or 0)
+        adds = table.get_add_actions(flatten=False)  # arro3: two columns read, no pyarrow table built
+        held = TableFiles(table.version(), tuple(sorted(adds.column("path").to_pylist())),
+                          sum(adds.column("size_bytes").to_pylist()))
         table._cdcflow_files = held
     return held
 
@@ -443,7 +443,7 @@ class Rewritten:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._held: OrderedDict[str, tuple[tuple[str, ...], str, pa.Table]] = OrderedDict()
+        self._held: OrderedDict[str, tuple[tuple[str, ...], str, pa.Table, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -455,15 +455,16 @@ class Rewritten:
     def put(self, path: str, files: tuple[str, ...], schema: str, rows: pa.Table) -> None:
         with self._lock:
             self._drop(path)
-            self._held[path] = (files, schema, rows)
-            self._bytes += rows.nbytes
+            size = rows.nbytes  # once: summing a table's buffers is not free at ~1000 puts a batch
+            self._held[path] = (files, schema, rows, size)
+            self._bytes += size
             while self._bytes > self.max_bytes and self._held:
                 self._drop(next(iter(self._held)))
 
     def _drop(self, path: str) -> None:
         held = self._held.pop(path, None)
         if held is not None:
-            self._bytes -= held[2].nbytes
+            self._bytes -= held[3]
 
 
 # What this process last rewrote: small tables only, at most 1004 x a few hundred rows in the scale
@@ -473,9 +474,9 @@ REWRITTEN = Rewritten(max_bytes=256 * 1024 * 1024)
 
 class Handles:
     """The delta-rs tables this process committed last, kept open at the version of that commit, by
-    path: the next commit brings one up to date with `update_incremental()` (the log's new entries,
-    if any) instead of opening the table again (the log read from its last checkpoint: about 3 of a
-    small table's ~13 ms commit, more on S3).
+    path: the next commit brings one up to date with `update_incremental()` when the log has an entry
+    after it (another writer's), instead of opening the table again (the log read from its last
+    checkpoint: about 3 of a small table's ~13 ms commit, more on S3).
 
     An open table knows its versions, not the table behind them: a table dropped and created again
     at the same path would be read as the old one's later versions (or as unchanged), and a commit
@@ -499,7 +500,8 @@ class Handles:
         try:
             if not _log_entry_holds(path, table.version(), commit_id):
                 return None
-            table.update_incremental()
+            if _log_entry(path, table.version() + 1) is not None:  # another writer committed since
+                table.update_incremental()  # a listing of the log (~0.4 ms locally) only then
         except Exception:  # noqa: BLE001 - opening the table afresh is always right
             return None
         return table
@@ -520,13 +522,20 @@ class Handles:
 HANDLES = Handles(max_tables=1024)
 
 
-def _log_entry_holds(path: str, version: int, commit_id: str) -> bool:
-    """Whether the table's log entry `version` is there and holds `commit_id`."""
+def _log_entry(path: str, version: int) -> bytes | None:
+    """The table's log entry `version`, or None if there is none."""
     from cdcflow.storage import read_object
 
     try:
-        entry = read_object(f"{rs_uri(path).rstrip('/')}/_delta_log/{version:020d}.json")
+        return read_object(f"{rs_uri(path).rstrip('/')}/_delta_log/{version:020d}.json")
     except FileNotFoundError:
+        return None
+
+
+def _log_entry_holds(path: str, version: int, commit_id: str) -> bool:
+    """Whether the table's log entry `version` is there and holds `commit_id`."""
+    entry = _log_entry(path, version)
+    if entry is None:
         return False
     infos = [json.loads(line).get("commitInfo") or {} for line in entry.splitlines() if b'"commitInfo"' in line]
     return any(info.get("cdcflow.commit") == commit_id for info in infos)
