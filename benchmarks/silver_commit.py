@@ -73,8 +73,7 @@ def run(work: Path, rows: int, changes: int, reps: int) -> dict:
             cpu.append((time.process_time() - c0) * 1000)
             wall.append((time.perf_counter() - w0) * 1000)
         size = sum(f.stat().st_size for f in Path(path).glob("*.parquet"))
-        table = apply.rs_table(path)
-        live = sum(pa.table(table.get_add_actions(flatten=True))["size_bytes"].to_pylist())
+        live = apply.table_files(apply.rs_table(path)).size_bytes
         out[engine] = {"cpu_ms": round(statistics.median(cpu), 1), "wall_ms": round(statistics.median(wall), 1),
                        "table_bytes": live, "bytes_written_total": size}
     out["copy_on_write_vs_merge"] = round(out["merge"]["cpu_ms"] / out["copy_on_write"]["cpu_ms"], 2)
