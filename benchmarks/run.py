@@ -9,7 +9,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["config_scale", "warehouse_scd2", "full_load", "compaction", "silver_writer", "silver_commit", "streaming"]
+BENCHMARKS = ["config_scale", "warehouse_scd2", "full_load", "compaction", "silver_writer", "silver_commit", "streaming",
+              "batch_breakdown"]
 
 
 def main() -> int:

@@ -279,6 +279,21 @@ def _prepare(config_dir: str, work: str, events: int, skew: float) -> tuple[int,
     return len(lines), names
 
 
+def replay_records(shard_lines: list[DataFrame], first: int, end: int, t0: float, rate: float) -> DataFrame:
+    """Lines [first, end) of _prepare's shard files as the Kinesis source hands them to the processor
+    (streaming.sources.from_kinesis_columns): a partition per shard (a file can span several of
+    Spark's splits; coalesce(1) puts a shard's back together without a shuffle), the position as
+    shard and sequence number, the arrival time as Kinesis's approximate arrival time, line i at
+    t0 + i / rate (the replay source's `current_timestamp()` is a new literal in the parse's
+    generated code every batch)."""
+    shards = [lines.filter((F.col("i") >= first) & (F.col("i") < end)).coalesce(1).select(
+        F.col("value").alias("payload"),
+        F.concat(F.lit(f"shard-{k}:"), F.col("i").cast("string")).alias("source_position"),
+        F.timestamp_seconds(F.lit(t0) + F.col("i") / rate).alias("arrival_ts"))
+        for k, lines in enumerate(shard_lines)]  # fmt: skip
+    return functools.reduce(DataFrame.union, shards)
+
+
 def _prepare_in_child(config_dir: Path, work: Path, events: int, skew: float) -> tuple[int, list[str]]:
     import subprocess
     import sys
@@ -458,17 +473,7 @@ def _sustained(spark, work: Path, rate: int, seconds: int, trigger: float, warmu
     clock = {"t0": time.time()}  # record i arrives at t0 + i / rate (t0: the measured run's start)
 
     def records(first: int, end: int) -> DataFrame:
-        """Lines [first, end) as the Kinesis source hands them to the processor (streaming.sources.
-        from_kinesis_columns): a partition per shard (a file can span several of Spark's splits;
-        coalesce(1) puts a shard's back together without a shuffle), the position as shard and
-        sequence number, the arrival time as Kinesis's approximate arrival time (the replay source's
-        `current_timestamp()` is a new literal in the parse's generated code every batch)."""
-        shards = [lines.filter((F.col("i") >= first) & (F.col("i") < end)).coalesce(1).select(
-            F.col("value").alias("payload"),
-            F.concat(F.lit(f"shard-{k}:"), F.col("i").cast("string")).alias("source_position"),
-            F.timestamp_seconds(F.lit(clock["t0"]) + F.col("i") / rate).alias("arrival_ts"))
-            for k, lines in enumerate(shard_lines)]  # fmt: skip
-        return functools.reduce(DataFrame.union, shards)
+        return replay_records(shard_lines, first, end, clock["t0"], rate)
 
     if warmup_batches:
         scratch = BatchProcessor(spark, _project(work / "warmup", config_dir))
