@@ -35,7 +35,7 @@ from pathlib import Path
 from pyspark.sql import DataFrame
 
 from benchmarks import save_result
-from benchmarks.streaming import REPO, _prepare_in_child, _project, replay_records
+from benchmarks.streaming import _project, replay_lines, replay_records
 
 RESULTS = Path(__file__).resolve().parent / "results" / "batch_breakdown.json"
 
@@ -137,15 +137,9 @@ def cpu_ticks(jvm_pid: int) -> Counter:
 def breakdown(spark, tables: int, skew: float, records: int, batches: int, warmup: int) -> dict:
     from streaming.processor import BatchProcessor
 
-    config_dir = REPO / "configs"
     with tempfile.TemporaryDirectory(prefix="cdcflow-breakdown-") as tmp:
         work = Path(tmp)
-        if tables:
-            from cdcflow.sim.synthetic import write_configs
-
-            config_dir = write_configs(REPO / "configs", work / "configs", tables)
-        n, _ = _prepare_in_child(config_dir, work, records * (warmup + batches), skew)
-        shard_lines = [spark.read.parquet(str(f)) for f in sorted((work / "lines").glob("shard-*.parquet"))]
+        config_dir, n, _, shard_lines = replay_lines(spark, work, tables, records * (warmup + batches), skew)
         t0 = time.time()
 
         # Arrival times (line i at t0 + i s) only fill bronze's `arrival_ts` here: no arrival schedule.

@@ -282,6 +282,22 @@ def _prepare(config_dir: str, work: str, events: int, skew: float) -> tuple[int,
     return len(lines), names
 
 
+def replay_lines(spark: SparkSession, work: Path, tables: int, events: int,
+                 skew: float) -> tuple[Path, int, list[str], list[DataFrame]]:
+    """The config (the sample tables, plus `tables` synthetic ones written under `work`), `events`
+    simulated changes laid out as Kinesis lines under `work` (_prepare, in a child process): the
+    config folder, the number of lines, the tables' names, and each shard's lines (replay_records)."""
+    config_dir = REPO / "configs"
+    if tables:
+        from cdcflow.sim.synthetic import write_configs
+
+        config_dir = write_configs(REPO / "configs", work / "configs", tables)
+    n, names = _prepare_in_child(config_dir, work, events, skew)
+    # not cached: the heap figures are the job's
+    shard_lines = [spark.read.parquet(str(f)) for f in sorted((work / "lines").glob("shard-*.parquet"))]
+    return config_dir, n, names, shard_lines
+
+
 def replay_records(shard_lines: list[DataFrame], first: int, end: int, t0: float, rate: float) -> DataFrame:
     """Lines [first, end) of _prepare's shard files as the Kinesis source hands them to the processor
     (streaming.sources.from_kinesis_columns): a partition per shard (a file can span several of
@@ -462,17 +478,10 @@ def _sustained(spark, work: Path, rate: int, seconds: int, trigger: float, warmu
                skew: float, canonical: bool, warmup_records: int | None, max_seconds: float | None) -> dict:  # fmt: skip
     from streaming.processor import BatchProcessor
 
-    config_dir = REPO / "configs"
-    if tables:
-        from cdcflow.sim.synthetic import write_configs
-
-        config_dir = write_configs(REPO / "configs", work / "configs", tables)
-    n, names = _prepare_in_child(config_dir, work, rate * seconds, skew)
+    config_dir, n, names, shard_lines = replay_lines(spark, work, tables, rate * seconds, skew)
     project = _project(work, config_dir)
     line_tables = np.load(work / "tables.npy")
     index = {t: k for k, t in enumerate(names)}
-    # not cached: the heap figures are the job's
-    shard_lines = [spark.read.parquet(str(f)) for f in sorted((work / "lines").glob("shard-*.parquet"))]
     clock = {"t0": time.time()}  # record i arrives at t0 + i / rate (t0: the measured run's start)
 
     def records(first: int, end: int) -> DataFrame:
