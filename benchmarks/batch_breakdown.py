@@ -14,6 +14,8 @@ Per batch:
 - `cpu_s`: CPU seconds of this Python process and of the driver JVM by thread group, from
   /proc/<pid>/task/*/stat (Linux): Spark's tasks, the C2 and C1 JIT compilers, GC, the py4j
   threads that run the driver's calls (analysis, planning, Delta commits through Spark), the rest.
+- `cores_busy_every_0.25_s`, and each step's `cores`: how many cores both processes kept busy, from
+  /proc/<pid>/stat sampled every 0.1 s (CpuTimeline): where the batch leaves a core idle.
 Results: benchmarks/results/batch_breakdown.json, one entry per `--key` (default from the shape).
 """
 
@@ -134,6 +136,50 @@ def cpu_ticks(jvm_pid: int) -> Counter:
     return out
 
 
+def _process_ticks(pid: int | str) -> int:
+    return _ticks(Path(f"/proc/{pid}/stat").read_text())
+
+
+class CpuTimeline:
+    """Cores busy over time (this process and the JVM, all their threads), sampled every `every` seconds
+    from /proc by a thread while installed: where a batch leaves a core idle, which the per-batch CPU
+    totals cannot say."""
+
+    def __init__(self, jvm_pid: int, every: float = 0.1):
+        self.jvm_pid, self.every = jvm_pid, every
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self._samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._samples.append((time.perf_counter(), _process_ticks("self") + _process_ticks(self.jvm_pid)))
+            self._stop.wait(self.every)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        thread = threading.Thread(target=self._sample, name="cpu-timeline", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            thread.join()
+
+    def cores(self, start: float, end: float) -> float | None:
+        """Mean cores busy from `start` to `end` (perf_counter times), between the samples nearest them."""
+        inside = [(t, ticks) for t, ticks in self._samples if start - self.every / 2 <= t <= end + self.every / 2]
+        if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+            return None
+        (t0, c0), (t1, c1) = inside[0], inside[-1]
+        return round((c1 - c0) / self.hz / (t1 - t0), 2)
+
+    def series(self, start: float, end: float, step: float = 0.25) -> list[float | None]:
+        """Cores busy in each `step` seconds from `start` to `end`."""
+        edges = [start + k * step for k in range(int((end - start) / step) + 1)] + [end]
+        return [self.cores(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
 def breakdown(spark, tables: int, skew: float, records: int, batches: int, warmup: int) -> dict:
     from streaming.processor import BatchProcessor
 
@@ -152,18 +198,24 @@ def breakdown(spark, tables: int, skew: float, records: int, batches: int, warmu
         processor = BatchProcessor(spark, _project(work, config_dir))
         jvm_pid = int(spark._jvm.java.lang.ProcessHandle.current().pid())
         hz = os.sysconf("SC_CLK_TCK")
-        clock, out = StepClock(), []
-        with clock.installed():
+        clock, timeline, out = StepClock(), CpuTimeline(jvm_pid), []
+        with clock.installed(), timeline.installed():
             for b in range(warmup, warmup + batches):
                 before, start = cpu_ticks(jvm_pid), time.perf_counter()
                 outcomes = processor.process(lines(b), b - warmup)
-                seconds = time.perf_counter() - start
+                end = time.perf_counter()
+                seconds = end - start
                 used = cpu_ticks(jvm_pid) - before
+                time.sleep(2 * timeline.every)  # a sample after the batch's end, then the next batch
+                steps = clock.take(start)
+                for step in steps.values():
+                    step["cores"] = timeline.cores(start + step["start"], start + step["end"])
                 out.append({
                     "records": sum(o.read for o in outcomes), "tables": len(outcomes), "seconds": round(seconds, 2),
                     "cpu_s": {"total": round(sum(used.values()) / hz, 2),
                               **{k: round(v / hz, 2) for k, v in sorted(used.items())}},
-                    "steps": clock.take(start),
+                    "steps": steps,
+                    "cores_busy_every_0.25_s": timeline.series(start, end),
                 })  # fmt: skip
                 print(f"batch {b - warmup}: {seconds:.2f} s, {sum(used.values()) / hz:.2f} CPU-s", flush=True)
     steady = out[1:] or out
