@@ -122,9 +122,13 @@ def _ticks(stat: str) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
+def _process_ticks(pid: int | str) -> int:
+    return _ticks(Path(f"/proc/{pid}/stat").read_text())
+
+
 def cpu_ticks(jvm_pid: int) -> Counter:
     """CPU clock ticks so far: this process (`python`) and the JVM's threads by THREAD_GROUPS."""
-    out = Counter({"python": _ticks(Path("/proc/self/stat").read_text())})
+    out = Counter({"python": _process_ticks("self")})
     for task in Path(f"/proc/{jvm_pid}/task").iterdir():
         try:
             stat = (task / "stat").read_text()
@@ -134,10 +138,6 @@ def cpu_ticks(jvm_pid: int) -> Counter:
         group = next((g for pattern, g in THREAD_GROUPS if pattern.search(name)), "jvm_other")
         out[group] += _ticks(stat)
     return out
-
-
-def _process_ticks(pid: int | str) -> int:
-    return _ticks(Path(f"/proc/{pid}/stat").read_text())
 
 
 class CpuTimeline:
