@@ -284,9 +284,9 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
                 norm = normalize_parquet(df, table, group[0], ts_column)
                 good, bad = typed_changes(norm, shape, salt, absent_order(df, ts_column))
                 batch_id = next_batch.get(name, 0)
-                bronze = bronze_rows(norm, project, salt, batch_id, feed="full_load", table=table)
+                bronze = bronze_rows(norm, project, salt, feed="full_load", table=table)
                 counts = [_parquet_rows(p) for p in local_paths]
-                append_bronze(bronze, bronze_path, sum(counts))
+                append_bronze(bronze, bronze_path, batch_id, sum(counts))
                 next_batch[name] = batch_id + 1
                 source_bytes = sum(os.path.getsize(p) for p in local_paths)
                 bad_rows = apply.merge(spark, path, good, shape, bad, source_bytes=source_bytes).rejected

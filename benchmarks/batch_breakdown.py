@@ -16,6 +16,9 @@ Per batch:
   threads that run the driver's calls (analysis, planning, Delta commits through Spark), the rest.
 - `cores_busy_every_0.25_s`, and each step's `cores`: how many cores both processes kept busy, from
   /proc/<pid>/stat sampled every 0.1 s (CpuTimeline): where the batch leaves a core idle.
+- `classes_compiled`: how many generated classes Spark compiled (Janino) in the batch, from its
+  CodegenMetrics: a class whose source text is new (a per-batch literal, or a plan the codegen cache
+  no longer holds), which the JIT compilers then compile again.
 Results: benchmarks/results/batch_breakdown.json, one entry per `--key` (default from the shape).
 """
 
@@ -126,6 +129,11 @@ def _process_ticks(pid: int | str) -> int:
     return _ticks(Path(f"/proc/{pid}/stat").read_text())
 
 
+def classes_compiled(spark) -> int:
+    """Generated classes Spark has compiled in this JVM so far (CodegenMetrics' compilation-time count)."""
+    return int(spark._jvm.org.apache.spark.metrics.source.CodegenMetrics.METRIC_COMPILATION_TIME().getCount())
+
+
 def cpu_ticks(jvm_pid: int) -> Counter:
     """CPU clock ticks so far: this process (`python`) and the JVM's threads by THREAD_GROUPS."""
     out = Counter({"python": _process_ticks("self")})
@@ -201,11 +209,12 @@ def breakdown(spark, tables: int, skew: float, records: int, batches: int, warmu
         clock, timeline, out = StepClock(), CpuTimeline(jvm_pid), []
         with clock.installed(), timeline.installed():
             for b in range(warmup, warmup + batches):
-                before, start = cpu_ticks(jvm_pid), time.perf_counter()
+                before, compiled, start = cpu_ticks(jvm_pid), classes_compiled(spark), time.perf_counter()
                 outcomes = processor.process(lines(b), b - warmup)
                 end = time.perf_counter()
                 seconds = end - start
                 used = cpu_ticks(jvm_pid) - before
+                compiled = classes_compiled(spark) - compiled
                 time.sleep(2 * timeline.every)  # a sample after the batch's end, then the next batch
                 steps = clock.take(start)
                 for step in steps.values():
@@ -214,10 +223,11 @@ def breakdown(spark, tables: int, skew: float, records: int, batches: int, warmu
                     "records": sum(o.read for o in outcomes), "tables": len(outcomes), "seconds": round(seconds, 2),
                     "cpu_s": {"total": round(sum(used.values()) / hz, 2),
                               **{k: round(v / hz, 2) for k, v in sorted(used.items())}},
-                    "steps": steps,
+                    "classes_compiled": compiled, "steps": steps,
                     "cores_busy_every_0.25_s": timeline.series(start, end),
                 })  # fmt: skip
-                print(f"batch {b - warmup}: {seconds:.2f} s, {sum(used.values()) / hz:.2f} CPU-s", flush=True)
+                print(f"batch {b - warmup}: {seconds:.2f} s, {sum(used.values()) / hz:.2f} CPU-s, "
+                      f"C2 {used['jvm_c2_jit'] / hz:.2f}, {compiled} classes compiled", flush=True)
     steady = out[1:] or out
     mean = lambda xs: round(sum(xs) / len(xs), 2)  # noqa: E731
     groups = sorted({k for b in steady for k in b["cpu_s"]})

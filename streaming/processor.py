@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, wait_exponential
 
@@ -55,6 +55,20 @@ class TableOutcome:
     newest_commit: datetime | None = None  # newest source commit time among the batch's records (UTC)
     quarantine_rows: list[tuple] = field(default_factory=list)
     dq: StageReport | None = None  # raw->staging rule counts, for tables with warn / fail rules (streaming.dq)
+
+
+# A timestamp as fixed-width text in the session's zone (UTC: runtime.SESSION_SQL_CONF), which sorts as
+# the time does.
+_TIME_TEXT = "yyyy-MM-dd HH:mm:ss.SSSSSS"
+
+
+def earlier_than(column: str, moment: datetime) -> Column:
+    """`column < moment`, compared as text. A timestamp literal is written into the generated code's
+    text, so the stats aggregate's code was new every batch (the watermark moves): compiled by Janino,
+    then by the JIT compilers, again. A string literal is passed to the code by reference: one class
+    for every batch, for one formatting of each record's time (docs/design.md, "Per-batch literals").
+    `moment` is naive local time, as Spark's collect gives the batches' maxima."""
+    return F.date_format(column, _TIME_TEXT) < F.lit(moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f"))
 
 
 def biggest_first(outcomes: dict[str, TableOutcome]) -> list[str]:
@@ -132,7 +146,7 @@ class BatchProcessor:
 
     def _process(self, norm: DataFrame, batch_id: int) -> list[TableOutcome]:
         watermark = self.max_commit_ts - self.watermark_delay if self.max_commit_ts else None
-        late = F.col("_commit_ts") < F.lit(watermark) if watermark else F.lit(False)
+        late = earlier_than("_commit_ts", watermark) if watermark else F.lit(False)
         # One aggregate tells which tables this batch touches, with their counts: cost follows the
         # tables touched, not the tables configured.
         stats = (
@@ -459,8 +473,8 @@ class BatchProcessor:
 
     def _append_bronze(self, norm: DataFrame, batch_id: int, records: int, payload_bytes: int) -> None:
         """Every consumed record, masked, partitioned by table and date, for audit and replay."""
-        rows = bronze_rows(norm, self.project, self.salt, batch_id, feed="stream")
-        append_bronze(rows, self.bronze_path, records, txn=(f"{self.app_id}-bronze", batch_id),
+        rows = bronze_rows(norm, self.project, self.salt, feed="stream")
+        append_bronze(rows, self.bronze_path, batch_id, records, txn=(f"{self.app_id}-bronze", batch_id),
                       payload_bytes=payload_bytes)
 
     def _emit_metrics(self, outcomes: list[TableOutcome], batch_id: int, seconds: float) -> None:

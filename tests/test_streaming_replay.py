@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from streaming.job import run_stream
-from streaming.processor import BatchProcessor
+from streaming.processor import BatchProcessor, earlier_than
 from streaming.sources import replay_stream
 from tests.conftest import CONFIGS
 from tests.dms import control, record, write_batches
@@ -41,6 +42,22 @@ def created_checkpoint_interval(first_commit: Path) -> int:
     actions = [json.loads(line) for line in first_commit.read_text().splitlines()]
     config = next(a["metaData"]["configuration"] for a in actions if "metaData" in a)
     return int(config["delta.checkpointInterval"])
+
+
+@pytest.mark.glue_compat
+def test_late_records_are_told_by_text_as_by_time(spark):
+    """The stats compare each record's commit time with the watermark as fixed-width text (a timestamp
+    literal would be new generated code every batch): the text must say what the times say,
+    microseconds, a fraction's leading zeros, other days and nulls included."""
+    moment = datetime(2026, 3, 1, 12, 0, 0, 250000)  # naive local time, as Spark's collect gives
+    us = timedelta(microseconds=1)
+    values = [moment - us, moment, moment + us, moment.replace(microsecond=0), moment.replace(microsecond=25000),
+              moment.replace(microsecond=999999) - timedelta(seconds=1), moment - timedelta(days=400),
+              moment + timedelta(hours=30), None]  # fmt: skip
+    got = [r[0] for r in spark.createDataFrame([(v,) for v in values], "ts timestamp")
+           .select(earlier_than("ts", moment)).collect()]  # fmt: skip
+    assert got == [None if v is None else v < moment for v in values]
+    assert got.count(True) == 5  # the test holds both answers
 
 
 @pytest.mark.glue_compat

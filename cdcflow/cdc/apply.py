@@ -14,6 +14,7 @@ import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import lru_cache
 
 import pyarrow as pa
@@ -159,13 +160,13 @@ def merge(spark: SparkSession, path: str, changes: DataFrame, shape: TableShape,
     src = collapse(changes, shape)
     if "_partial" not in src.columns:
         src = src.withColumn("_partial", F.lit(False))
-    src = src.withColumn("_ingested_at", F.current_timestamp())
     writer, table = silver_writer(path, shape.table, source_bytes, HANDLES.take(path))
     if table is not None and _evolves(table, shape):
         ensure_silver(spark, path, shape)  # rare (schema drift): adds / widens columns through Spark
         writer, table = silver_writer(path, shape.table, source_bytes)  # widening may add a feature delta-rs can't write
     if writer == "delta-rs":
         return Applied(writer, _merge_delta_rs(spark, path, table, src, shape, rejected))
+    src = src.withColumn("_ingested_at", F.current_timestamp())
     bad = rejected.collect() if rejected is not None else []
     if not DeltaTable.isDeltaTable(spark, path):
         # First batch of a table: nothing to merge with, so write the collapsed rows directly (one
@@ -303,6 +304,7 @@ def _merge_delta_rs(spark: SparkSession, path: str, rs, src: DataFrame, shape: T
 
     if rs is None:
         rows, bad = _collect_with_rejected(first_rows(src, shape), rejected)
+        rows = ingested_now(rows)
         t = shape.table
         # The key NOT NULL and nothing else, as when Spark (`ensure_silver`) or `merge_rows` creates
         # silver, whatever nullability the collect carries (a NOT NULL data column would refuse a later
@@ -321,8 +323,21 @@ def _merge_delta_rs(spark: SparkSession, path: str, rs, src: DataFrame, shape: T
     source = source.cast(pa.schema([held.field(c) if c in held.names else source.schema.field(c)
                                     for c in source.schema.names]))
     partial = pc.any(source["_partial"]).as_py() is True
+    source = ingested_now(source, held.field("_ingested_at").type)
     _rs_merge(path, source, merge_clauses(shape, absent, _dq, partial), rs)
     return bad
+
+
+def ingested_now(rows: pa.Table, type_: pa.DataType | None = None) -> pa.Table:
+    """`rows` with `_ingested_at` (set or added) = now. delta-rs's writes stamp the collected rows: as
+    `current_timestamp()` in the Spark plan the time is a literal once optimized, written into the
+    generated code's text, so the projection's code was new every batch (docs/design.md, "Per-batch
+    literals"). Spark's own writes keep `current_timestamp()`."""
+    names = rows.column_names
+    at = names.index("_ingested_at") if "_ingested_at" in names else None
+    type_ = type_ or (rows.schema.field(at).type if at is not None else pa.timestamp("us", "UTC"))
+    now = pa.repeat(pa.scalar(datetime.now(UTC), type_), rows.num_rows)
+    return rows.set_column(at, "_ingested_at", now) if at is not None else rows.append_column("_ingested_at", now)
 
 
 def silver_schema(shape: TableShape) -> pa.Schema:
@@ -340,8 +355,6 @@ def merge_rows(path: str, changes: pa.Table, shape: TableShape) -> str | None:
     `merge`; None when committed. Without writing, "spark" when delta-rs should not take the table
     (`silver_writer`) and "evolve" when silver needs a column added or widened first (Spark does
     that): the caller then applies these changes through `merge`."""
-    from datetime import UTC, datetime
-
     from deltalake import DeltaTable as RsTable
 
     writer, rs = silver_writer(path, shape.table, opened=HANDLES.take(path))
@@ -360,15 +373,14 @@ def merge_rows(path: str, changes: pa.Table, shape: TableShape) -> str | None:
     values = changes["_values"]
     source = {c: _from_text(pc.map_lookup(values, c, "first"), held.field(c).type)
               for c in shape.output_columns if c in held.names}
-    n = changes.num_rows
     source.update({
         "_op": changes["_op"], "_seq": changes["_seq"],
         "_commit_ts": changes["_commit_ts"].cast(held.field("_commit_ts").type),
-        "_ingested_at": pa.array([datetime.now(UTC)] * n, held.field("_ingested_at").type),
     })  # fmt: skip
     absent = [c for c in held.names if c not in shape.output_columns and c not in SILVER_META]
     # the shared plan collapses without ignore_null_updates: no change is a partial update
-    _rs_merge(path, pa.table(source), merge_clauses(shape, absent, _dq, partial=False), rs)
+    source = ingested_now(pa.table(source), held.field("_ingested_at").type)
+    _rs_merge(path, source, merge_clauses(shape, absent, _dq, partial=False), rs)
     return None
 
 
@@ -728,7 +740,8 @@ def first_rows(src: DataFrame, shape: TableShape) -> DataFrame:
         F.col("_op"),
         F.col("_commit_ts"),
         F.when(deleted, F.col("_commit_ts")).cast("timestamp").alias("_deleted_at"),
-        F.col("_ingested_at"),
+        # delta-rs's writes stamp it on the collected rows (ingested_now)
+        F.col("_ingested_at") if "_ingested_at" in src.columns else F.lit(None).cast("timestamp").alias("_ingested_at"),
     )
 
 

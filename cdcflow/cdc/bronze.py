@@ -35,9 +35,9 @@ def _typed_data_map(norm: DataFrame, table: Table, salt: str) -> F.Column:
     return F.create_map(*entries) if entries else F.create_map().cast("map<string,string>")
 
 
-def bronze_rows(norm: DataFrame, project: Project, salt: str, batch_id: int, feed: str,
-                table: Table | None = None) -> DataFrame:
-    """Normalized changes (cdcflow.cdc.envelope, or batch.full_load for one `table`) -> bronze rows, masked."""
+def bronze_rows(norm: DataFrame, project: Project, salt: str, feed: str, table: Table | None = None) -> DataFrame:
+    """Normalized changes (cdcflow.cdc.envelope, or batch.full_load for one `table`) -> bronze rows,
+    masked, but for their last column, `batch_id`, which `append_bronze` adds."""
     assert feed in FEEDS, feed
     spare = PREHASHED in norm.columns  # stream records: an archived line's hashed columns stay as they are
     if VALUES in norm.columns:
@@ -63,7 +63,6 @@ def bronze_rows(norm: DataFrame, project: Project, salt: str, batch_id: int, fee
         F.col("_problem").alias("problem"),
         F.col("_record_hash").alias("record_hash"),
         F.lit(feed).alias("feed"),
-        F.lit(batch_id).cast("bigint").alias("batch_id"),
     )
 
 
@@ -83,12 +82,16 @@ def through_driver(records: int | None, payload_bytes: int | None) -> bool:
     return records is not None and records <= BRONZE_DRIVER_MAX_RECORDS
 
 
-def append_bronze(rows: DataFrame, path: str, records: int | None = None, txn: tuple[str, int] | None = None,
-                  payload_bytes: int | None = None) -> None:
-    """Append bronze rows: a batch under the driver bound (`through_driver`: the stream's DMS JSON
-    `payload_bytes`, or a full load's `records`) through delta-rs, else (or with neither) through
-    Spark. `txn` = (app id, version) makes the append idempotent (a re-run is skipped, whichever
-    engine wrote the first run).
+def append_bronze(rows: DataFrame, path: str, batch_id: int, records: int | None = None,
+                  txn: tuple[str, int] | None = None, payload_bytes: int | None = None) -> None:
+    """Append bronze rows (`bronze_rows`) with their `batch_id`: a batch under the driver bound
+    (`through_driver`: the stream's DMS JSON `payload_bytes`, or a full load's `records`) through
+    delta-rs, else (or with neither) through Spark. `txn` = (app id, version) makes the append
+    idempotent (a re-run is skipped, whichever engine wrote the first run).
+
+    On the driver's way `batch_id` is added to the collected rows, not as a literal in the Spark plan:
+    a long literal is written into the generated code's text, so the projection's code would be new
+    every batch (compiled by Janino and the JIT compilers again; docs/design.md, "Per-batch literals").
 
     Every column goes to delta-rs as nullable: Spark marks `data` of a full load's rows NOT NULL (a
     map built column by column), and a table delta-rs created with that schema refused the stream's
@@ -103,9 +106,11 @@ def append_bronze(rows: DataFrame, path: str, records: int | None = None, txn: t
 
     if through_driver(records, payload_bytes):
         data = to_arrow(rows)
+        data = data.append_column("batch_id", pa.array([batch_id] * data.num_rows, pa.int64()))
         data = data.cast(pa.schema([f.with_nullable(True) for f in data.schema]))
         rs_append(path, data, new_table_options("bronze"), partition_by=["table", "date"], txn=txn)
         return
+    rows = rows.withColumn("batch_id", F.lit(batch_id).cast("bigint"))
     w = rows.write.format("delta").mode("append").partitionBy("table", "date").options(**new_table_options("bronze"))
     if txn is not None:
         w = w.option("txnAppId", txn[0]).option("txnVersion", txn[1])
