@@ -15,11 +15,12 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from cdcflow.cdc.changes import VALUES
-from cdcflow.cdc.masking import PREHASHED, mask_column, masked_data_map
+from cdcflow.cdc.masking import PREHASHED, mask_column, masked_data_map, pii_methods
 from cdcflow.config import Project, Table
-from cdcflow.runtime import new_table_options, to_arrow
+from cdcflow.runtime import new_table_options, sql_in, to_arrow
 
 FEEDS = ("stream", "full_load")
+_METHODS, _KNOWN = "_bronze_pii_methods", "_bronze_known_table"
 
 
 def _typed_data_map(norm: DataFrame, table: Table, salt: str) -> F.Column:
@@ -40,18 +41,21 @@ def bronze_rows(norm: DataFrame, project: Project, salt: str, feed: str, table: 
     masked, but for their last column, `batch_id`, which `append_bronze` adds."""
     assert feed in FEEDS, feed
     spare = PREHASHED in norm.columns  # stream records: an archived line's hashed columns stay as they are
+    # the row's table's PII methods and whether it is configured, once a row for both maps' entries
+    norm = norm.withColumn(_METHODS, pii_methods("_table", project)).withColumn(_KNOWN, sql_in("_table", project.tables))
+    methods, known = F.col(_METHODS), F.col(_KNOWN)
     if VALUES in norm.columns:
         assert table is not None, "a typed source holds one table"
         data = _typed_data_map(norm, table, salt)
     else:
-        data = masked_data_map(F.col("_data"), "_table", project, salt, spare)
+        data = masked_data_map(F.col("_data"), methods, known, salt, spare)
     return norm.select(
         F.coalesce(F.col("_table"), F.lit("_unparsed")).alias("table"),
         F.to_date(F.coalesce("_commit_ts", "_arrival_ts")).alias("date"),
         F.col("_record_type").alias("record_type"),
         F.col("_op").alias("op"),
         data.alias("data"),
-        masked_data_map(F.col("_before"), "_table", project, salt, spare).alias("before"),
+        masked_data_map(F.col("_before"), methods, known, salt, spare).alias("before"),
         F.col("_commit_ts").alias("commit_ts"),
         F.col("_txn_id").alias("transaction_id"),
         F.col("_txn_rec_id").alias("transaction_record_id"),
