@@ -99,5 +99,6 @@ def masked_data_map(data: Column, methods: Column, known: Column, salt: str, spa
             .otherwise(v)
         )
 
-    # `drop` columns leave the map entirely.
-    return F.map_filter(F.transform_values(data, mask_entry), lambda k, v: F.coalesce(methods[k], F.lit("")) != "drop")
+    # `drop` columns leave the map entirely. A configured table without PII keeps its map as it is.
+    masked = F.map_filter(F.transform_values(data, mask_entry), lambda k, v: F.coalesce(methods[k], F.lit("")) != "drop")
+    return F.when(known & methods.isNull(), data).otherwise(masked)

@@ -184,7 +184,9 @@ class MultiTableChanges:
         self.key_change_filter = (F.col("_op") == "update") & F.col("_before").isNotNull() & changed
         self.out_columns = [
             "_table",
-            F.transform_values(F.map_filter("_typed", not_dropped), lambda k, v: masked(k, v, pii[k])).alias("_values"),
+            F.when(F.size(pii) == 0, F.col("_typed"))  # a table without PII: nothing to mask or drop
+            .otherwise(F.transform_values(F.map_filter("_typed", not_dropped), lambda k, v: masked(k, v, pii[k])))
+            .alias("_values"),
             "_op", "_seq", "_commit_ts", "_source_position", "_t_keys",
         ]  # fmt: skip
         self.key = [F.col("_table"), F.to_json(F.transform(keys, lambda k: F.col("_values")[k]))]
