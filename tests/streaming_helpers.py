@@ -37,7 +37,7 @@ def simulate_to(project: Project, out: Path, seed: int = 7, events: int = 300, *
     from cdcflow.sim.run import SimOptions, simulate
     from cdcflow.sim.source import GenOptions
 
-    gen_keys = {"null_update_rate", "pk_change_rate", "dq_failure_rate", "dirty_value_rate", "schema_drift_rate",
+    gen_keys = {"null_update_rate", "partial_update_rate", "pk_change_rate", "dq_failure_rate", "dirty_value_rate", "schema_drift_rate",
                 "change_interval_ms", "drop_table_rate"}
     gen = GenOptions(events=events, **{k: v for k, v in faults.items() if k in gen_keys})
     fopts = FaultOptions(**{k: v for k, v in faults.items() if k not in gen_keys})

@@ -4,13 +4,16 @@ against the oracle (silver rows and history, quarantine counts per table and rul
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
 
+from cdcflow.cdc import apply
 from cdcflow.cdc.changes import TableShape
 from cdcflow.cdc.multi_table import fits
+from cdcflow.oracle import load_history
 from cdcflow.sim.synthetic import write_configs
 from streaming.job import run_stream
 from streaming.processor import TableOutcome, biggest_first
@@ -26,8 +29,8 @@ FAULTS = dict(duplicate_rate=0.05, out_of_order_rate=0.1, late_rate=0.02, malfor
 def test_which_tables_the_shared_plan_takes(tmp_path: Path):
     project = project_in(tmp_path, write_configs(CONFIGS, tmp_path / "configs", 1))
     taken = {name for name, t in project.tables.items() if fits(TableShape(t))}
-    # customers has raw->staging transforms, order_items ignore_null_updates: their own plans.
-    assert taken == {"shop.orders", "shop.products", "synth.t0001"}
+    # customers has raw->staging transforms: its own plan.
+    assert taken == {"shop.order_items", "shop.orders", "shop.products", "synth.t0001"}
 
 
 def test_a_batch_queues_its_tables_most_records_first():
@@ -40,12 +43,15 @@ def test_a_batch_queues_its_tables_most_records_first():
 def test_shared_plan_and_own_plans_in_one_stream_verify_against_oracle(spark, tmp_path: Path):
     project = project_in(tmp_path, write_configs(CONFIGS, tmp_path / "configs", 3))
     sim = tmp_path / "sim"
-    simulate_to(project, sim, seed=21, events=500, **FAULTS)
+    simulate_to(project, sim, seed=21, events=500, partial_update_rate=0.5, **FAULTS)
+    partial = [c for c in load_history(sim).changes if c["table"] == "shop.order_items" and c["op"] == "update"
+               and None in c["data"].values()]
+    assert len(partial) >= 5  # updates with NULL for "unchanged" reach the table that ignores them
     replay = split_replay(sim, tmp_path / "replay", batches=3)
     summary = run_stream(spark, project, replay_stream(spark, str(replay)), available_now=True)
     assert summary.batches == 3
     shared = {name for name, o in summary.tables.items() if o.shared_plan}
-    assert shared == {"shop.orders", "shop.products", "synth.t0001", "synth.t0002", "synth.t0003"}
+    assert shared == {"shop.order_items", "shop.orders", "shop.products", "synth.t0001", "synth.t0002", "synth.t0003"}
     assert not [name for name, o in summary.tables.items() if o.isolated]
     quarantined = {name: o.quarantined for name, o in summary.tables.items()}
     assert all(quarantined[n] > 0 for n in ("shop.orders", "shop.products")), quarantined  # the faults reached them
@@ -58,3 +64,34 @@ def test_shared_plan_and_own_plans_in_one_stream_verify_against_oracle(spark, tm
     ).select("rule", "reason").collect()
     wording = {"missing_primary_key": "primary key (", "type_mismatch": "value does not fit the type of "}
     assert rows and all(r["reason"].startswith(wording[r["rule"]]) for r in rows), rows[:3]
+
+
+@pytest.mark.spark
+@pytest.mark.glue_compat
+@pytest.mark.parametrize("seed", range(3))
+def test_merged_per_key_is_collapse_with_ignore_null_updates(spark, tmp_path: Path, seed: int):
+    """The shared plan's collapse over `_values` maps keeps `apply.collapse`'s rule column for column:
+    each value the last non-null one from the key's latest insert/load/delete, `_partial` without one."""
+    rng = random.Random(seed)
+    shape = TableShape(project_in(tmp_path, CONFIGS).table("shop.order_items"))
+    assert shape.table.cfg.ignore_null_updates
+    key, columns = shape.table.primary_key, list(shape.output_columns)
+    rows = []
+    for i in range(300):
+        sparse = i % 2  # half the changes send NULLs, half send whole rows
+        values = {c: str(rng.randint(1, 12)) if c in key else rng.choice([None, None, f"v{i}"]) if sparse else f"v{i}"
+                  for c in columns}
+        op = rng.choices(["update", "insert", "load", "delete"], [6, 2, 1, 1])[0]
+        rows.append({**values, "_op": op, "_seq": f"{rng.randint(0, 10**6):012d}", "_commit_ts": None,
+                     "_source_position": str(i)})
+    schema = ", ".join(f"`{c}` string" for c in [*columns, "_op", "_seq"]) + ", _commit_ts timestamp, _source_position string"
+    changes = spark.createDataFrame([tuple(r.values()) for r in rows], schema)
+    wanted = [*columns, "_op", "_seq", "_partial"]
+    expected = {tuple(r[c] for c in wanted) for r in apply.collapse(changes, shape).collect()}
+    as_maps = changes.select(F.lit("t").alias("_table"), F.create_map(*[x for c in columns for x in (F.lit(c), F.col(c))])
+                             .alias("_values"), "_op", "_seq", "_commit_ts", "_source_position")
+    merged = apply.merged_per_key(as_maps, [F.col("_table"), *(F.col("_values")[k] for k in key)]).collect()
+    got = {tuple([*(r["_values"][c] for c in columns), r["_op"], r["_seq"], r["_partial"]]) for r in merged}
+    assert len(expected) == len({tuple(r[c] for c in key) for r in rows})  # one row a key
+    assert any(r[-1] for r in expected) and not all(r[-1] for r in expected)  # partial and whole segments
+    assert got == expected

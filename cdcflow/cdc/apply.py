@@ -141,6 +141,42 @@ def latest_per_key(changes: DataFrame, key: list[Column]) -> DataFrame:
     return changes.withColumn("_rn", F.row_number().over(latest)).filter("_rn = 1").drop("_rn")
 
 
+def merged_per_key(changes: DataFrame, key: list[Column]) -> DataFrame:
+    """`collapse`'s rule with ignore_null_updates, for changes whose values are a `_values` map (column
+    -> value; the many-table plan, cdcflow.cdc.multi_table): per key, the latest change's `_op`, `_seq`,
+    `_commit_ts` and `_source_position`, and each value the last non-null one from the key's latest
+    non-update change on (its segment); `_partial` when the key has no non-update change (a pure
+    partial update: silver keeps its stored values for the NULLs). `key`: `_table` first, then the
+    key's value.
+
+    A key whose latest change carries no NULL takes that change's values as they are (each column's
+    last non-null value is its own), so one window answers most keys; only the others' segments are
+    gathered and folded in `_seq` order (interpreted lambdas, so kept to the keys that need them)."""
+    latest = Window.partitionBy(*key).orderBy(F.col("_seq").desc())
+    whole = latest.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+    sends_null = (F.col("_op") == "update") & F.exists(F.map_values("_values"), lambda v: v.isNull())
+    ranked = changes.select(
+        "*", F.row_number().over(latest).alias("_rn"),
+        F.first(sends_null).over(latest).alias("_fold"),  # the key's latest change sends a NULL
+        F.max(F.when(F.col("_op") != "update", F.col("_seq"))).over(whole).alias("_segment"),
+    )
+    partial = F.col("_segment").isNull()
+    whole_rows = ranked.filter((F.col("_rn") == 1) & ~F.col("_fold")).select(
+        "_table", "_values", "_op", "_seq", "_commit_ts", "_source_position", partial.alias("_partial"))
+
+    change = F.struct("_seq", "_op", "_values", "_commit_ts", "_source_position")
+    by_seq = F.array_sort(F.collect_list(change), lambda a, b: F.when(a["_seq"] < b["_seq"], -1)
+                          .when(a["_seq"] > b["_seq"], 1).otherwise(0))
+    in_segment = F.col("_fold") & (partial | (F.col("_seq") >= F.col("_segment")))
+    gathered = ranked.filter(in_segment).groupBy(*key).agg(by_seq.alias("_changes"), F.first(partial).alias("_partial"))
+    values = F.aggregate("_changes", F.create_map().cast("map<string,string>"), lambda held, x: F.map_zip_with(
+        held, x["_values"], lambda k, before, after: F.coalesce(after, before)))
+    folded = gathered.select("_table", "_partial", F.element_at("_changes", -1).alias("_latest"), values.alias("_values"))
+    return whole_rows.unionByName(folded.select(
+        "_table", "_values", *(F.col("_latest")[c].alias(c) for c in ("_op", "_seq", "_commit_ts", "_source_position")),
+        "_partial"))
+
+
 REJECTED = ["_rule", "_reason", "_source_position", "_record_hash", "_payload"]
 
 
@@ -351,7 +387,7 @@ def silver_schema(shape: TableShape) -> pa.Schema:
 
 def merge_rows(path: str, changes: pa.Table, shape: TableShape) -> str | None:
     """Commit collapsed changes that are already on the driver (cdcflow.cdc.multi_table: `_values`,
-    a column -> text map, with `_op`, `_seq`, `_commit_ts`) by delta-rs, with the same MERGE as
+    a column -> text map, with `_op`, `_seq`, `_commit_ts` and optionally `_partial`) by delta-rs, with the same MERGE as
     `merge`; None when committed. Without writing, "spark" when delta-rs should not take the table
     (`silver_writer`) and "evolve" when silver needs a column added or widened first (Spark does
     that): the caller then applies these changes through `merge`."""
@@ -378,9 +414,12 @@ def merge_rows(path: str, changes: pa.Table, shape: TableShape) -> str | None:
         "_commit_ts": changes["_commit_ts"].cast(held.field("_commit_ts").type),
     })  # fmt: skip
     absent = [c for c in held.names if c not in shape.output_columns and c not in SILVER_META]
-    # the shared plan collapses without ignore_null_updates: no change is a partial update
+    # partial updates (ignore_null_updates, apply.merged_per_key) need the MERGE's CASEs; others don't
+    partial = "_partial" in changes.column_names and pc.any(changes["_partial"]).as_py() is True
+    if partial:
+        source["_partial"] = changes["_partial"]
     source = ingested_now(pa.table(source), held.field("_ingested_at").type)
-    _rs_merge(path, source, merge_clauses(shape, absent, _dq, partial=False), rs)
+    _rs_merge(path, source, merge_clauses(shape, absent, _dq, partial), rs)
     return None
 
 

@@ -12,10 +12,10 @@ changes, which delta-rs commits (apply.merge_rows).
 
 The rules are the ones the per-table plan uses, called with the map as their column source:
 Spark's cast, `quality.rule_failure`, `masking.mask_column`, `sequence.sequence`, the first-problem
-order of `changes`, `apply.latest_per_key`, and the MERGE of `apply.merge_clauses`.
+order of `changes`, `apply.latest_per_key` (`apply.merged_per_key` for ignore_null_updates), and the
+MERGE of `apply.merge_clauses`.
 
-Tables it takes (`fits`): committed by delta-rs, no raw->staging transforms, no ignore_null_updates
-(its collapse merges values column by column), raw->staging rules that read only their own row
+Tables it takes (`fits`): committed by delta-rs, no raw->staging transforms, raw->staging rules that read only their own row
 (not `unique` or `expression`) with severity quarantine (warn / fail rules are counted before the
 commit, on the table's own plan: TypedChanges.failures), and column types that Arrow reads back
 from Spark's text.
@@ -32,7 +32,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cdcflow import quality
-from cdcflow.cdc.apply import REJECTED, latest_per_key, spark_commits
+from cdcflow.cdc.apply import REJECTED, latest_per_key, merged_per_key, spark_commits
 from cdcflow.cdc.changes import TableShape, _first_problem
 from cdcflow.cdc.masking import PREHASHED, mask_column, prehashed
 from cdcflow.cdc.sequence import sequence
@@ -56,7 +56,7 @@ def fits(shape: TableShape) -> bool:
     t = shape.table
     stage = t.cfg.transforms.raw_to_staging
     return not (
-        spark_commits(t) or t.cfg.ignore_null_updates or not stage.empty
+        spark_commits(t) or not stage.empty
         or any(r.rule not in ROW_RULES or r.severity != "quarantine" for r in t.cfg.quality.raw_to_staging)
         or any(arrow_type(ty) is None for ty in shape.columns.values())
     )
@@ -68,7 +68,7 @@ def fits(shape: TableShape) -> bool:
 # keeps per execution: the 1000-table replay ran the 2 GB driver out of heap in its first batch.
 TABLE_INFO = ("_table string, _t_types map<string,string>, _t_pii map<string,string>, "
               "_t_position map<string,string>, _t_keys array<string>, _t_key_reason string, _t_ordering int, "
-              "_t_no_order string, _t_rule_set int")
+              "_t_no_order string, _t_rule_set int, _t_ignore_nulls boolean")
 
 
 class MultiTableChanges:
@@ -136,7 +136,7 @@ class MultiTableChanges:
         self.check_columns = [
             "_table", "_typed", "_old_key", "_op", seq.alias("_seq"), "_commit_ts", "_source_position",
             "_record_hash", "_before", "_data", PREHASHED, F.coalesce(F.col("_problem"), rule).alias("_rule"),
-            reason.alias("_reason"), "_t_types", "_t_pii", "_t_keys", "_t_rule_set",
+            reason.alias("_reason"), "_t_types", "_t_pii", "_t_keys", "_t_rule_set", "_t_ignore_nulls",
         ]  # fmt: skip
 
         # Data quality: one branch per distinct rule set (tables sharing rules and column types share one).
@@ -187,13 +187,15 @@ class MultiTableChanges:
             F.when(F.size(pii) == 0, F.col("_typed"))  # a table without PII: nothing to mask or drop
             .otherwise(F.transform_values(F.map_filter("_typed", not_dropped), lambda k, v: masked(k, v, pii[k])))
             .alias("_values"),
-            "_op", "_seq", "_commit_ts", "_source_position", "_t_keys",
+            "_op", "_seq", "_commit_ts", "_source_position", "_t_keys", "_t_ignore_nulls",
         ]  # fmt: skip
+        self.merges_nulls = any(s.table.cfg.ignore_null_updates for s in shapes.values())
         self.key = [F.col("_table"), F.to_json(F.transform(keys, lambda k: F.col("_values")[k]))]
         self.info_rows = [
             (name, dict(s.columns), dict(s.table.pii), {c: f"{i:05d}" for i, c in enumerate(s.columns)},
              list(s.table.primary_key), f"primary key ({', '.join(s.table.primary_key)}) has a null value",
-             orderings.index(s.table.ordering), f"no usable order ({', '.join(s.table.ordering)})", set_of.get(name))
+             orderings.index(s.table.ordering), f"no usable order ({', '.join(s.table.ordering)})", set_of.get(name),
+             s.table.cfg.ignore_null_updates)
             for name, s in shapes.items()
         ]
 
@@ -216,7 +218,14 @@ class MultiTableChanges:
             good = checked.filter(self.good_filter)
             moved = good.filter(self.key_change_filter).withColumn("_typed", F.col("_old_key")).withColumn(
                 "_op", F.lit("delete"))
-            changes = latest_per_key(good.unionByName(moved).select(*self.out_columns), self.key).drop("_t_keys")
+            rows = good.unionByName(moved).select(*self.out_columns)
+            changes = latest_per_key(rows, self.key).withColumn("_partial", F.lit(False))
+            if self.merges_nulls:  # a plan without such tables stays as it was
+                ignore_nulls = F.col("_t_ignore_nulls")
+                changes = latest_per_key(rows.filter(~ignore_nulls), self.key).withColumn(
+                    "_partial", F.lit(False)).unionByName(merged_per_key(rows.filter(ignore_nulls), self.key),
+                                                          allowMissingColumns=True)
+            changes = changes.drop("_t_keys", "_t_ignore_nulls")
             bad = checked.filter(self.bad_filter).select(*self.bad_columns)
             both = to_arrow(changes.withColumn("_rule", F.lit(None).cast("string"))
                             .unionByName(bad, allowMissingColumns=True))
@@ -231,7 +240,7 @@ class MultiTableChanges:
         spans, start = {}, 0
         for name, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True):
             spans[name], start = (start, n), start + n
-        good = good.select(["_values", "_op", "_seq", "_commit_ts"])
+        good = good.select(["_values", "_op", "_seq", "_commit_ts", "_partial"])
         rejected: dict[str, list[dict]] = {}
         for row in both.filter(pc.invert(ok)).select(["_table", *REJECTED]).to_pylist():
             rejected.setdefault(row.pop("_table"), []).append(row)

@@ -61,6 +61,8 @@ class GenOptions:
     hot_fraction: float = 0.5
     reinsert_rate: float = 0.1  # share of inserts that re-insert a previously deleted key
     null_update_rate: float = 0.0  # updates that set nullable columns to NULL (tables without ignore_null_updates)
+    # updates of tables with ignore_null_updates that send NULL for the columns they leave unchanged
+    partial_update_rate: float = 0.0
     pk_change_rate: float = 0.0  # updates that change the primary key (before-image)
     dq_failure_rate: float = 0.0  # inserts/updates given a value that breaks a raw_to_staging rule
     # loads/inserts/updates whose text columns a raw_to_staging transform cleans hold untidy text
@@ -477,6 +479,8 @@ class SourceModel:
                     touched.add((name, new_key))
                     key = new_key
             sent = dict(row)
+            if before is None:
+                self._maybe_partial(st, sent, st.rows[key])
             self._maybe_dirty(st, sent)
             bad = self._maybe_break_quality(st, sent)
             ch = self._emit(name, "update", sent, before=before, **self._txn_fields(rec))
@@ -517,6 +521,19 @@ class SourceModel:
             nullable = [c for c in mutable if c in t.cfg.columns and t.cfg.columns[c].nullable and c not in not_null]
             for col in self.rng.sample(nullable, k=min(len(nullable), self.rng.randint(1, 2))):
                 row[col] = None
+
+
+    def _maybe_partial(self, st: _TableState, sent: dict[str, Any], stored: dict[str, Any]) -> None:
+        """An update that sends NULL for the columns it leaves unchanged (but the key and the columns
+        a not_null rule checks), as a table with ignore_null_updates may receive them."""
+        t = st.table
+        rate = self.opts.partial_update_rate  # 0: no random draw, so other options' histories stay as they were
+        if not t.cfg.ignore_null_updates or rate <= 0 or self.rng.random() >= rate:
+            return
+        not_null = {c for rule in t.cfg.quality.raw_to_staging if rule.rule == "not_null" for c in rule.columns}
+        for col in st.columns:
+            if col not in t.primary_key and col not in not_null and sent.get(col) == stored.get(col):
+                sent[col] = None
 
 
 def _transformed_columns(table: Table) -> set[str]:
