@@ -14,6 +14,7 @@ from cdcflow.cdc import apply
 from cdcflow.cdc.changes import TableShape
 from cdcflow.cdc.multi_table import fits
 from cdcflow.oracle import load_history
+from cdcflow.runtime import to_arrow
 from cdcflow.sim.synthetic import write_configs
 from streaming.job import run_stream
 from streaming.processor import TableOutcome, biggest_first
@@ -69,8 +70,9 @@ def test_shared_plan_and_own_plans_in_one_stream_verify_against_oracle(spark, tm
 @pytest.mark.spark
 @pytest.mark.glue_compat
 @pytest.mark.parametrize("seed", range(3))
-def test_merged_per_key_is_collapse_with_ignore_null_updates(spark, tmp_path: Path, seed: int):
-    """The shared plan's collapse over `_values` maps keeps `apply.collapse`'s rule column for column:
+def test_the_map_collapse_is_collapse_with_ignore_null_updates(spark, tmp_path: Path, seed: int):
+    """The shared plan's collapse over `_values` maps (one window, then the segments of keys whose latest
+    change sends a NULL folded on the driver) keeps `apply.collapse`'s rule column for column:
     each value the last non-null one from the key's latest insert/load/delete, `_partial` without one."""
     rng = random.Random(seed)
     shape = TableShape(project_in(tmp_path, CONFIGS).table("shop.order_items"))
@@ -90,8 +92,11 @@ def test_merged_per_key_is_collapse_with_ignore_null_updates(spark, tmp_path: Pa
     expected = {tuple(r[c] for c in wanted) for r in apply.collapse(changes, shape).collect()}
     as_maps = changes.select(F.lit("t").alias("_table"), F.create_map(*[x for c in columns for x in (F.lit(c), F.col(c))])
                              .alias("_values"), "_op", "_seq", "_commit_ts", "_source_position")
-    merged = apply.merged_per_key(as_maps, [F.col("_table"), *(F.col("_values")[k] for k in key)]).collect()
-    got = {tuple([*(r["_values"][c] for c in columns), r["_op"], r["_seq"], r["_partial"]]) for r in merged}
+    collapsed = apply.latest_or_segment(as_maps, [F.col("_table"), *(F.col("_values")[k] for k in key)], F.lit(True))
+    rows_back = to_arrow(collapsed)
+    assert 0 < sum(rows_back["_fold"].to_pylist()) < rows_back.num_rows  # keys folded and keys taken whole
+    merged = apply.fold_segments(rows_back).to_pylist()
+    got = {tuple([*(dict(r["_values"])[c] for c in columns), r["_op"], r["_seq"], r["_partial"]]) for r in merged}
     assert len(expected) == len({tuple(r[c] for c in key) for r in rows})  # one row a key
     assert any(r[-1] for r in expected) and not all(r[-1] for r in expected)  # partial and whole segments
     assert got == expected

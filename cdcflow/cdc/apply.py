@@ -141,40 +141,50 @@ def latest_per_key(changes: DataFrame, key: list[Column]) -> DataFrame:
     return changes.withColumn("_rn", F.row_number().over(latest)).filter("_rn = 1").drop("_rn")
 
 
-def merged_per_key(changes: DataFrame, key: list[Column]) -> DataFrame:
-    """`collapse`'s rule with ignore_null_updates, for changes whose values are a `_values` map (column
-    -> value; the many-table plan, cdcflow.cdc.multi_table): per key, the latest change's `_op`, `_seq`,
-    `_commit_ts` and `_source_position`, and each value the last non-null one from the key's latest
-    non-update change on (its segment); `_partial` when the key has no non-update change (a pure
-    partial update: silver keeps its stored values for the NULLs). `key`: `_table` first, then the
-    key's value.
+def latest_or_segment(changes: DataFrame, key: list[Column], ignore_nulls: Column) -> DataFrame:
+    """`collapse` in one window, for changes whose values are a `_values` map (column -> value; the
+    many-table plan, cdcflow.cdc.multi_table): per key its latest change, with `_partial` for a key
+    whose table ignores NULL updates (`ignore_nulls`) and that has no insert, load or delete (a pure
+    partial update: silver keeps its stored values for the NULLs). `key`: `_table` first.
 
-    A key whose latest change carries no NULL takes that change's values as they are (each column's
-    last non-null value is its own), so one window answers most keys; only the others' segments are
-    gathered and folded in `_seq` order (interpreted lambdas, so kept to the keys that need them)."""
+    With ignore_null_updates a key whose latest change sends no NULL takes that change's values as
+    they are (each column's last non-null value is its own). When the latest sends a NULL, the key's
+    segment (its changes from its latest non-update on) comes instead, marked `_fold` and keyed by
+    `_key`, for `fold_segments`: a second pass over the rows (gathering and folding them in Spark
+    cost every batch a second window and two stages, for the few keys that need it)."""
     latest = Window.partitionBy(*key).orderBy(F.col("_seq").desc())
     whole = latest.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
-    sends_null = (F.col("_op") == "update") & F.exists(F.map_values("_values"), lambda v: v.isNull())
+    sends_null = ignore_nulls & (F.col("_op") == "update") & F.exists(F.map_values("_values"), lambda v: v.isNull())
     ranked = changes.select(
         "*", F.row_number().over(latest).alias("_rn"),
         F.first(sends_null).over(latest).alias("_fold"),  # the key's latest change sends a NULL
         F.max(F.when(F.col("_op") != "update", F.col("_seq"))).over(whole).alias("_segment"),
     )
-    partial = F.col("_segment").isNull()
-    whole_rows = ranked.filter((F.col("_rn") == 1) & ~F.col("_fold")).select(
-        "_table", "_values", "_op", "_seq", "_commit_ts", "_source_position", partial.alias("_partial"))
+    fold, segment = F.col("_fold"), F.col("_segment")
+    kept = F.when(fold, segment.isNull() | (F.col("_seq") >= segment)).otherwise(F.col("_rn") == 1)
+    named_key = F.to_json(F.struct(*(k.alias(f"k{i}") for i, k in enumerate(key))))
+    return ranked.filter(kept).select(
+        *changes.columns, (ignore_nulls & segment.isNull()).alias("_partial"), fold,
+        F.when(fold, named_key).alias("_key"),
+    )
 
-    change = F.struct("_seq", "_op", "_values", "_commit_ts", "_source_position")
-    by_seq = F.array_sort(F.collect_list(change), lambda a, b: F.when(a["_seq"] < b["_seq"], -1)
-                          .when(a["_seq"] > b["_seq"], 1).otherwise(0))
-    in_segment = F.col("_fold") & (partial | (F.col("_seq") >= F.col("_segment")))
-    gathered = ranked.filter(in_segment).groupBy(*key).agg(by_seq.alias("_changes"), F.first(partial).alias("_partial"))
-    values = F.aggregate("_changes", F.create_map().cast("map<string,string>"), lambda held, x: F.map_zip_with(
-        held, x["_values"], lambda k, before, after: F.coalesce(after, before)))
-    folded = gathered.select("_table", "_partial", F.element_at("_changes", -1).alias("_latest"), values.alias("_values"))
-    return whole_rows.unionByName(folded.select(
-        "_table", "_values", *(F.col("_latest")[c].alias(c) for c in ("_op", "_seq", "_commit_ts", "_source_position")),
-        "_partial"))
+
+def fold_segments(changes: pa.Table) -> pa.Table:
+    """`latest_or_segment`'s rows with each `_fold` key's segment folded into one change, by
+    `collapse`'s rule: in `_seq` order each value the last non-null one, the rest the latest change's."""
+    fold = pc.fill_null(changes["_fold"], False)
+    if not pc.any(fold).as_py():
+        return changes.drop_columns(["_fold", "_key"])
+    segments = changes.filter(fold).sort_by([("_key", "ascending"), ("_seq", "ascending")])
+    folded: dict[str, dict] = {}
+    for change in segments.to_pylist():
+        values = dict(folded[change["_key"]]["_values"]) if change["_key"] in folded else {}
+        for column, value in change["_values"]:
+            if value is not None or column not in values:
+                values[column] = value
+        folded[change["_key"]] = {**change, "_values": list(values.items())}
+    rows = pa.Table.from_pylist(list(folded.values()), schema=segments.schema)
+    return pa.concat_tables([changes.filter(pc.invert(fold)), rows]).drop_columns(["_fold", "_key"])
 
 
 REJECTED = ["_rule", "_reason", "_source_position", "_record_hash", "_payload"]

@@ -12,7 +12,8 @@ changes, which delta-rs commits (apply.merge_rows).
 
 The rules are the ones the per-table plan uses, called with the map as their column source:
 Spark's cast, `quality.rule_failure`, `masking.mask_column`, `sequence.sequence`, the first-problem
-order of `changes`, `apply.latest_per_key` (`apply.merged_per_key` for ignore_null_updates), and the
+order of `changes`, `apply.latest_per_key` (`apply.latest_or_segment` and `fold_segments` with
+ignore_null_updates), and the
 MERGE of `apply.merge_clauses`.
 
 Tables it takes (`fits`): committed by delta-rs, no raw->staging transforms, raw->staging rules that read only their own row
@@ -32,7 +33,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cdcflow import quality
-from cdcflow.cdc.apply import REJECTED, latest_per_key, merged_per_key, spark_commits
+from cdcflow.cdc.apply import REJECTED, fold_segments, latest_or_segment, latest_per_key, spark_commits
 from cdcflow.cdc.changes import TableShape, _first_problem
 from cdcflow.cdc.masking import PREHASHED, mask_column, prehashed
 from cdcflow.cdc.sequence import sequence
@@ -219,12 +220,10 @@ class MultiTableChanges:
             moved = good.filter(self.key_change_filter).withColumn("_typed", F.col("_old_key")).withColumn(
                 "_op", F.lit("delete"))
             rows = good.unionByName(moved).select(*self.out_columns)
-            changes = latest_per_key(rows, self.key).withColumn("_partial", F.lit(False))
             if self.merges_nulls:  # a plan without such tables stays as it was
-                ignore_nulls = F.col("_t_ignore_nulls")
-                changes = latest_per_key(rows.filter(~ignore_nulls), self.key).withColumn(
-                    "_partial", F.lit(False)).unionByName(merged_per_key(rows.filter(ignore_nulls), self.key),
-                                                          allowMissingColumns=True)
+                changes = latest_or_segment(rows, self.key, F.col("_t_ignore_nulls"))
+            else:
+                changes = latest_per_key(rows, self.key).withColumn("_partial", F.lit(False))
             changes = changes.drop("_t_keys", "_t_ignore_nulls")
             bad = checked.filter(self.bad_filter).select(*self.bad_columns)
             both = to_arrow(changes.withColumn("_rule", F.lit(None).cast("string"))
@@ -235,6 +234,8 @@ class MultiTableChanges:
         # and two filters per table cost ~0.5 s of a 1004-table batch, before any commit could start).
         ok = pc.is_null(both["_rule"])
         good = both.filter(ok)
+        if self.merges_nulls:
+            good = fold_segments(good)
         good = good.take(pc.sort_indices(good["_table"]))
         counts = pc.value_counts(good["_table"])  # in order of first appearance: the sorted order
         spans, start = {}, 0
