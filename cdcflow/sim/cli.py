@@ -23,6 +23,7 @@ SOURCE_FLAGS = {  # flag -> GenOptions field: real source changes, not delivery 
     "schema-drift-rate": "schema_drift_rate",
     "pk-change-rate": "pk_change_rate",
     "null-update-rate": "null_update_rate",
+    "partial-update-rate": "partial_update_rate",
     "dq-failure-rate": "dq_failure_rate",
     "dirty-value-rate": "dirty_value_rate",
     "drop-table-rate": "drop_table_rate",
