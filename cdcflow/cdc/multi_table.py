@@ -13,13 +13,12 @@ changes, which delta-rs commits (apply.merge_rows).
 The rules are the ones the per-table plan uses, called with the map as their column source:
 Spark's cast, `quality.rule_failure`, `masking.mask_column`, `sequence.sequence`, the first-problem
 order of `changes`, `apply.latest_per_key` (`apply.latest_or_segment` and `fold_segments` with
-ignore_null_updates), and the
-MERGE of `apply.merge_clauses`.
+ignore_null_updates), and the MERGE of `apply.merge_clauses`.
 
-Tables it takes (`fits`): committed by delta-rs, no raw->staging transforms, raw->staging rules that read only their own row
-(not `unique` or `expression`) with severity quarantine (warn / fail rules are counted before the
-commit, on the table's own plan: TypedChanges.failures), and column types that Arrow reads back
-from Spark's text.
+Tables it takes (`fits`): committed by delta-rs, no raw->staging transforms, raw->staging rules that
+read only their own row (not `unique` or `expression`) with severity quarantine (warn / fail rules
+are counted before the commit, on the table's own plan: TypedChanges.failures), and column types
+that Arrow reads back from Spark's text.
 """
 
 from __future__ import annotations
