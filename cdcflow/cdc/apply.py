@@ -176,14 +176,16 @@ def fold_segments(changes: pa.Table) -> pa.Table:
     if not pc.any(fold).as_py():
         return changes.drop_columns(["_fold", "_key"])
     segments = changes.filter(fold).sort_by([("_key", "ascending"), ("_seq", "ascending")])
-    folded: dict[str, dict] = {}
+    latest: dict[str, dict] = {}  # per key: its latest change so far
+    values: dict[str, dict] = {}  # per key: each column's last non-null value so far
     for change in segments.to_pylist():
-        values = dict(folded[change["_key"]]["_values"]) if change["_key"] in folded else {}
+        held = values.setdefault(change["_key"], {})
         for column, value in change["_values"]:
-            if value is not None or column not in values:
-                values[column] = value
-        folded[change["_key"]] = {**change, "_values": list(values.items())}
-    rows = pa.Table.from_pylist(list(folded.values()), schema=segments.schema)
+            if value is not None or column not in held:
+                held[column] = value
+        latest[change["_key"]] = change
+    rows = pa.Table.from_pylist([{**change, "_values": list(values[key].items())} for key, change in latest.items()],
+                                schema=segments.schema)
     return pa.concat_tables([changes.filter(pc.invert(fold)), rows]).drop_columns(["_fold", "_key"])
 
 
@@ -397,8 +399,8 @@ def silver_schema(shape: TableShape) -> pa.Schema:
 
 def merge_rows(path: str, changes: pa.Table, shape: TableShape) -> str | None:
     """Commit collapsed changes that are already on the driver (cdcflow.cdc.multi_table: `_values`,
-    a column -> text map, with `_op`, `_seq`, `_commit_ts` and optionally `_partial`) by delta-rs, with the same MERGE as
-    `merge`; None when committed. Without writing, "spark" when delta-rs should not take the table
+    a column -> text map, with `_op`, `_seq`, `_commit_ts`, optionally `_partial`) by delta-rs, with
+    the same MERGE as `merge`; None when committed. Without writing, "spark" when delta-rs should not take the table
     (`silver_writer`) and "evolve" when silver needs a column added or widened first (Spark does
     that): the caller then applies these changes through `merge`."""
     from deltalake import DeltaTable as RsTable
@@ -424,7 +426,7 @@ def merge_rows(path: str, changes: pa.Table, shape: TableShape) -> str | None:
         "_commit_ts": changes["_commit_ts"].cast(held.field("_commit_ts").type),
     })  # fmt: skip
     absent = [c for c in held.names if c not in shape.output_columns and c not in SILVER_META]
-    # partial updates (ignore_null_updates, apply.merged_per_key) need the MERGE's CASEs; others don't
+    # partial updates (ignore_null_updates: latest_or_segment) need the MERGE's CASEs; others don't
     partial = "_partial" in changes.column_names and pc.any(changes["_partial"]).as_py() is True
     if partial:
         source["_partial"] = changes["_partial"]

@@ -522,7 +522,6 @@ class SourceModel:
             for col in self.rng.sample(nullable, k=min(len(nullable), self.rng.randint(1, 2))):
                 row[col] = None
 
-
     def _maybe_partial(self, st: _TableState, sent: dict[str, Any], stored: dict[str, Any]) -> None:
         """An update that sends NULL for the columns it leaves unchanged (but the key and the columns
         a not_null rule checks), as a table with ignore_null_updates may receive them."""
