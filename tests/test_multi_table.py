@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from pyspark.sql import functions as F
 
@@ -70,10 +71,11 @@ def test_shared_plan_and_own_plans_in_one_stream_verify_against_oracle(spark, tm
 @pytest.mark.spark
 @pytest.mark.glue_compat
 @pytest.mark.parametrize("seed", range(3))
-def test_the_map_collapse_is_collapse_with_ignore_null_updates(spark, tmp_path: Path, seed: int):
-    """The shared plan's collapse over `_values` maps (one window, then the segments of keys whose latest
-    change sends a NULL folded on the driver) keeps `apply.collapse`'s rule column for column:
-    each value the last non-null one from the key's latest insert/load/delete, `_partial` without one."""
+def test_the_driver_collapse_is_sparks_collapse(spark, tmp_path: Path, seed: int):
+    """The shared plan's collapse on the driver (`apply.latest_changes` over `_values` maps) keeps
+    `apply.collapse`'s rule column for column: with ignore_null_updates each value the last non-null
+    one from the key's latest insert/load/delete, `_partial` without one; for a table without it, the
+    latest change as it is. Two tables' rows in one input, with the same keys."""
     rng = random.Random(seed)
     shape = TableShape(project_in(tmp_path, CONFIGS).table("shop.order_items"))
     assert shape.table.cfg.ignore_null_updates
@@ -90,13 +92,43 @@ def test_the_map_collapse_is_collapse_with_ignore_null_updates(spark, tmp_path: 
     changes = spark.createDataFrame([tuple(r.values()) for r in rows], schema)
     wanted = [*columns, "_op", "_seq", "_partial"]
     expected = {tuple(r[c] for c in wanted) for r in apply.collapse(changes, shape).collect()}
-    as_maps = changes.select(F.lit("t").alias("_table"), F.create_map(*[x for c in columns for x in (F.lit(c), F.col(c))])
-                             .alias("_values"), "_op", "_seq", "_commit_ts", "_source_position")
-    collapsed = apply.latest_or_segment(as_maps, [F.col("_table"), *(F.col("_values")[k] for k in key)], F.lit(True))
-    rows_back = to_arrow(collapsed)
-    assert 0 < sum(rows_back["_fold"].to_pylist()) < rows_back.num_rows  # keys folded and keys taken whole
-    merged = apply.fold_segments(rows_back).to_pylist()
-    got = {tuple([*(dict(r["_values"])[c] for c in columns), r["_op"], r["_seq"], r["_partial"]]) for r in merged}
-    assert len(expected) == len({tuple(r[c] for c in key) for r in rows})  # one row a key
+    plain = {(*(r[c] for c in columns), r["_op"], r["_seq"], False)
+             for r in apply.latest_per_key(changes, [F.col(k) for k in key]).collect()}
+
+    def as_maps(table: str, ignore_nulls: bool):
+        return changes.select(
+            F.lit(table).alias("_table"), F.create_map(*[x for c in columns for x in (F.lit(c), F.col(c))]).alias("_values"),
+            "_op", "_seq", "_commit_ts", "_source_position", F.to_json(F.array(*key)).alias("_key"),
+            F.lit(ignore_nulls).alias("_ignore_nulls"))
+
+    both = to_arrow(as_maps("t", True).unionByName(as_maps("plain", False)))
+    merged = apply.latest_changes(both).to_pylist()
+    got = {t: {tuple([*(dict(r["_values"])[c] for c in columns), r["_op"], r["_seq"], r["_partial"]])
+               for r in merged if r["_table"] == t} for t in ("t", "plain")}
+    latest = {}  # per key: its latest change
+    for r in sorted(rows, key=lambda r: r["_seq"]):
+        latest[tuple(r[k] for k in key)] = r
+    ends_on_null = [r["_op"] == "update" and any(r[c] is None for c in columns) for r in latest.values()]
+    assert any(ends_on_null) and not all(ends_on_null)  # keys folded and keys taken whole
+    assert len(expected) == len(latest)  # one row a key
     assert any(r[-1] for r in expected) and not all(r[-1] for r in expected)  # partial and whole segments
-    assert got == expected
+    assert got["t"] == expected
+    assert got["plain"] == plain
+
+
+def test_the_driver_collapse_of_nothing_and_of_a_delete_segment():
+    """No rows (every shared-plan row of a batch quarantined) give no rows; a key whose segment starts
+    at a delete without values folds the updates after it."""
+    schema = pa.schema([("_table", pa.string()), ("_key", pa.string()), ("_values", pa.map_(pa.string(), pa.string())),
+                        ("_op", pa.string()), ("_seq", pa.string()), ("_ignore_nulls", pa.bool_())])
+    empty = apply.latest_changes(schema.empty_table())
+    assert empty.num_rows == 0 and "_partial" in empty.column_names and "_key" not in empty.column_names
+    rows = [("t", "[1]", None, "delete", "1", True), ("t", "[1]", [("a", "x"), ("b", None)], "update", "2", True),
+            ("t", "[1]", [("a", None), ("b", None)], "update", "3", True),
+            ("u", "[1]", [("a", None)], "update", "4", False)]
+    rows = pa.Table.from_pylist([dict(zip(schema.names, r, strict=True)) for r in rows], schema)
+    got = apply.latest_changes(rows)
+    assert got.to_pylist() == [
+        {"_table": "t", "_values": [("a", "x"), ("b", None)], "_op": "update", "_seq": "3", "_partial": False},
+        {"_table": "u", "_values": [("a", None)], "_op": "update", "_seq": "4", "_partial": False},
+    ]

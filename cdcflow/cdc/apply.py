@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from delta.tables import DeltaTable
@@ -141,52 +142,67 @@ def latest_per_key(changes: DataFrame, key: list[Column]) -> DataFrame:
     return changes.withColumn("_rn", F.row_number().over(latest)).filter("_rn = 1").drop("_rn")
 
 
-def latest_or_segment(changes: DataFrame, key: list[Column], ignore_nulls: Column) -> DataFrame:
-    """`collapse` in one window, for changes whose values are a `_values` map (column -> value; the
-    many-table plan, cdcflow.cdc.multi_table): per key its latest change, with `_partial` for a key
-    whose table ignores NULL updates (`ignore_nulls`) and that has no insert, load or delete (a pure
-    partial update: silver keeps its stored values for the NULLs). `key`: `_table` first.
+def latest_changes(changes: pa.Table) -> pa.Table:
+    """`collapse` on the driver, for the many-table plan's collected changes (cdcflow.cdc.multi_table):
+    per key (`_table`, `_key`: the key as text) its latest change by `_seq`, with `_partial` for a key
+    whose table ignores NULL updates (`_ignore_nulls`) and that has no insert, load or delete (a pure
+    partial update: silver keeps its stored values for the NULLs). The rows come back sorted by
+    `_table`, without `_key` and `_ignore_nulls`.
 
     With ignore_null_updates a key whose latest change sends no NULL takes that change's values as
-    they are (each column's last non-null value is its own). When the latest sends a NULL, the key's
-    segment (its changes from its latest non-update on) comes instead, marked `_fold` and keyed by
-    `_key`, for `fold_segments`: a second pass over the rows (gathering and folding them in Spark
-    cost every batch a second window and two stages, for the few keys that need it)."""
-    latest = Window.partitionBy(*key).orderBy(F.col("_seq").desc())
-    whole = latest.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
-    sends_null = ignore_nulls & (F.col("_op") == "update") & F.exists(F.map_values("_values"), lambda v: v.isNull())
-    ranked = changes.select(
-        "*", F.row_number().over(latest).alias("_rn"),
-        F.first(sends_null).over(latest).alias("_fold"),  # the key's latest change sends a NULL
-        F.max(F.when(F.col("_op") != "update", F.col("_seq"))).over(whole).alias("_segment"),
-    )
-    fold, segment = F.col("_fold"), F.col("_segment")
-    kept = F.when(fold, segment.isNull() | (F.col("_seq") >= segment)).otherwise(F.col("_rn") == 1)
-    named_key = F.to_json(F.struct(*(k.alias(f"k{i}") for i, k in enumerate(key))))
-    return ranked.filter(kept).select(
-        *changes.columns, (ignore_nulls & segment.isNull()).alias("_partial"), fold,
-        F.when(fold, named_key).alias("_key"),
-    )
+    they are (each column's last non-null value is its own); when it sends a NULL, the key's segment
+    (its changes from its latest non-update on) is folded by `collapse`'s rule: in `_seq` order each
+    value of `_values` the last non-null one, the rest the latest change's. A sort and a few
+    vectorized passes on the driver, where Spark's window shuffled and sorted every row
+    (docs/design.md, "The shared plan's collapse on the driver")."""
+    rows = changes.take(pc.sort_indices(changes, [("_table", "ascending"), ("_key", "ascending"),
+                                                  ("_seq", "ascending")])).combine_chunks()
+    n = rows.num_rows
+    if n == 0:
+        return rows.append_column("_partial", pa.array([], pa.bool_())).drop_columns(["_key", "_ignore_nulls"])
+    first = np.ones(n, dtype=bool)  # the row starts a key
+    if n > 1:
+        same = pc.and_(pc.equal(rows["_table"][1:], rows["_table"][:-1]), pc.equal(rows["_key"][1:], rows["_key"][:-1]))
+        first[1:] = ~same.to_numpy()
+    starts = np.flatnonzero(first)
+    lasts = np.append(starts[1:] - 1, n - 1).astype(np.int64)
+    update = pc.equal(rows["_op"], "update").to_numpy()
+    # per key: the position of its latest insert, load or delete, where its segment starts (-1: none)
+    segment = np.maximum.reduceat(np.where(update, -1, np.arange(n)), starts)
+    ignore = pc.fill_null(rows["_ignore_nulls"], False).to_numpy()[lasts]
+    partial = ignore & (segment < 0)
+    ends_on_update = np.flatnonzero(ignore & update[lasts])
+    fold = ends_on_update[_sends_null(rows["_values"].take(pa.array(lasts[ends_on_update])).combine_chunks())]
+    whole = np.ones(len(starts), dtype=bool)
+    whole[fold] = False
+    out = rows.take(pa.array(lasts[whole])).append_column("_partial", pa.array(partial[whole]))
+    if len(fold):
+        begin = np.maximum(segment[fold], starts[fold])
+        spans = [np.arange(b, e + 1) for b, e in zip(begin, lasts[fold], strict=True)]
+        changes_of = iter(rows.take(pa.array(np.concatenate(spans))).to_pylist())
+        folded = [{**_fold([next(changes_of) for _ in span]), "_partial": bool(partial[k])}
+                  for span, k in zip(spans, fold, strict=True)]
+        out = pa.concat_tables([out, pa.Table.from_pylist(folded, schema=out.schema)])
+        out = out.take(pc.sort_indices(out["_table"]))
+    return out.drop_columns(["_key", "_ignore_nulls"])
 
 
-def fold_segments(changes: pa.Table) -> pa.Table:
-    """`latest_or_segment`'s rows with each `_fold` key's segment folded into one change, by
-    `collapse`'s rule: in `_seq` order each value the last non-null one, the rest the latest change's."""
-    fold = pc.fill_null(changes["_fold"], False)
-    if not pc.any(fold).as_py():
-        return changes.drop_columns(["_fold", "_key"])
-    segments = changes.filter(fold).sort_by([("_key", "ascending"), ("_seq", "ascending")])
-    latest: dict[str, dict] = {}  # per key: its latest change so far
-    values: dict[str, dict] = {}  # per key: each column's last non-null value so far
-    for change in segments.to_pylist():
-        held = values.setdefault(change["_key"], {})
-        for column, value in change["_values"]:
-            if value is not None or column not in held:
-                held[column] = value
-        latest[change["_key"]] = change
-    rows = pa.Table.from_pylist([{**change, "_values": list(values[key].items())} for key, change in latest.items()],
-                                schema=segments.schema)
-    return pa.concat_tables([changes.filter(pc.invert(fold)), rows]).drop_columns(["_fold", "_key"])
+def _sends_null(maps: pa.MapArray) -> np.ndarray:
+    """Per map: whether one of its values is NULL (`maps` freshly taken: its offsets start at 0)."""
+    nulls = np.concatenate([[0], np.cumsum(maps.items.is_null().to_numpy(zero_copy_only=False))])
+    offsets = maps.offsets.to_numpy()
+    return nulls[offsets[1:]] > nulls[offsets[:-1]]
+
+
+def _fold(segment: list[dict]) -> dict:
+    """One key's segment (in `_seq` order) as one change: the latest change with each value the last
+    non-null one of the segment."""
+    values: dict = {}
+    for change in segment:
+        for column, value in change["_values"] or ():
+            if value is not None or column not in values:
+                values[column] = value
+    return {**segment[-1], "_values": list(values.items())}
 
 
 REJECTED = ["_rule", "_reason", "_source_position", "_record_hash", "_payload"]
@@ -426,7 +442,7 @@ def merge_rows(path: str, changes: pa.Table, shape: TableShape) -> str | None:
         "_commit_ts": changes["_commit_ts"].cast(held.field("_commit_ts").type),
     })  # fmt: skip
     absent = [c for c in held.names if c not in shape.output_columns and c not in SILVER_META]
-    # partial updates (ignore_null_updates: latest_or_segment) need the MERGE's CASEs; others don't
+    # partial updates (ignore_null_updates: latest_changes) need the MERGE's CASEs; others don't
     partial = "_partial" in changes.column_names and pc.any(changes["_partial"]).as_py() is True
     if partial:
         source["_partial"] = changes["_partial"]

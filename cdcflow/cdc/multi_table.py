@@ -7,13 +7,14 @@ At 1000 tables that is minutes per micro-batch. This plan's size does not grow w
 each column's type and PII method, each table's key, ordering and rule set come from a small
 table-info frame joined by broadcast (a row per table: its maps column -> type / PII method /
 position), and the values travel as text in a map (Spark's own rendering of the
-typed value, which Arrow reads back exactly). One Arrow collect then gives each table its collapsed
-changes, which delta-rs commits (apply.merge_rows).
+typed value, which Arrow reads back exactly). One Arrow collect then brings every table's changes
+to the driver, which collapses them (apply.latest_changes) and delta-rs commits each table's slice
+(apply.merge_rows).
 
 The rules are the ones the per-table plan uses, called with the map as their column source:
 Spark's cast, `quality.rule_failure`, `masking.mask_column`, `sequence.sequence`, the first-problem
-order of `changes`, `apply.latest_per_key` (`apply.latest_or_segment` and `fold_segments` with
-ignore_null_updates), and the MERGE of `apply.merge_clauses`.
+order of `changes`, `apply.collapse`'s rule on the driver (`apply.latest_changes`), and the MERGE of
+`apply.merge_clauses`.
 
 Tables it takes (`fits`): committed by delta-rs, no raw->staging transforms, raw->staging rules that
 read only their own row (not `unique` or `expression`) with severity quarantine (warn / fail rules
@@ -32,7 +33,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cdcflow import quality
-from cdcflow.cdc.apply import REJECTED, fold_segments, latest_or_segment, latest_per_key, spark_commits
+from cdcflow.cdc.apply import REJECTED, latest_changes, spark_commits
 from cdcflow.cdc.changes import TableShape, _first_problem
 from cdcflow.cdc.masking import PREHASHED, mask_column, prehashed
 from cdcflow.cdc.sequence import sequence
@@ -187,10 +188,10 @@ class MultiTableChanges:
             F.when(F.size(pii) == 0, F.col("_typed"))  # a table without PII: nothing to mask or drop
             .otherwise(F.transform_values(F.map_filter("_typed", not_dropped), lambda k, v: masked(k, v, pii[k])))
             .alias("_values"),
-            "_op", "_seq", "_commit_ts", "_source_position", "_t_keys", "_t_ignore_nulls",
+            "_op", "_seq", "_commit_ts", "_source_position",
+            F.to_json(F.transform(keys, lambda k: F.col("_values")[k])).alias("_key"),
+            F.col("_t_ignore_nulls").alias("_ignore_nulls"),
         ]  # fmt: skip
-        self.merges_nulls = any(s.table.cfg.ignore_null_updates for s in shapes.values())
-        self.key = [F.col("_table"), F.to_json(F.transform(keys, lambda k: F.col("_values")[k]))]
         self.info_rows = [
             (name, dict(s.columns), dict(s.table.pii), {c: f"{i:05d}" for i, c in enumerate(s.columns)},
              list(s.table.primary_key), f"primary key ({', '.join(s.table.primary_key)}) has a null value",
@@ -218,12 +219,8 @@ class MultiTableChanges:
             good = checked.filter(self.good_filter)
             moved = good.filter(self.key_change_filter).withColumn("_typed", F.col("_old_key")).withColumn(
                 "_op", F.lit("delete"))
-            rows = good.unionByName(moved).select(*self.out_columns)
-            if self.merges_nulls:  # a plan without such tables stays as it was
-                changes = latest_or_segment(rows, self.key, F.col("_t_ignore_nulls"))
-            else:
-                changes = latest_per_key(rows, self.key).withColumn("_partial", F.lit(False))
-            changes = changes.drop("_t_keys", "_t_ignore_nulls")
+            # Collapsed on the driver (apply.latest_changes): a window here shuffled and sorted every row.
+            changes = good.unionByName(moved).select(*self.out_columns)
             bad = checked.filter(self.bad_filter).select(*self.bad_columns)
             both = to_arrow(changes.withColumn("_rule", F.lit(None).cast("string"))
                             .unionByName(bad, allowMissingColumns=True))
@@ -232,10 +229,7 @@ class MultiTableChanges:
         # Split by table: the changes sorted by table once, then a zero-copy slice per table (a take
         # and two filters per table cost ~0.5 s of a 1004-table batch, before any commit could start).
         ok = pc.is_null(both["_rule"])
-        good = both.filter(ok)
-        if self.merges_nulls:
-            good = fold_segments(good)
-        good = good.take(pc.sort_indices(good["_table"]))
+        good = latest_changes(both.filter(ok))  # sorted by table
         counts = pc.value_counts(good["_table"])  # in order of first appearance: the sorted order
         spans, start = {}, 0
         for name, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True):
