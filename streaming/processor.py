@@ -17,6 +17,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -69,6 +70,13 @@ def earlier_than(column: str, moment: datetime) -> Column:
     for every batch, for one formatting of each record's time (docs/design.md, "Per-batch literals").
     `moment` is naive local time, as Spark's collect gives the batches' maxima."""
     return F.date_format(column, _TIME_TEXT) < F.lit(moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f"))
+
+
+# Bronze goes beside a batch's applies up to this many tables touched, after them above it. Beside
+# the shared plan's Spark work it fills the core that plan leaves idle (4 tables: a 50k batch 2.57 s
+# against 2.82-3.08); at ~1000 tables its file per table and its Python side take the driver from the
+# plan and the round of commits (9.6-11 s a batch against 8.7). Between the two: not measured.
+BRONZE_BESIDE_MAX_TABLES = 8
 
 
 def biggest_first(outcomes: dict[str, TableOutcome]) -> list[str]:
@@ -195,20 +203,28 @@ class BatchProcessor:
         # (cdcflow.cdc.multi_table): a plan per table costs ~0.7 s of driver time at any size.
         order = biggest_first(outcomes)
         many = [name for name in order if self._takes_many(name, changes)]
+        # Bronze beside the applies when the batch touches few tables, else after them: docs/design.md,
+        # "Transforms in the shared plan, and bronze beside it". The batch ends only once both are
+        # written; both appends are idempotent and the MERGEs guarded, so a crash anywhere re-runs it.
+        write_bronze = partial(self._append_bronze, norm, batch_id, sum(r["n"] for r in stats),
+                               sum(r["bytes"] or 0 for r in stats))
+        bronze = self.pool.submit(write_bronze) if len(outcomes) <= BRONZE_BESIDE_MAX_TABLES else None
         futures = {
             name: self.pool.submit(self._apply_table, norm, name, changes.get(name, []), batch_id, outcomes[name])
             for name in order if name not in many
         }
-        if many:
-            futures.update(self._apply_many(norm, many, changes, batch_id, outcomes))
-        wait(futures.values())  # all applies end before `norm` can be released, even if one raised
+        try:
+            if many:
+                futures.update(self._apply_many(norm, many, changes, batch_id, outcomes))
+        finally:
+            wait([*futures.values(), *([bronze] if bronze else [])])  # all end before `norm` is released
+        if bronze:
+            bronze.result()
         for name, fut in futures.items():
             outcomes[name] = fut.result()
             quarantine += outcomes[name].quarantine_rows
-        # Silver first, bronze after: freshness is the time to silver, and a bronze append running
-        # beside the MERGEs shared the CPU with them (on 2 cores silver commits came ~1 s later; the
-        # batch took as long). The batch ends only once bronze is written; both appends are idempotent.
-        self._append_bronze(norm, batch_id, sum(r["n"] for r in stats), sum(r["bytes"] or 0 for r in stats))
+        if not bronze:
+            write_bronze()
         self._append_quarantine(quarantine, batch_id)
 
         batch_max = max((r["max_ts"] for r in stats if r["max_ts"] is not None), default=None)

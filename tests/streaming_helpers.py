@@ -58,12 +58,23 @@ def split_replay(history_dir: Path, dest: Path, batches: int) -> Path:
     return dest
 
 
-def verify_against_oracle(spark, project: Project, history_dir: Path):
+def verify_against_oracle(spark, project: Project, history_dir: Path, transforms: dict | None = None):
     from cdcflow.oracle import build_oracle, load_history, resolve_salt
     from cdcflow.verify import read_actual, verify
 
-    oracle = build_oracle(project, load_history(history_dir), resolve_salt(project), "kinesis")
+    oracle = build_oracle(project, load_history(history_dir), resolve_salt(project), "kinesis", transforms=transforms)
     return verify(project, oracle, read_actual(project, spark))
+
+
+def tidy_customer(row: dict) -> dict:
+    """customers' raw_to_staging transforms by their meaning: `upper(trim(country))` (SQL) and
+    shop_transforms:normalise_text(columns=[full_name], case=title) (DataFrame API)."""
+    out = dict(row)
+    if out.get("country") is not None:
+        out["country"] = out["country"].strip(" ").upper()
+    if out.get("full_name") is not None:
+        out["full_name"] = " ".join(w[:1].upper() + w[1:].lower() for w in out["full_name"].split())
+    return out
 
 
 def expected_late(replay: Path, project: Project) -> int:

@@ -21,7 +21,13 @@ from streaming.job import run_stream
 from streaming.processor import TableOutcome, biggest_first
 from streaming.sources import replay_stream
 from tests.conftest import CONFIGS
-from tests.streaming_helpers import project_in, simulate_to, split_replay, verify_against_oracle
+from tests.streaming_helpers import (
+    project_in,
+    simulate_to,
+    split_replay,
+    tidy_customer,
+    verify_against_oracle,
+)
 
 FAULTS = dict(duplicate_rate=0.05, out_of_order_rate=0.1, late_rate=0.02, malformed_json_rate=0.01,
               missing_primary_key_rate=0.02, unknown_table_rate=0.01, type_mismatch_rate=0.02,
@@ -29,10 +35,22 @@ FAULTS = dict(duplicate_rate=0.05, out_of_order_rate=0.1, late_rate=0.02, malfor
 
 
 def test_which_tables_the_shared_plan_takes(tmp_path: Path):
-    project = project_in(tmp_path, write_configs(CONFIGS, tmp_path / "configs", 1))
+    cfg = write_configs(CONFIGS, tmp_path / "configs", 3)
+    _own_plan_for(cfg, "synth.t0002")
+    t3 = cfg / "tables" / "synth.t0003.yaml"  # a rename in raw_to_staging: its own plan
+    t3.write_text(t3.read_text() + "transforms:\n  raw_to_staging:\n    rename: {name: label}\n")
+    project = project_in(tmp_path, cfg)
     taken = {name for name, t in project.tables.items() if fits(TableShape(t))}
-    # customers has raw->staging transforms: its own plan.
-    assert taken == {"shop.order_items", "shop.orders", "shop.products", "synth.t0001"}
+    # customers' raw_to_staging transforms (a SQL expression and a DataFrame function) run in the plan
+    assert taken == {"shop.customers", "shop.order_items", "shop.orders", "shop.products", "synth.t0001"}
+
+
+def _own_plan_for(cfg: Path, table: str) -> None:
+    """A warn rule (counted before the commit, on the table's own plan) keeps `table` out of the shared plan."""
+    f = cfg / "tables" / f"{table}.yaml"
+    f.write_text(f.read_text().replace("    - {rule: not_null, columns: [id]}\n", "    - {rule: not_null, columns: [id]}\n"
+                 "    - {rule: regex, column: name, pattern: '^.*$', severity: warn}\n"))
+    assert "severity: warn" in f.read_text()
 
 
 def test_a_batch_queues_its_tables_most_records_first():
@@ -43,21 +61,28 @@ def test_a_batch_queues_its_tables_most_records_first():
 @pytest.mark.spark
 @pytest.mark.glue_compat
 def test_shared_plan_and_own_plans_in_one_stream_verify_against_oracle(spark, tmp_path: Path):
-    project = project_in(tmp_path, write_configs(CONFIGS, tmp_path / "configs", 3))
+    cfg = write_configs(CONFIGS, tmp_path / "configs", 3)
+    _own_plan_for(cfg, "synth.t0003")
+    project = project_in(tmp_path, cfg)
     sim = tmp_path / "sim"
-    simulate_to(project, sim, seed=21, events=500, partial_update_rate=0.5, **FAULTS)
-    partial = [c for c in load_history(sim).changes if c["table"] == "shop.order_items" and c["op"] == "update"
+    simulate_to(project, sim, seed=21, events=500, partial_update_rate=0.5, dirty_value_rate=0.4, **FAULTS)
+    changes = load_history(sim).changes
+    partial = [c for c in changes if c["table"] == "shop.order_items" and c["op"] == "update"
                and None in c["data"].values()]
     assert len(partial) >= 5  # updates with NULL for "unchanged" reach the table that ignores them
+    dirty = [c for c in changes if c["table"] == "shop.customers" and c.get("data")
+             and tidy_customer(c["data"]) != c["data"]]
+    assert len(dirty) >= 5  # untidy text for customers' transforms
     replay = split_replay(sim, tmp_path / "replay", batches=3)
     summary = run_stream(spark, project, replay_stream(spark, str(replay)), available_now=True)
     assert summary.batches == 3
     shared = {name for name, o in summary.tables.items() if o.shared_plan}
-    assert shared == {"shop.order_items", "shop.orders", "shop.products", "synth.t0001", "synth.t0002", "synth.t0003"}
+    assert shared == {"shop.customers", "shop.order_items", "shop.orders", "shop.products", "synth.t0001", "synth.t0002"}
+    assert summary.tables["synth.t0003"].read and not summary.tables["synth.t0003"].shared_plan
     assert not [name for name, o in summary.tables.items() if o.isolated]
     quarantined = {name: o.quarantined for name, o in summary.tables.items()}
     assert all(quarantined[n] > 0 for n in ("shop.orders", "shop.products")), quarantined  # the faults reached them
-    diffs = verify_against_oracle(spark, project, sim)
+    diffs = verify_against_oracle(spark, project, sim, transforms={"shop.customers": tidy_customer})
     bad = [d for d in diffs if not d.ok]
     assert not bad, [(d.table, d.kind, d.missing[:3], d.extra[:3], d.different[:3]) for d in bad]
     # The shared plan words its quarantine reasons as each table's own plan does.

@@ -22,7 +22,7 @@ from cdcflow.verify import read_actual, verify
 from streaming.job import run_stream
 from streaming.sources import replay_stream
 from tests.conftest import CONFIGS
-from tests.streaming_helpers import project_in, simulate_to, split_replay
+from tests.streaming_helpers import project_in, simulate_to, split_replay, tidy_customer
 
 RULES = {  # table -> raw_to_staging rules added to the sample ones
     "shop.customers": [{"name": "country_tidy", "rule": "regex", "column": "country", "pattern": "^[A-Z]{2}$",
@@ -32,17 +32,6 @@ RULES = {  # table -> raw_to_staging rules added to the sample ones
     "shop.products": [{"name": "price_cap", "rule": "range", "column": "price", "max": 500, "severity": "fail",
                        "fail_threshold": 0.05}],
 }
-
-
-def tidy_customer(row: dict) -> dict:
-    """customers' raw_to_staging transforms by their meaning: `upper(trim(country))` (SQL) and
-    shop_transforms:normalise_text(columns=[full_name], case=title) (DataFrame API)."""
-    out = dict(row)
-    if out.get("country") is not None:
-        out["country"] = out["country"].strip(" ").upper()
-    if out.get("full_name") is not None:
-        out["full_name"] = " ".join(w[:1].upper() + w[1:].lower() for w in out["full_name"].split())
-    return out
 
 
 def _configs(tmp: Path) -> Path:

@@ -16,10 +16,14 @@ Spark's cast, `quality.rule_failure`, `masking.mask_column`, `sequence.sequence`
 order of `changes`, `apply.collapse`'s rule on the driver (`apply.latest_changes`), and the MERGE of
 `apply.merge_clauses`.
 
-Tables it takes (`fits`): committed by delta-rs, no raw->staging transforms, raw->staging rules that
-read only their own row (not `unique` or `expression`) with severity quarantine (warn / fail rules
-are counted before the commit, on the table's own plan: TypedChanges.failures), and column types
-that Arrow reads back from Spark's text.
+Tables it takes (`fits`): committed by delta-rs, raw->staging rules that read only their own row
+(not `unique` or `expression`) with severity quarantine (warn / fail rules are counted before the
+commit, on the table's own plan: TypedChanges.failures), and column types that Arrow reads back from
+Spark's text. A table's raw->staging transforms (cdcflow.transforms, the function its own plan calls)
+run on a branch of the checked rows: its typed values as columns, transformed, back into the map, so
+the checks see the values as the source sent them and masking sees them transformed, as in the own
+plan. A `rename` (silver would lose the column) or a column named like the plan's own (`_...`) keeps
+the table on its own plan.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from cdcflow.cdc.changes import TableShape, _first_problem
 from cdcflow.cdc.masking import PREHASHED, mask_column, prehashed
 from cdcflow.cdc.sequence import sequence
 from cdcflow.runtime import materialize, release, sql_in, to_arrow
+from cdcflow.transforms import apply_transforms
 
 ROW_RULES = {"not_null", "range", "accepted_values", "regex", "valid_date"}
 _ARROW = {"string": pa.string(), "int": pa.int32(), "bigint": pa.int64(), "smallint": pa.int16(),
@@ -57,7 +62,9 @@ def fits(shape: TableShape) -> bool:
     t = shape.table
     stage = t.cfg.transforms.raw_to_staging
     return not (
-        spark_commits(t) or not stage.empty
+        spark_commits(t)
+        # transforms: the table's columns become real columns beside the plan's own (`_`) ones
+        or (not stage.empty and (bool(stage.rename) or any(c.startswith("_") for c in shape.columns)))
         or any(r.rule not in ROW_RULES or r.severity != "quarantine" for r in t.cfg.quality.raw_to_staging)
         or any(arrow_type(ty) is None for ty in shape.columns.values())
     )
@@ -70,6 +77,14 @@ def fits(shape: TableShape) -> bool:
 TABLE_INFO = ("_table string, _t_types map<string,string>, _t_pii map<string,string>, "
               "_t_position map<string,string>, _t_keys array<string>, _t_key_reason string, _t_ordering int, "
               "_t_no_order string, _t_rule_set int, _t_ignore_nulls boolean")
+
+
+def union_all(parts: list[DataFrame]) -> DataFrame:
+    """The union of frames with the same columns in the same order, as a balanced tree: a chain is
+    analysed again at each step (200 tables' transform branches: a collect's driver time 29 -> 25 s)."""
+    while len(parts) > 1:
+        parts = [parts[i].union(parts[i + 1]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+    return parts[0]
 
 
 class MultiTableChanges:
@@ -205,6 +220,18 @@ class MultiTableChanges:
             self._info = (spark, spark.createDataFrame(self.info_rows, TABLE_INFO))
         return F.broadcast(self._info[1])
 
+    def _transformed(self, good: DataFrame, name: str) -> DataFrame:
+        """One table's checked rows through its raw -> staging transforms (cdcflow.transforms, as its own
+        plan runs them): its typed values as columns, transformed, then back into `_typed` as text. A
+        branch per table, as in its own plan: a `sql` step or a function may read other rows (a window)."""
+        columns = self.shapes[name].columns
+        typed = F.col("_typed")
+        plan = good.columns
+        df = good.filter(F.col("_table") == name).select(*plan, *[typed[c].cast(ty).alias(c) for c, ty in columns.items()])
+        df = apply_transforms(df, self.shapes[name].table.cfg.transforms.raw_to_staging)
+        text = F.create_map(*[x for c, ty in columns.items() for x in (F.lit(c), F.col(c).cast(ty).cast("string"))])
+        return df.select(*[text.alias(c) if c == "_typed" else c for c in plan])  # `plan`'s order: union_all
+
     def collect(self, norm: DataFrame, tables: list[str]) -> dict[str, tuple[pa.Table, list[dict]]]:
         """`norm`'s data records of `tables` (some of these) -> per table (collapsed changes, rejected
         rows): two Spark jobs, whatever the number of tables (the checked rows kept, then one collect)."""
@@ -219,6 +246,10 @@ class MultiTableChanges:
             good = checked.filter(self.good_filter)
             moved = good.filter(self.key_change_filter).withColumn("_typed", F.col("_old_key")).withColumn(
                 "_op", F.lit("delete"))
+            # raw -> staging transforms run on the checked values, before masking (TypedChanges' order).
+            staged = [name for name in tables if not self.shapes[name].table.cfg.transforms.raw_to_staging.empty]
+            if staged:
+                good = union_all([good.filter(~sql_in("_table", staged)), *(self._transformed(good, n) for n in staged)])
             # Collapsed on the driver (apply.latest_changes): a window here shuffled and sorted every row.
             changes = good.unionByName(moved).select(*self.out_columns)
             bad = checked.filter(self.bad_filter).select(*self.bad_columns)
