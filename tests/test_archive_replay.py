@@ -25,12 +25,17 @@ HASHED = {"shop.customers": "email", "shop.products": "name"}
 
 def _configs(tmp: Path) -> Path:
     """The sample configs with products.name masked by `hash`: products takes the many-table plan
-    (customers, with raw->staging transforms, takes its own)."""
+    (customers, given a warn rule, which the many-table plan leaves to a table's own, takes its own)."""
     out = write_configs(CONFIGS, tmp / "configs", 0)
     f = out / "tables" / "shop.products.yaml"
     text = f.read_text()
     assert "  name: {type: string}\n" in text
     f.write_text(text.replace("  name: {type: string}\n", "  name: {type: string, pii: hash}\n"))
+    f = out / "tables" / "shop.customers.yaml"
+    text = f.read_text()
+    rule = "    - {rule: not_null, columns: [customer_id]}\n"
+    assert rule in text
+    f.write_text(text.replace(rule, rule + "    - {rule: regex, column: country, pattern: '^.*$', severity: warn}\n"))
     return out
 
 
