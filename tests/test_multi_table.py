@@ -22,6 +22,7 @@ from streaming.processor import TableOutcome, biggest_first
 from streaming.sources import replay_stream
 from tests.conftest import CONFIGS
 from tests.streaming_helpers import (
+    keep_on_own_plan,
     project_in,
     simulate_to,
     split_replay,
@@ -29,6 +30,7 @@ from tests.streaming_helpers import (
     verify_against_oracle,
 )
 
+SYNTH_KEY_RULE = "{rule: not_null, columns: [id]}"  # a synthetic table's first raw_to_staging rule
 FAULTS = dict(duplicate_rate=0.05, out_of_order_rate=0.1, late_rate=0.02, malformed_json_rate=0.01,
               missing_primary_key_rate=0.02, unknown_table_rate=0.01, type_mismatch_rate=0.02,
               dq_failure_rate=0.03, pk_change_rate=0.03)
@@ -36,21 +38,13 @@ FAULTS = dict(duplicate_rate=0.05, out_of_order_rate=0.1, late_rate=0.02, malfor
 
 def test_which_tables_the_shared_plan_takes(tmp_path: Path):
     cfg = write_configs(CONFIGS, tmp_path / "configs", 3)
-    _own_plan_for(cfg, "synth.t0002")
+    keep_on_own_plan(cfg, "synth.t0002", SYNTH_KEY_RULE, "name")
     t3 = cfg / "tables" / "synth.t0003.yaml"  # a rename in raw_to_staging: its own plan
     t3.write_text(t3.read_text() + "transforms:\n  raw_to_staging:\n    rename: {name: label}\n")
     project = project_in(tmp_path, cfg)
     taken = {name for name, t in project.tables.items() if fits(TableShape(t))}
     # customers' raw_to_staging transforms (a SQL expression and a DataFrame function) run in the plan
     assert taken == {"shop.customers", "shop.order_items", "shop.orders", "shop.products", "synth.t0001"}
-
-
-def _own_plan_for(cfg: Path, table: str) -> None:
-    """A warn rule (counted before the commit, on the table's own plan) keeps `table` out of the shared plan."""
-    f = cfg / "tables" / f"{table}.yaml"
-    f.write_text(f.read_text().replace("    - {rule: not_null, columns: [id]}\n", "    - {rule: not_null, columns: [id]}\n"
-                 "    - {rule: regex, column: name, pattern: '^.*$', severity: warn}\n"))
-    assert "severity: warn" in f.read_text()
 
 
 def test_a_batch_queues_its_tables_most_records_first():
@@ -62,7 +56,7 @@ def test_a_batch_queues_its_tables_most_records_first():
 @pytest.mark.glue_compat
 def test_shared_plan_and_own_plans_in_one_stream_verify_against_oracle(spark, tmp_path: Path):
     cfg = write_configs(CONFIGS, tmp_path / "configs", 3)
-    _own_plan_for(cfg, "synth.t0003")
+    keep_on_own_plan(cfg, "synth.t0003", SYNTH_KEY_RULE, "name")
     project = project_in(tmp_path, cfg)
     sim = tmp_path / "sim"
     simulate_to(project, sim, seed=21, events=500, partial_update_rate=0.5, dirty_value_rate=0.4, **FAULTS)

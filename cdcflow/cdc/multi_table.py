@@ -220,13 +220,12 @@ class MultiTableChanges:
             self._info = (spark, spark.createDataFrame(self.info_rows, TABLE_INFO))
         return F.broadcast(self._info[1])
 
-    def _transformed(self, good: DataFrame, name: str) -> DataFrame:
+    def _transformed(self, good: DataFrame, plan: list[str], name: str) -> DataFrame:
         """One table's checked rows through its raw -> staging transforms (cdcflow.transforms, as its own
         plan runs them): its typed values as columns, transformed, then back into `_typed` as text. A
         branch per table, as in its own plan: a `sql` step or a function may read other rows (a window)."""
         columns = self.shapes[name].columns
         typed = F.col("_typed")
-        plan = good.columns
         df = good.filter(F.col("_table") == name).select(*plan, *[typed[c].cast(ty).alias(c) for c, ty in columns.items()])
         df = apply_transforms(df, self.shapes[name].table.cfg.transforms.raw_to_staging)
         text = F.create_map(*[x for c, ty in columns.items() for x in (F.lit(c), F.col(c).cast(ty).cast("string"))])
@@ -249,7 +248,9 @@ class MultiTableChanges:
             # raw -> staging transforms run on the checked values, before masking (TypedChanges' order).
             staged = [name for name in tables if not self.shapes[name].table.cfg.transforms.raw_to_staging.empty]
             if staged:
-                good = union_all([good.filter(~sql_in("_table", staged)), *(self._transformed(good, n) for n in staged)])
+                plan = good.columns  # `good`'s columns (a JVM call), the order every branch keeps
+                good = union_all([good.filter(~sql_in("_table", staged)),
+                                  *(self._transformed(good, plan, n) for n in staged)])
             # Collapsed on the driver (apply.latest_changes): a window here shuffled and sorted every row.
             changes = good.unionByName(moved).select(*self.out_columns)
             bad = checked.filter(self.bad_filter).select(*self.bad_columns)
