@@ -11,6 +11,8 @@ batches go to a scratch lake first (JIT and code generation), then `--batches` b
 Per batch:
 - `seconds`, and `steps`: when each step of the processor started and ended (seconds into the
   batch) and its time summed over threads (`busy`: the apply steps run in the pool, side by side).
+- `visible_s`: when the batch's records became visible in silver (their table's commit), seconds
+  into the batch, median and 95th percentile over records: the batch's own share of freshness.
 - `cpu_s`: CPU seconds of this Python process and of the driver JVM by thread group, from
   /proc/<pid>/task/*/stat (Linux): Spark's tasks, the C2 and C1 JIT compilers, GC, the py4j
   threads that run the driver's calls (analysis, planning, Delta commits through Spark), the rest.
@@ -37,6 +39,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from pyspark.sql import DataFrame
 
 from benchmarks import save_result
@@ -188,6 +191,17 @@ class CpuTimeline:
         return [self.cores(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
 
 
+def visible(outcomes, start: float) -> dict[str, float | None]:
+    """When the batch's records became visible in silver, seconds into the batch: the median and the
+    95th percentile over records (each record at its table's commit): the batch's share of freshness."""
+    done = [(o.visible_at - start, o.read) for o in outcomes if o.visible_at is not None and o.read]
+    if not done:
+        return {"p50": None, "p95": None}
+    at, weight = (np.array(x, dtype=float) for x in zip(*sorted(done), strict=True))
+    share = np.cumsum(weight) / weight.sum()
+    return {p: round(float(at[np.searchsorted(share, q)]), 2) for p, q in (("p50", 0.5), ("p95", 0.95))}
+
+
 def breakdown(spark, tables: int, skew: float, records: int, batches: int, warmup: int) -> dict:
     from streaming.processor import BatchProcessor
 
@@ -210,6 +224,7 @@ def breakdown(spark, tables: int, skew: float, records: int, batches: int, warmu
         with clock.installed(), timeline.installed():
             for b in range(warmup, warmup + batches):
                 before, compiled, start = cpu_ticks(jvm_pid), classes_compiled(spark), time.perf_counter()
+                wall_start = time.time()
                 outcomes = processor.process(lines(b), b - warmup)
                 end = time.perf_counter()
                 seconds = end - start
@@ -223,7 +238,7 @@ def breakdown(spark, tables: int, skew: float, records: int, batches: int, warmu
                     "records": sum(o.read for o in outcomes), "tables": len(outcomes), "seconds": round(seconds, 2),
                     "cpu_s": {"total": round(sum(used.values()) / hz, 2),
                               **{k: round(v / hz, 2) for k, v in sorted(used.items())}},
-                    "classes_compiled": compiled, "steps": steps,
+                    "classes_compiled": compiled, "steps": steps, "visible_s": visible(outcomes, wall_start),
                     "cores_busy_every_0.25_s": timeline.series(start, end),
                 })  # fmt: skip
                 print(f"batch {b - warmup}: {seconds:.2f} s, {sum(used.values()) / hz:.2f} CPU-s, "
@@ -234,7 +249,8 @@ def breakdown(spark, tables: int, skew: float, records: int, batches: int, warmu
     return {
         "tables": 4 + tables, "table_skew": skew, "records_per_batch": records, "warmup_batches": warmup,
         "mean_after_first": {"seconds": mean([b["seconds"] for b in steady]),
-                             "cpu_s": {k: mean([b["cpu_s"].get(k, 0.0) for b in steady]) for k in groups}},
+                             "cpu_s": {k: mean([b["cpu_s"].get(k, 0.0) for b in steady]) for k in groups},
+                             "visible_p95_s": mean([b["visible_s"]["p95"] or 0.0 for b in steady])},
         "batches": out, "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 

@@ -18,7 +18,7 @@ from cdcflow.oracle import load_history
 from cdcflow.runtime import to_arrow
 from cdcflow.sim.synthetic import write_configs
 from streaming.job import run_stream
-from streaming.processor import TableOutcome, biggest_first
+from streaming.processor import SPREAD_BELOW_TABLES, TableOutcome, biggest_first, tables_worth
 from streaming.sources import replay_stream
 from tests.conftest import CONFIGS
 from tests.streaming_helpers import (
@@ -50,6 +50,14 @@ def test_which_tables_the_shared_plan_takes(tmp_path: Path):
 def test_a_batch_queues_its_tables_most_records_first():
     outcomes = {name: TableOutcome(name, read=n) for name, n in [("cold", 2), ("hot", 900), ("warm", 40), ("tie", 40)]}
     assert biggest_first(outcomes) == ["hot", "warm", "tie", "cold"]  # ties keep the batch's order
+
+
+def test_a_batch_of_few_tables_spreads_the_next_one_over_the_cores():
+    assert tables_worth([12_500] * 4) == 4 < SPREAD_BELOW_TABLES  # the sample tables: spread
+    skewed = [1e6 / rank**1.1 for rank in range(1, 1005)]  # target 2's shares: already even over the shards
+    assert SPREAD_BELOW_TABLES < tables_worth(skewed) < 25
+    assert tables_worth([1] * 1004) == 1004
+    assert tables_worth([10_000, 3, 2]) < 1.01  # one table holds nearly everything: spread
 
 
 @pytest.mark.spark
