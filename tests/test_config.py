@@ -195,3 +195,15 @@ def test_transform_config_errors_name_file_key_path_and_reason(cfg_dir: Path):
         f"{f}.staging_to_dimension.columns._op: columns starting with _ (ordering and change metadata) cannot be "
         "replaced",
     ]
+
+
+def test_a_raw_stage_rename_that_takes_a_declared_column_from_silver_is_an_error(cfg_dir: Path):
+    """Silver stores the declared columns, so a raw_to_staging rename must leave the name there (a
+    `columns` entry bringing it back); before, such a table failed in every micro-batch instead."""
+    d = cfg_dir / "tables" / "shop.customers.yaml"
+    edit(d, lambda d: d["transforms"].update(raw_to_staging={"rename": {"segment": "customer_segment"}}))
+    assert problems(cfg_dir) == [
+        f"{d}: transforms.raw_to_staging.rename.segment: silver keeps the declared column segment: derive "
+        "customer_segment with a `columns` entry, or rename in a later stage"]
+    edit(d, lambda d: d["transforms"]["raw_to_staging"].update(columns={"segment": "upper(customer_segment)"}))
+    load_project(cfg_dir, env={})  # the name brought back: fine

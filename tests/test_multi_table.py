@@ -39,8 +39,9 @@ FAULTS = dict(duplicate_rate=0.05, out_of_order_rate=0.1, late_rate=0.02, malfor
 def test_which_tables_the_shared_plan_takes(tmp_path: Path):
     cfg = write_configs(CONFIGS, tmp_path / "configs", 3)
     keep_on_own_plan(cfg, "synth.t0002", SYNTH_KEY_RULE, "name")
-    t3 = cfg / "tables" / "synth.t0003.yaml"  # a rename in raw_to_staging: its own plan
-    t3.write_text(t3.read_text() + "transforms:\n  raw_to_staging:\n    rename: {name: label}\n")
+    t3 = cfg / "tables" / "synth.t0003.yaml"  # a rename in raw_to_staging (the name brought back): its own plan
+    t3.write_text(t3.read_text() + "transforms:\n  raw_to_staging:\n    rename: {name: label}\n"
+                  "    columns: {name: upper(label)}\n")
     project = project_in(tmp_path, cfg)
     taken = {name for name, t in project.tables.items() if fits(TableShape(t))}
     # customers' raw_to_staging transforms (a SQL expression and a DataFrame function) run in the plan

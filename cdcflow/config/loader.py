@@ -233,6 +233,11 @@ def _check_transforms(t: TableConfig, file: str, stage: str) -> list[ConfigProbl
     for old, new in tr.rename.items():
         if old in keys:
             problems.append(ConfigProblem(file, f"{where}.rename.{old}", "a primary key column cannot be renamed"))
+        elif stage == "raw_to_staging" and old not in tr.columns and not (tr.sql or tr.functions):
+            # silver stores the declared columns; SQL or a function could bring the name back, which
+            # the check on a sample frame (cdcflow.transform_check) sees before a job reads anything
+            problems.append(ConfigProblem(file, f"{where}.rename.{old}", f"silver keeps the declared column {old}: "
+                                          f"derive {new} with a `columns` entry, or rename in a later stage"))
         if new.startswith("_"):
             problems.append(ConfigProblem(file, f"{where}.rename.{old}", "a column cannot be renamed to a name "
                                           "starting with _ (ordering and change metadata)"))
