@@ -81,7 +81,7 @@ BRONZE_BESIDE_MAX_TABLES = 8
 # before it held fewer than SPREAD_BELOW_TABLES tables' worth of records (docs/design.md, "The batch
 # spread over the cores"). DMS puts a table's records in one shard, so with few tables the shards'
 # partitions are as uneven as the tables (the 4 sample tables in 2 shards: 3 to 1), and every step
-# after the parse keeps the parse's partitions: spread, a 50k batch 2.5-2.6 s against 2.9-3.2. With
+# after the parse keeps the parse's partitions: spread, a 50k batch 2.4-2.8 s against 2.9-3.2. With
 # many tables the shards are even already and the shuffle only costs (1004 tables: 9.1-9.2 s against
 # 8.9). 12 lies between the two shapes measured (4 and ~21 tables' worth).
 PARTITIONS_PER_CORE = 2
