@@ -6,7 +6,8 @@ aim at. Each of sessions 28-40 rebuilt the same probe in /tmp; this is that prob
 The events are benchmarks.streaming's (the sample tables, plus `--tables` synthetic ones spread with
 `--skew`), replayed as the Kinesis source hands them over (a partition per shard). `--warmup`
 batches go to a scratch lake first (JIT and code generation), then `--batches` batches of
-`--records` lines each go to a fresh lake, back to back (no arrival schedule: the batch's own cost).
+`--records` lines each go to a fresh lake, back to back (no arrival schedule: the batch's own cost;
+`--gap` seconds of idle between them, as a trigger leaves, when asked).
 
 Per batch:
 - `seconds`, and `steps`: when each step of the processor started and ended (seconds into the
@@ -202,7 +203,7 @@ def visible(outcomes, start: float) -> dict[str, float | None]:
     return {p: round(float(at[np.searchsorted(share, q)]), 2) for p, q in (("p50", 0.5), ("p95", 0.95))}
 
 
-def breakdown(spark, tables: int, skew: float, records: int, batches: int, warmup: int) -> dict:
+def breakdown(spark, tables: int, skew: float, records: int, batches: int, warmup: int, gap: float = 0.0) -> dict:
     from streaming.processor import BatchProcessor
 
     with tempfile.TemporaryDirectory(prefix="cdcflow-breakdown-") as tmp:
@@ -230,7 +231,7 @@ def breakdown(spark, tables: int, skew: float, records: int, batches: int, warmu
                 seconds = end - start
                 used = cpu_ticks(jvm_pid) - before
                 compiled = classes_compiled(spark) - compiled
-                time.sleep(2 * timeline.every)  # a sample after the batch's end, then the next batch
+                time.sleep(max(2 * timeline.every, gap))  # a sample after the batch's end, then the next batch
                 steps = clock.take(start)
                 for step in steps.values():
                     step["cores"] = timeline.cores(start + step["start"], start + step["end"])
@@ -262,6 +263,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=50_000, help="lines per micro-batch")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2, help="batches on a scratch lake first, not measured")
+    ap.add_argument("--gap", type=float, default=0.0, help="idle seconds between measured batches (as a trigger leaves)")
     ap.add_argument("--key", help="the entry's name in the results (default: from the shape)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -269,7 +271,7 @@ def main() -> None:
 
     spark = get_spark("cdcflow-bench")
     key = args.key or f"tables_{4 + args.tables}_skew_{args.skew:g}_{args.records}_records"
-    result = breakdown(spark, args.tables, args.skew, args.records, args.batches, args.warmup)
+    result = breakdown(spark, args.tables, args.skew, args.records, args.batches, args.warmup, args.gap)
     stored = json.loads(args.out.read_text()) if args.out.exists() else {}
     stored[key] = result
     save_result(args.out, stored)
