@@ -139,17 +139,46 @@ def test_a_rewrite_reads_back_only_what_it_did_not_write(tmp_path: Path, monkeyp
 
     assert apply.merge_rows(path, _changes((1, "a", "1001"), (2, "x", "1001")), shape) is None
     assert apply.merge_rows(path, _changes((1, "b", "1002")), shape) is None
-    assert len(reads) == 1  # the new, empty table's; the second commit read nothing
+    assert not reads  # the new table's rows and the second commit's were this process's own
 
     apply.rs_table(path).optimize.z_order(["product_id"])  # another writer: the same rows in a new file
     assert apply.merge_rows(path, _changes((2, "y", "1003")), shape) is None
-    assert len(reads) == 2
+    assert len(reads) == 1
     # a column added without rewriting a file: same files, another schema
     apply.rs_table(path).alter.add_columns(DeltaField("note", "string"))
     assert apply.merge_rows(path, _changes((1, "c", "1004")), shape) is None
-    assert len(reads) == 3
+    assert len(reads) == 2
     assert apply.merge_rows(path, _changes((3, "n", "1005")), shape) is None
-    assert len(reads) == 3
+    assert len(reads) == 2
     assert {r["product_id"]: (r["name"], r["_seq"]) for r in _rows(path)} == {
         1: ("c", "1004"), 2: ("y", "1003"), 3: ("n", "1005")}
     assert "note" in apply.rs_table(path).schema().to_arrow().names
+
+
+def test_a_new_table_is_created_with_its_first_changes_in_one_commit(products):
+    path, _ = products
+    table = apply.rs_table(path)
+    assert table.version() == 0
+    assert {r["product_id"]: (r["name"], r["_seq"]) for r in _rows(path)} == {1: ("a", "1001"), 2: ("x", "1001")}
+    assert table.metadata().configuration == apply.silver_options(project_in(Path(path).parent, CONFIGS).table("shop.products"))
+
+
+def test_a_table_another_writer_creates_first_is_merged_into(tmp_path: Path, monkeypatch):
+    """Both writers saw no table; the other one's create lands first: ours is refused and our changes go
+    through the guarded MERGE into its table (its newer row for key 1 stays)."""
+    t = project_in(tmp_path, CONFIGS).table("shop.products")
+    path, shape = str(tmp_path / "silver"), TableShape(t)
+    real_writer = apply.silver_writer
+    raced = []
+
+    def racing(p, table, source_bytes=0, opened=None):
+        if not raced:  # as if checked just before the other writer's create
+            raced.append(1)
+            other = _changes((1, "theirs", "2000"))
+            assert apply.merge_rows(p, other, shape) is None
+            return "delta-rs", None
+        return real_writer(p, table, source_bytes, opened)
+
+    monkeypatch.setattr(apply, "silver_writer", racing)
+    assert apply.merge_rows(path, _changes((1, "ours", "1001"), (2, "x", "1001")), shape) is None
+    assert {r["product_id"]: (r["name"], r["_seq"]) for r in _rows(path)} == {1: ("theirs", "2000"), 2: ("x", "1001")}
