@@ -203,7 +203,8 @@ def visible(outcomes, start: float) -> dict[str, float | None]:
     return {p: round(float(at[np.searchsorted(share, q)]), 2) for p, q in (("p50", 0.5), ("p95", 0.95))}
 
 
-def breakdown(spark, tables: int, skew: float, records: int, batches: int, warmup: int, gap: float = 0.0) -> dict:
+def breakdown(spark, tables: int, skew: float, records: int, batches: int, warmup: int, gap: float = 0.0,
+              from_start: bool = False) -> dict:
     from streaming.processor import BatchProcessor
 
     with tempfile.TemporaryDirectory(prefix="cdcflow-breakdown-") as tmp:
@@ -226,7 +227,7 @@ def breakdown(spark, tables: int, skew: float, records: int, batches: int, warmu
             for b in range(warmup, warmup + batches):
                 before, compiled, start = cpu_ticks(jvm_pid), classes_compiled(spark), time.perf_counter()
                 wall_start = time.time()
-                outcomes = processor.process(lines(b), b - warmup)
+                outcomes = processor.process(lines(b - warmup if from_start else b), b - warmup)
                 end = time.perf_counter()
                 seconds = end - start
                 used = cpu_ticks(jvm_pid) - before
@@ -249,6 +250,7 @@ def breakdown(spark, tables: int, skew: float, records: int, batches: int, warmu
     groups = sorted({k for b in steady for k in b["cpu_s"]})
     return {
         "tables": 4 + tables, "table_skew": skew, "records_per_batch": records, "warmup_batches": warmup,
+        "measured_from_start": from_start,
         "mean_after_first": {"seconds": mean([b["seconds"] for b in steady]),
                              "cpu_s": {k: mean([b["cpu_s"].get(k, 0.0) for b in steady]) for k in groups},
                              "visible_p95_s": mean([b["visible_s"]["p95"] or 0.0 for b in steady])},
@@ -264,6 +266,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2, help="batches on a scratch lake first, not measured")
     ap.add_argument("--gap", type=float, default=0.0, help="idle seconds between measured batches (as a trigger leaves)")
+    ap.add_argument("--from-start", action="store_true",
+                    help="the measured batches take the history from its start again, as the streaming benchmark's "
+                         "measured run does (default: the records after the warm-up's)")
     ap.add_argument("--key", help="the entry's name in the results (default: from the shape)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -271,7 +276,8 @@ def main() -> None:
 
     spark = get_spark("cdcflow-bench")
     key = args.key or f"tables_{4 + args.tables}_skew_{args.skew:g}_{args.records}_records"
-    result = breakdown(spark, args.tables, args.skew, args.records, args.batches, args.warmup, args.gap)
+    result = breakdown(spark, args.tables, args.skew, args.records, args.batches, args.warmup, args.gap,
+                       args.from_start)
     stored = json.loads(args.out.read_text()) if args.out.exists() else {}
     stored[key] = result
     save_result(args.out, stored)
