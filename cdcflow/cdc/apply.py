@@ -426,12 +426,11 @@ def merge_rows(path: str, changes: pa.Table, shape: TableShape) -> str | None:
         return "spark"
     if rs is not None and _evolves(rs, shape):
         return "evolve"
-    t = shape.table
-    if rs is None and changes.num_rows == 0:
-        RsTable.create(rs_uri(path), silver_schema(shape), partition_by=t.cfg.delta.partition_by or None,
-                       configuration=silver_options(t), mode="ignore", storage_options=rs_options(path))
-        return None
     if changes.num_rows == 0:
+        if rs is None:  # a new table with nothing to apply yet: created empty
+            t = shape.table
+            RsTable.create(rs_uri(path), silver_schema(shape), partition_by=t.cfg.delta.partition_by or None,
+                           configuration=silver_options(t), mode="ignore", storage_options=rs_options(path))
         return None
     held = pa.schema(rs.schema().to_arrow()) if rs is not None else silver_schema(shape)
     values = changes["_values"]
