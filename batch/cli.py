@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"unknown table(s): {', '.join(unknown)}")
     RawStore(project).require()  # before Spark starts: a wrong --raw is one line, not 0 files "ok"
-    spark = get_spark("cdcflow-full-load")
+    spark = get_spark("cdcflow-full-load", batch=True)
     with Progress(console=console) as progress:
         result = run_full_load(spark, project, args.table, args.timestamp_column, not args.no_archive, progress)
     print_table("full load", list(result.COLUMNS), result.summary_rows())

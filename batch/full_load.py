@@ -185,8 +185,10 @@ def source_position(table: Table) -> Column:
     """`<schema>/<table>/.../<file>.parquet#<row>` of a row read from DMS Parquet files: its path under
     the raw root and its row number in the file (Parquet's row index, not a partition-dependent id),
     which `cdcflow.cdc.sequence`'s `file_position` orders CDC rows by when nothing better is present."""
-    rel = F.regexp_extract(F.col("_metadata.file_path"), f".*({re.escape(table.schema)}/{re.escape(table.table)}/.*)$", 1)
-    return F.concat(rel, F.lit("#"), F.col("_metadata.row_index").cast("string"))
+    folder = f"{table.schema}/{table.table}/"
+    # what follows the folder's last occurrence in the path: a string search, not a regex per row
+    rel = F.substring_index(F.col("_metadata.file_path"), folder, -1)
+    return F.concat(F.lit(folder), rel, F.lit("#"), F.col("_metadata.row_index").cast("string"))
 
 
 def absent_order(df: DataFrame, ts_column: str) -> tuple[str, ...]:
@@ -246,12 +248,12 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
     warehouse merge drops changes it already holds (same key and `_seq`)."""
     store = RawStore(project)
     store.require()
-    require_valid_transforms(spark, project, ("raw_to_staging",))
+    names = tables or sorted(project.tables)
+    require_valid_transforms(spark, project, ("raw_to_staging",), names)
     salt = pii_salt(project)
     manifest_path = project.path("_manifests/full_load")
     bronze_path = project.path("bronze")
     done = _manifest(manifest_path)
-    names = tables or sorted(project.tables)
     next_batch = next_full_load_batch(read_delta(spark, bronze_path), names)
     result = LoadResult()
     work = [(name, classify(project.table(name), store.list(project.table(name)))) for name in names]

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         write_load_files(tmp_path / "raw", args.rows, args.files)
         gen_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        spark = get_spark("cdcflow-bench-full-load")
+        spark = get_spark("cdcflow-bench-full-load", batch=True)  # as `cdcflow full-load`
         spark.range(1).count()  # JVM start-up is not part of the load
         startup_s = time.perf_counter() - t0
         # Twice, into fresh lakes: the first load runs in a cold JVM (one table loaded by a fresh job),

@@ -87,14 +87,16 @@ def check_transforms(spark: SparkSession, project: Project) -> list[ConfigProble
 _PASSED: set[str] = set()  # transform configs already checked in this process (jobs restart often in tests)
 
 
-def require_valid_transforms(spark: SparkSession, project: Project, stages: tuple[str, ...] = STAGES) -> None:
+def require_valid_transforms(spark: SparkSession, project: Project, stages: tuple[str, ...] = STAGES,
+                             names: list[str] | None = None) -> None:
     """Every job's start (the stream and the full load: raw_to_staging; the warehouse merge: every
     stage): the same check as `cdcflow validate`, so SQL or a function that drops the key, an ordering
     column or a declared column stops the job with the file, key path and reason before it reads
     anything, rather than isolating the table in every micro-batch. Only tables with SQL or function
-    steps in those stages; `rename` / `columns` were checked when the configs loaded."""
-    tables = [t for t in project.tables.values()
-              if any(getattr(t.cfg.transforms, s).sql or getattr(t.cfg.transforms, s).functions for s in stages)]
+    steps in those stages (of the tables `names`, when given: a job's own tables); `rename` / `columns`
+    were checked when the configs loaded."""
+    tables = [t for t in project.tables.values() if (names is None or t.name in names)
+              and any(getattr(t.cfg.transforms, s).sql or getattr(t.cfg.transforms, s).functions for s in stages)]
     key = json.dumps([stages] + [(t.name, t.file, t.cfg.model_dump(mode="json", include={"columns", "transforms"}))
                                  for t in tables], sort_keys=True, default=str)
     if not tables or key in _PASSED:
