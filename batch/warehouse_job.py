@@ -146,6 +146,8 @@ def staged_changes(spark: SparkSession, project: Project, table: Table,
                                    absent_order=absent)  # quarantined already
         typed = good if typed is None else typed.unionByName(good)
     key = table.primary_key
+    if table.cfg.ignore_null_updates:
+        typed = _filled(spark, project, table, typed)
     op = F.col("_op")
     staged = (
         typed.drop("_dq")
@@ -153,6 +155,30 @@ def staged_changes(spark: SparkSession, project: Project, table: Table,
         .withColumn("_op", F.when(op == "update", "U").when(op == "delete", "D").otherwise("I"))
     )
     return staged, newest
+
+
+def _filled(spark: SparkSession, project: Project, table: Table, typed: DataFrame) -> DataFrame:
+    """ignore_null_updates: an update's NULLs mean "unchanged", and the warehouse stores whole rows
+    (the stage rules and transforms see them too).
+    Each update takes its key's last values from this batch's changes (`apply.fill_partial_updates`);
+    what an update without an insert / load / delete before it in the batch leaves NULL comes from
+    silver's row, which already holds at least this batch (the stream writes silver with bronze). A
+    fact takes the key's latest change, so it is exact; an SCD2 version between two partial updates
+    of one key in one merge may show a value the later one set (README, known limits)."""
+    from cdcflow.cdc.apply import fill_partial_updates
+
+    key = table.primary_key
+    columns = [c for c in typed.columns if c not in key and not c.startswith("_")]
+    rows = fill_partial_updates(typed, key, columns)
+    silver = read_delta(spark, project.path(table.delta_path))
+    held = [c for c in columns if silver is not None and c in silver.columns]
+    if held:
+        stored = silver.select(*key, *[F.col(c).alias(f"_stored_{c}") for c in held])
+        fill = (F.col("_op") == "update") & F.col("_base").isNull()
+        rows = rows.join(stored, key, "left").select(*[
+            F.when(fill, F.coalesce(F.col(c), F.col(f"_stored_{c}"))).otherwise(F.col(c)).alias(c) if c in held
+            else F.col(c) for c in typed.columns])
+    return rows.select(*typed.columns)
 
 
 def to_arrow(df: DataFrame) -> pa.Table:

@@ -144,6 +144,45 @@ def test_the_driver_collapse_is_sparks_collapse(spark, tmp_path: Path, seed: int
     assert got["plain"] == plain
 
 
+@pytest.mark.spark
+def test_partial_updates_filled_row_by_row_as_the_collapse_folds_them(spark, tmp_path: Path):
+    """`apply.fill_partial_updates` (the warehouse merge keeps every change): each update's NULL is
+    the last non-null value of its key's changes from the latest insert/load/delete up to itself, as
+    a walk through the changes in `_seq` order computes it; `_base` is that change's `_seq`. Each
+    key's latest row holds what `apply.collapse` folds the key's changes into."""
+    rng = random.Random(5)
+    shape = TableShape(project_in(tmp_path, CONFIGS).table("shop.order_items"))
+    key, columns = shape.table.primary_key, list(shape.output_columns)
+    data = [c for c in columns if c not in key]
+    seqs = rng.sample(range(10**6), 200)
+    rows = [{**{c: str(rng.randint(1, 6)) if c in key else rng.choice([None, None, f"v{i}"]) for c in columns},
+             "_op": rng.choices(["update", "insert", "load", "delete"], [6, 2, 1, 1])[0], "_seq": f"{seqs[i]:012d}",
+             "_commit_ts": None, "_source_position": str(i)} for i in range(200)]
+    schema = ", ".join(f"`{c}` string" for c in [*columns, "_op", "_seq"]) + ", _commit_ts timestamp, _source_position string"
+    changes = spark.createDataFrame([tuple(r.values()) for r in rows], schema)
+
+    expected, held = {}, {}  # by _seq: (values, _base); per key: (its last non-null values, _base)
+    for r in sorted(rows, key=lambda r: r["_seq"]):
+        k = tuple(r[c] for c in key)
+        if r["_op"] != "update":
+            held[k] = ({c: r[c] for c in data if r[c] is not None}, r["_seq"])
+            expected[r["_seq"]] = ({c: r[c] for c in data}, r["_seq"])
+            continue
+        last, base = held.get(k, ({}, None))
+        last = {**last, **{c: r[c] for c in data if r[c] is not None}}
+        held[k] = (last, base)
+        expected[r["_seq"]] = ({c: last.get(c) for c in data}, base)
+    filled = apply.fill_partial_updates(changes, key, data).collect()
+    assert {r["_seq"]: ({c: r[c] for c in data}, r["_base"]) for r in filled} == expected
+    assert any(b is None for _, b in expected.values()) and any(None in v.values() for v, _ in expected.values())
+
+    latest = {}
+    for r in sorted(filled, key=lambda r: r["_seq"]):
+        latest[tuple(r[c] for c in key)] = tuple(r[c] for c in [*data, "_seq"])
+    folded = {tuple(r[c] for c in key): tuple(r[c] for c in [*data, "_seq"]) for r in apply.collapse(changes, shape).collect()}
+    assert latest == folded
+
+
 def test_the_driver_collapse_of_nothing_and_of_a_delete_segment():
     """No rows (every shared-plan row of a batch quarantined) give no rows; a key whose segment starts
     at a delete without values folds the updates after it."""

@@ -136,6 +136,21 @@ def collapse(changes: DataFrame, shape: TableShape) -> DataFrame:
     )
 
 
+def fill_partial_updates(changes: DataFrame, key: list[str], columns: list[str]) -> DataFrame:
+    """`collapse`'s ignore_null_updates rule row by row, for consumers that keep every change (the
+    warehouse merge): each update's NULL in `columns` becomes the last non-null value among its key's
+    changes from the latest insert / load / delete before it (in `_seq` order) up to itself. Adds
+    `_base`: that change's `_seq`, NULL when the key has none in `changes` (what is left NULL then
+    was unchanged from before these changes)."""
+    upto = Window.partitionBy(*key).orderBy("_seq").rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    based = changes.withColumn("_base", F.max(F.when(F.col("_op") != "update", F.col("_seq"))).over(upto))
+    segment = Window.partitionBy(*key, "_base").orderBy("_seq").rowsBetween(Window.unboundedPreceding,
+                                                                            Window.currentRow)
+    update = F.col("_op") == "update"
+    return based.select(*[F.when(update, F.last(c, ignorenulls=True).over(segment)).otherwise(F.col(c)).alias(c)
+                          if c in columns else F.col(c) for c in based.columns])
+
+
 def latest_per_key(changes: DataFrame, key: list[Column]) -> DataFrame:
     """The change with the highest `_seq` per key (the collapse without ignore_null_updates)."""
     latest = Window.partitionBy(*key).orderBy(F.col("_seq").desc())
