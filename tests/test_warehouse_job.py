@@ -270,8 +270,7 @@ def test_partial_updates_reach_the_facts_as_whole_rows(spark, stack, tmp_path):
     items = project.table("shop.order_items")
     oracle = build_oracle(project, history, resolve_salt(project), "s3")
     actual = read_warehouse_facts(project, stack.pg_url)[items.name]
-    facts = compare_current(oracle.facts[items.name], [{c: v for c, v in r.items() if c != "line_amount"}
-                                                       for r in actual], items)
+    facts = compare_current(oracle.facts[items.name], actual, items)
     assert facts.ok, (facts.missing[:3], facts.extra[:3], facts.different[:3])
     assert sum(not r["_is_deleted"] for r in actual) >= 20
 
