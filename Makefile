@@ -75,8 +75,12 @@ install: $(STAMP) $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION) $(KCL_STAMP)
 # Everything `make test` needs, built side by side: the main venv, checkov's, the Glue tier's and
 # LocalStack's venvs install at once.
 INSTALL_JOBS ?= 4
+# Then the uv cache's stale entries go: where the index's responses come without cache headers (a
+# proxy), uv downloads and builds pyspark's sdists again on every fresh clone, and each `make test`
+# left about 6 GB behind in ~/.cache/uv (70 GB over a day of fresh-clone runs filled a disk once).
 install-all:
 	$(MAKE) -j$(INSTALL_JOBS) --output-sync=target install $(GLUE_VENV)/.installed $(LOCALSTACK_INSTALL)
+	$(UV) cache prune --quiet
 
 demo: install
 	$(VENV)/bin/cdcflow demo
