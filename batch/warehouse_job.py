@@ -159,12 +159,13 @@ def staged_changes(spark: SparkSession, project: Project, table: Table,
 
 def _filled(spark: SparkSession, project: Project, table: Table, typed: DataFrame) -> DataFrame:
     """ignore_null_updates: an update's NULLs mean "unchanged", and the warehouse stores whole rows
-    (the stage rules and transforms see them too).
-    Each update takes its key's last values from this batch's changes (`apply.fill_partial_updates`);
-    what an update without an insert / load / delete before it in the batch leaves NULL comes from
-    silver's row, which already holds at least this batch (the stream writes silver with bronze). A
-    fact takes the key's latest change, so it is exact; an SCD2 version between two partial updates
-    of one key in one merge may show a value the later one set (README, known limits)."""
+    (the stage rules and transforms see them too). Each update takes its key's last values from this
+    batch's changes (`apply.fill_partial_updates`); what an update without an insert / load / delete
+    before it in the batch leaves NULL comes from silver's row. The stream and the full load write a
+    batch's bronze and silver together, so silver holds the key as it was before the batch's changes
+    or after them (or later): either way a fact, which takes the key's latest change, gets the key's
+    values (newer ones only until the next merge brings them). An SCD2 version between two partial
+    updates of one key in one merge may show a value the later one set (README, known limits)."""
     from cdcflow.cdc.apply import fill_partial_updates
 
     key = table.primary_key
