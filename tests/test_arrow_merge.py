@@ -17,7 +17,7 @@ from deltalake import TableFeatures, write_deltalake
 
 from cdcflow.cdc import apply, arrow_merge
 from cdcflow.cdc.changes import TableShape
-from cdcflow.cdc.multi_table import arrow_type
+from cdcflow.cdc.schema import arrow_type
 from tests.conftest import CONFIGS
 from tests.streaming_helpers import project_in
 

@@ -207,3 +207,29 @@ def test_a_raw_stage_rename_that_takes_a_declared_column_from_silver_is_an_error
         "customer_segment with a `columns` entry, or rename in a later stage"]
     edit(d, lambda d: d["transforms"]["raw_to_staging"].update(columns={"segment": "upper(customer_segment)"}))
     load_project(cfg_dir, env={})  # the name brought back: fine
+
+
+def test_warehouse_stage_derived_columns_are_declared_with_a_type_or_an_error(cfg_dir: Path):
+    """A warehouse-stage transform that adds a column: its type goes in warehouse.columns and the
+    warehouse table stores it (before, it was computed and dropped without a word); a warehouse.columns
+    entry no transform produces, or one that repeats a declared column, is an error too."""
+    from batch.warehouse.ddl import model
+
+    items = load_project(cfg_dir, env={})
+    assert model(items, "shop.order_items").columns["line_amount"] == "decimal(21,2)"
+    f = cfg_dir / "tables" / "shop.order_items.yaml"
+    edit(f, lambda d: d["warehouse"].pop("columns"))
+    assert problems(cfg_dir) == [
+        f"{f}: transforms.staging_to_dimension.columns.line_amount: adds column 'line_amount', which the "
+        "warehouse table doesn't store: give its type in warehouse.columns"]
+    edit(f, lambda d: d["warehouse"].update(columns={"line_amount": "decimal(21,2)", "ghost": "int",
+                                                     "quantity": "int"}))
+    assert problems(cfg_dir) == [
+        f"{f}: warehouse.columns.ghost: no warehouse stage transform produces it (a `columns` entry, a rename or "
+        "a function's outputs in transforms.staging_to_dimension / transforms.dimension_to_fact)",
+        f"{f}: warehouse.columns.quantity: is a declared column (warehouse.columns are the ones the warehouse "
+        "stages' transforms add)"]
+    edit(f, lambda d: d["warehouse"].update(columns={"line_amount": "money"}))
+    assert any(p.startswith(f"{f}: warehouse.columns") and "unknown column type" in p for p in problems(cfg_dir))
+    edit(f, lambda d: d["warehouse"].update(columns={"line_amount": "decimal(21,2)"}, sort_keys=["line_amount"]))
+    load_project(cfg_dir, env={})  # a stored derived column may be a sort key

@@ -131,3 +131,29 @@ def test_composite_key_fact_with_product_lookup(pg):
     assert (r.facts_inserted, r.inferred_members) == (2, 1)
     rows = pg.execute(f"select distinct product_sk from {schema}.fct_order_items").fetchall()
     assert len(rows) == 1 and rows[0][0] is not None
+
+
+def test_derived_columns_are_stored_and_added_to_tables_created_before_them(pg):
+    """`warehouse.columns` (order_items' line_amount, the staging_to_dimension transform's output): a
+    staging batch carrying it stores it; one without it (merged without Spark, no transform ran) leaves
+    it NULL; tables created before it was configured get the column (ALTER TABLE ... ADD COLUMN)."""
+    import pyarrow as pa
+
+    p = project()
+    schema = current_schema(pg)
+
+    def line(no: int, minute: int, amount: str | None) -> pa.Table:
+        t = staging(p, "shop.order_items", [Change("I", minute, {
+            "order_id": 9, "line_no": no, "product_id": 7, "quantity": 2, "unit_price": decimal.Decimal("1.25"),
+            "updated_at": ts(minute)})])
+        if amount is None:
+            return t
+        return t.append_column("line_amount", pa.array([decimal.Decimal(amount)], pa.decimal128(21, 2)))
+
+    merge_table(pg, p, "shop.order_items", line(1, 1, None), schema=schema)
+    for table in ("fct_order_items", "stg_order_items"):  # as a deployment from before warehouse.columns
+        pg.execute(f"alter table {schema}.{table} drop column line_amount")
+    merge_table(pg, p, "shop.order_items", line(2, 2, "2.50"), schema=schema)
+    got = pg.execute(f"select line_no, line_amount from {schema}.fct_order_items where order_id = 9 "
+                     "order by line_no").fetchall()
+    assert got == [(1, None), (2, decimal.Decimal("2.50"))]

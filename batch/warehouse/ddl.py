@@ -122,6 +122,7 @@ def model(project: Project, table_name: str, schema: str | None = None) -> Wareh
         raise ValueError(f"table {table_name} has no warehouse section")
     drop = {c for c, how in table.pii.items() if how == "drop"}
     columns = {c: ("string" if c in table.pii else t) for c, t in table.columns.items() if c not in drop}
+    columns.update(target.columns)  # the warehouse stages' derived columns
     return WarehouseModel(
         table=table,
         schema=schema or project.pipeline.warehouse.schema_,
@@ -193,6 +194,20 @@ def fact_ddl(m: WarehouseModel, dialect: Dialect) -> list[str]:
         f"primary key ({', '.join(q(k) for k in m.key)})",
     ]
     return [f"create table if not exists {m.dim} ({', '.join(cols)}){_physical(m, dialect, set(m.columns))}"]
+
+
+def added_columns(m: WarehouseModel, dialect: Dialect, existing: dict[str, set[str]]) -> list[str]:
+    """ALTER TABLE ... ADD COLUMN for the derived columns (`warehouse.columns`) a staging or target
+    table created before they were configured lacks. `existing`: table name -> its columns, from
+    information_schema (Redshift's ADD COLUMN has no IF NOT EXISTS)."""
+    out = []
+    for table, name in ((m.staging, m.staging_name), (m.dim, m.target_name)):
+        have = existing.get(name)
+        if have is None:  # created just now, from the model
+            continue
+        out += [f"alter table {table} add column {q(c)} {sql_type(t, dialect)}"
+                for c, t in m.target.columns.items() if c not in have]
+    return out
 
 
 def table_ddl(m: WarehouseModel, dialect: Dialect) -> list[str]:

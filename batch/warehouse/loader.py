@@ -28,7 +28,7 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponen
 
 from batch.warehouse import scd2
 from batch.warehouse.connection import PostgresWarehouse, Warehouse, connect
-from batch.warehouse.ddl import Dialect, WarehouseModel, model, table_ddl
+from batch.warehouse.ddl import Dialect, WarehouseModel, added_columns, model, table_ddl
 from cdcflow.config.loader import Project
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,18 @@ def lock_names(project: Project, table_name: str, schema: str | None = None) -> 
 
 
 def staging_arrow(m: WarehouseModel, staging: pa.Table) -> pa.Table:
-    """The staging columns in table order; a missing column is an error, extra columns are ignored."""
+    """The staging columns in table order; a missing column is an error, extra columns are ignored. A
+    derived column (`warehouse.columns`) the batch lacks is NULL: a staging file merged without Spark
+    (`--staging`) has been through no stage transform."""
+    from cdcflow.cdc.schema import arrow_type
+
     cols = scd2.staging_columns(m)
-    missing = [c for c in cols if c not in staging.column_names]
+    missing = [c for c in cols if c not in staging.column_names and c not in m.target.columns]
     if missing:
         raise ValueError(f"staging for {m.table.name} lacks columns {missing}")
+    for c, ty in m.target.columns.items():
+        if c not in staging.column_names:
+            staging = staging.append_column(c, pa.nulls(staging.num_rows, arrow_type(ty)))
     t = staging.select(cols)
     bad = pc.sum(pc.invert(pc.is_in(t["_op"], pa.array(["I", "U", "D"])))).as_py() or 0
     if bad or t["_seq"].null_count:
@@ -114,6 +121,14 @@ def _run(wh: Warehouse, m: WarehouseModel, p: Plan, locks: list[str], t: pa.Tabl
     with wh.transaction():
         for s in pre_statements(m, p, locks, wh.dialect):
             wh.execute(s)
+        if m.target.columns:  # derived columns configured after the tables were created
+            cur = wh.execute("select table_name, column_name from information_schema.columns where table_schema = "
+                             "%s and table_name in (%s, %s)", (m.schema, m.staging_name, m.target_name))
+            existing: dict[str, set[str]] = {}
+            for table, column in cur.fetchall():
+                existing.setdefault(table, set()).add(column)
+            for s in added_columns(m, wh.dialect, existing):
+                wh.execute(s)
         wh.load_staging(m, t)
         for step in p.merge:
             cur = wh.execute(step.sql)

@@ -421,7 +421,7 @@ def ingested_now(rows: pa.Table, type_: pa.DataType | None = None) -> pa.Table:
 
 def silver_schema(shape: TableShape) -> pa.Schema:
     """A new silver table's Arrow schema: the output columns (only the key NOT NULL), then SILVER_META."""
-    from cdcflow.cdc.multi_table import arrow_type
+    from cdcflow.cdc.schema import arrow_type
 
     fields = [pa.field(c, arrow_type(shape.output_type(c)), nullable=c not in shape.table.primary_key)
               for c in shape.output_columns]

@@ -40,23 +40,12 @@ from cdcflow import quality
 from cdcflow.cdc.apply import REJECTED, latest_changes, spark_commits
 from cdcflow.cdc.changes import TableShape, _first_problem
 from cdcflow.cdc.masking import PREHASHED, mask_column, prehashed
+from cdcflow.cdc.schema import arrow_type
 from cdcflow.cdc.sequence import sequence
 from cdcflow.runtime import materialize, release, sql_in, to_arrow
 from cdcflow.transforms import apply_transforms
 
 ROW_RULES = {"not_null", "range", "accepted_values", "regex", "valid_date"}
-_ARROW = {"string": pa.string(), "int": pa.int32(), "bigint": pa.int64(), "smallint": pa.int16(),
-          "tinyint": pa.int8(), "double": pa.float64(), "float": pa.float32(), "boolean": pa.bool_(),
-          "date": pa.date32(), "timestamp": pa.timestamp("us", "UTC")}
-
-
-def arrow_type(spark_type: str) -> pa.DataType | None:
-    """The Arrow type silver holds for a Spark type whose text Arrow reads back exactly, else None."""
-    if spark_type.startswith("decimal(") and spark_type.endswith(")"):
-        precision, scale = (int(x) for x in spark_type[len("decimal("):-1].split(","))
-        return pa.decimal128(precision, scale)
-    return _ARROW.get(spark_type)
-
 
 def fits(shape: TableShape) -> bool:
     t = shape.table

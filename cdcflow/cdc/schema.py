@@ -18,6 +18,21 @@ import json
 import re
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+
+_ARROW = {"string": pa.string(), "int": pa.int32(), "bigint": pa.int64(), "smallint": pa.int16(),
+          "tinyint": pa.int8(), "double": pa.float64(), "float": pa.float32(), "boolean": pa.bool_(),
+          "date": pa.date32(), "timestamp": pa.timestamp("us", "UTC")}
+
+
+def arrow_type(spark_type: str) -> pa.DataType | None:
+    """The Arrow type silver holds for a Spark type whose text Arrow reads back exactly, else None."""
+    if spark_type.startswith("decimal(") and spark_type.endswith(")"):
+        precision, scale = (int(x) for x in spark_type[len("decimal("):-1].split(","))
+        return pa.decimal128(precision, scale)
+    return _ARROW.get(spark_type)
+
+
 # Silver's metadata columns, after the data columns (cdcflow.cdc.apply writes them, cdcflow.catalog
 # registers them).
 SILVER_META = {

@@ -284,6 +284,14 @@ class WarehouseTarget(Strict):
     lookups: list[FactLookup] = Field(default_factory=list)
     dist_key: str | None = None
     sort_keys: list[str] = Field(default_factory=list)
+    # Columns the warehouse stages' transforms add (name -> type), stored after the declared ones:
+    # without a type here a derived column is computed and not stored.
+    columns: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("columns")
+    @classmethod
+    def _column_types(cls, v: dict[str, str]) -> dict[str, str]:
+        return {name: check_column_type(ty) for name, ty in v.items()}
 
 
 class TableConfig(Strict):
