@@ -229,6 +229,16 @@ def test_warehouse_stage_derived_columns_are_declared_with_a_type_or_an_error(cf
         "a function's outputs in transforms.staging_to_dimension / transforms.dimension_to_fact)",
         f"{f}: warehouse.columns.quantity: is a declared column (warehouse.columns are the ones the warehouse "
         "stages' transforms add)"]
+    edit(f, lambda d: d["warehouse"].update(columns={"line_amount": "decimal(21,2)"}))
+    edit(f, lambda d: d["transforms"]["staging_to_dimension"].update(
+        rename={"product_id": "item_id"}, functions=[{"function": "shop_transforms:normalise_text",
+                                                      "params": {"columns": ["updated_at"]}, "outputs": ["tidy"]}]))
+    assert problems(cfg_dir) == [
+        f"{f}: transforms.staging_to_dimension.rename.product_id: adds column 'item_id', which the warehouse "
+        "table doesn't store: give its type in warehouse.columns",
+        f"{f}: transforms.staging_to_dimension.functions[0].outputs: adds column 'tidy', which the warehouse "
+        "table doesn't store: give its type in warehouse.columns"]
+    edit(f, lambda d: d["transforms"]["staging_to_dimension"].update(rename={}, functions=[]))
     edit(f, lambda d: d["warehouse"].update(columns={"line_amount": "money"}))
     assert any(p.startswith(f"{f}: warehouse.columns") and "unknown column type" in p for p in problems(cfg_dir))
     edit(f, lambda d: d["warehouse"].update(columns={"line_amount": "decimal(21,2)"}, sort_keys=["line_amount"]))

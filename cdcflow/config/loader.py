@@ -250,11 +250,15 @@ def _check_derived(t: TableConfig, file: str) -> list[ConfigProblem]:
         tr = getattr(t.transforms, stage)
         produced |= set(tr.columns) | set(tr.rename.values()) | {c for step in tr.functions for c in step.outputs}
         any_sql = any_sql or bool(tr.sql)
-        for col in tr.columns:
+        added = [(f"transforms.{stage}.columns.{col}", col) for col in tr.columns]
+        added += [(f"transforms.{stage}.rename.{old}", new) for old, new in tr.rename.items()
+                  if old not in t.primary_key]  # a key's rename is an error of its own
+        added += [(f"transforms.{stage}.functions[{i}].outputs", col)
+                  for i, step in enumerate(tr.functions) for col in step.outputs]
+        for where, col in added:
             if col not in t.columns and col not in t.warehouse.columns and not col.startswith("_"):
-                problems.append(ConfigProblem(file, f"transforms.{stage}.columns.{col}",
-                                              f"adds column {col!r}, which the warehouse table doesn't store: give "
-                                              f"its type in warehouse.columns"))
+                problems.append(ConfigProblem(file, where, f"adds column {col!r}, which the warehouse table doesn't "
+                                              "store: give its type in warehouse.columns"))
     for col in t.warehouse.columns:
         where = f"warehouse.columns.{col}"
         if col in t.columns:
