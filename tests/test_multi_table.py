@@ -148,8 +148,8 @@ def test_the_driver_collapse_is_sparks_collapse(spark, tmp_path: Path, seed: int
 def test_partial_updates_filled_row_by_row_as_the_collapse_folds_them(spark, tmp_path: Path):
     """`apply.fill_partial_updates` (the warehouse merge keeps every change): each update's NULL is
     the last non-null value of its key's changes from the latest insert/load/delete up to itself, as
-    a walk through the changes in `_seq` order computes it; `_base` is that change's `_seq`. Each
-    key's latest row holds what `apply.collapse` folds the key's changes into."""
+    a walk through the changes in `_seq` order computes it; `_base` is that change's `_seq`.
+    `apply.collapse` gives each key's latest walked row, `_partial` where the key had no base."""
     rng = random.Random(5)
     shape = TableShape(project_in(tmp_path, CONFIGS).table("shop.order_items"))
     key, columns = shape.table.primary_key, list(shape.output_columns)
@@ -176,11 +176,13 @@ def test_partial_updates_filled_row_by_row_as_the_collapse_folds_them(spark, tmp
     assert {r["_seq"]: ({c: r[c] for c in data}, r["_base"]) for r in filled} == expected
     assert any(b is None for _, b in expected.values()) and any(None in v.values() for v, _ in expected.values())
 
-    latest = {}
-    for r in sorted(filled, key=lambda r: r["_seq"]):
-        latest[tuple(r[c] for c in key)] = tuple(r[c] for c in [*data, "_seq"])
-    folded = {tuple(r[c] for c in key): tuple(r[c] for c in [*data, "_seq"]) for r in apply.collapse(changes, shape).collect()}
-    assert latest == folded
+    latest = {}  # per key: the walk's values at its latest change, and whether it had no base
+    for r in sorted(rows, key=lambda r: r["_seq"]):
+        values, base = expected[r["_seq"]]
+        latest[tuple(r[c] for c in key)] = (*values.values(), r["_seq"], base is None)
+    folded = {tuple(r[c] for c in key): tuple(r[c] for c in [*data, "_seq", "_partial"])
+              for r in apply.collapse(changes, shape).collect()}
+    assert folded == latest
 
 
 def test_the_driver_collapse_of_nothing_and_of_a_delete_segment():

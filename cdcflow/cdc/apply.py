@@ -113,35 +113,24 @@ def collapse(changes: DataFrame, shape: TableShape) -> DataFrame:
     """
     t = shape.table
     key = t.primary_key
-    by_key = Window.partitionBy(*key)
-    latest = Window.partitionBy(*key).orderBy(F.col("_seq").desc())
     if not t.cfg.ignore_null_updates:
         return latest_per_key(changes, [F.col(k) for k in key])
-
-    # Segment start: the last non-update change of the key; only later updates merge their values.
-    seg_start = F.max(F.when(F.col("_op") != "update", F.col("_seq"))).over(by_key)
-    segment = changes.withColumn("_seg", seg_start).filter(F.col("_seg").isNull() | (F.col("_seq") >= F.col("_seg")))
-    ordered = Window.partitionBy(*key).orderBy("_seq").rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
-    values = [
-        F.last(F.col(c), ignorenulls=True).over(ordered).alias(c) if c not in key else F.col(c)
-        for c in shape.output_columns
-    ]
-    merged = segment.select(*values, "_op", "_seq", "_commit_ts", "_source_position", "_seg")
+    # each change filled as the rule says, then the key's latest one; without an insert/load/delete
+    # (`_base` NULL) it is a pure partial update: silver keeps its stored values for the NULLs
+    filled = fill_partial_updates(changes, key, [c for c in shape.output_columns if c not in key])
     return (
-        merged.withColumn("_rn", F.row_number().over(latest))
-        .filter("_rn = 1")
-        # a segment without insert/load/delete is a pure partial update: keep stored values for NULLs
-        .withColumn("_partial", F.col("_seg").isNull())
-        .drop("_rn", "_seg")
+        latest_per_key(filled, [F.col(k) for k in key])
+        .select(*shape.output_columns, "_op", "_seq", "_commit_ts", "_source_position",
+                F.col("_base").isNull().alias("_partial"))
     )
 
 
 def fill_partial_updates(changes: DataFrame, key: list[str], columns: list[str]) -> DataFrame:
-    """`collapse`'s ignore_null_updates rule row by row, for consumers that keep every change (the
-    warehouse merge): each update's NULL in `columns` becomes the last non-null value among its key's
-    changes from the latest insert / load / delete before it (in `_seq` order) up to itself. Adds
-    `_base`: that change's `_seq`, NULL when the key has none in `changes` (what is left NULL then
-    was unchanged from before these changes)."""
+    """The ignore_null_updates rule row by row (`collapse` takes each key's latest row; the warehouse
+    merge keeps every change): each update's NULL in `columns` becomes the last non-null value among
+    its key's changes from the latest insert / load / delete before it (in `_seq` order) up to itself.
+    Adds `_base`: that change's `_seq`, NULL when the key has none in `changes` (what is left NULL
+    then was unchanged from before these changes)."""
     upto = Window.partitionBy(*key).orderBy("_seq").rowsBetween(Window.unboundedPreceding, Window.currentRow)
     based = changes.withColumn("_base", F.max(F.when(F.col("_op") != "update", F.col("_seq"))).over(upto))
     segment = Window.partitionBy(*key, "_base").orderBy("_seq").rowsBetween(Window.unboundedPreceding,
