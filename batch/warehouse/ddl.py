@@ -200,14 +200,9 @@ def added_columns(m: WarehouseModel, dialect: Dialect, existing: dict[str, set[s
     """ALTER TABLE ... ADD COLUMN for the derived columns (`warehouse.columns`) a staging or target
     table created before they were configured lacks. `existing`: table name -> its columns, from
     information_schema (Redshift's ADD COLUMN has no IF NOT EXISTS)."""
-    out = []
-    for table, name in ((m.staging, m.staging_name), (m.dim, m.target_name)):
-        have = existing.get(name)
-        if have is None:  # created just now, from the model
-            continue
-        out += [f"alter table {table} add column {q(c)} {sql_type(t, dialect)}"
-                for c, t in m.target.columns.items() if c not in have]
-    return out
+    return [f"alter table {table} add column {q(c)} {sql_type(t, dialect)}"
+            for table, name in ((m.staging, m.staging_name), (m.dim, m.target_name))
+            for c, t in m.target.columns.items() if c not in existing.get(name, ())]
 
 
 def table_ddl(m: WarehouseModel, dialect: Dialect) -> list[str]:

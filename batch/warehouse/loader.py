@@ -29,6 +29,7 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponen
 from batch.warehouse import scd2
 from batch.warehouse.connection import PostgresWarehouse, Warehouse, connect
 from batch.warehouse.ddl import Dialect, WarehouseModel, added_columns, model, table_ddl
+from cdcflow.cdc.schema import arrow_type
 from cdcflow.config.loader import Project
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,6 @@ def staging_arrow(m: WarehouseModel, staging: pa.Table) -> pa.Table:
     """The staging columns in table order; a missing column is an error, extra columns are ignored. A
     derived column (`warehouse.columns`) the batch lacks is NULL: a staging file merged without Spark
     (`--staging`) has been through no stage transform."""
-    from cdcflow.cdc.schema import arrow_type
-
     cols = scd2.staging_columns(m)
     missing = [c for c in cols if c not in staging.column_names and c not in m.target.columns]
     if missing:
