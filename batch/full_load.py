@@ -98,7 +98,7 @@ class RawStore:
 
         bucket, _ = split_s3(self.uri)
         try:
-            project_client(self.project, "s3").head_bucket(Bucket=bucket)
+            project_client(self.project, "s3", check=True).head_bucket(Bucket=bucket)
         except ClientError as e:
             raise UserError(f"raw location {self.uri}: bucket {bucket} not reachable "
                             f"({e.response.get('Error', {}).get('Code', e)})") from None

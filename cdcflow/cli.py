@@ -10,9 +10,10 @@ import time
 from collections.abc import Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table as RichTable
 
-from cdcflow.errors import ConfigError, UserError
+from cdcflow.errors import ConfigError, UserError, environment_problem
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -172,11 +173,19 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[red]config error[/red] {e}", soft_wrap=True)
         return 1
     except UserError as e:
-        err_console.print(f"[red]error[/red] {e}", soft_wrap=True)
+        err_console.print(f"[red]error[/red] {escape(str(e))}", soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    except Exception as e:
+        # an unreachable service or a missing path the user named: one line (CDCFLOW_DEBUG=1 keeps
+        # the traceback); anything else is a bug and keeps its traceback
+        problem = environment_problem(e)
+        if problem is None or os.environ.get("CDCFLOW_DEBUG"):
+            raise
+        err_console.print(f"[red]error[/red] {escape(problem)}", soft_wrap=True)
+        return 1
 
 
 def print_table(title: str, columns: list[str], rows: list[list]) -> None:

@@ -31,6 +31,12 @@ def run_stream_command(args: argparse.Namespace) -> int:
     from streaming.sources import kinesis_stream, replay_stream
 
     project = load_project(args.config)
+    if args.replay and not args.replay.startswith(("s3://", "s3a://")) and not Path(args.replay).exists():
+        raise UserError(f"replay path {args.replay} does not exist")
+    if not args.replay:
+        from cdcflow.aws import require_stream
+
+        require_stream(project)  # before Spark starts: a missing stream or stack is one line
     spark = get_spark("cdcflow-stream", shuffle_partitions=project.pipeline.spark.shuffle_partitions,
                       driver_memory=project.pipeline.spark.driver_memory)
     metrics = MetricsSink(project.pipeline.name, path=args.metrics_file)
@@ -40,8 +46,6 @@ def run_stream_command(args: argparse.Namespace) -> int:
             from cdcflow.archive.replay import stage_s3_replay
 
             local = str(stage_s3_replay(project, args.replay))
-        elif not Path(args.replay).exists():
-            raise UserError(f"replay path {args.replay} does not exist")
         source = replay_stream(spark, str(Path(local).resolve()), args.files_per_batch)
         ck = checkpoint_location(project, "replay")
     else:

@@ -173,3 +173,34 @@ def test_the_daemon_properties_use_polling_and_the_emulator_endpoints(project):
 
     cmd = daemon_command(Path("/tmp/x/archiver.properties"))
     assert "-Daws.cborEnabled=false" in cmd and cmd[cmd.index("-cp") + 2].endswith("MultiLangDaemon")
+
+
+def test_the_daemon_reads_its_properties_from_a_relative_workdir(project, tmp_path, monkeypatch):
+    """`cdcflow archive` defaults to `--workdir .cdcflow/archiver`, a relative path, and the daemon runs
+    inside that folder: it must still find its properties file (it exited with "Unable to find property
+    file" for any relative workdir). Reads the daemon's log until it has either read the file or exited.
+    No emulator: the daemon is stopped once its configuration is read."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from cdcflow.archive.daemon import settings_for, start_daemon
+
+    monkeypatch.chdir(tmp_path)
+    log = tmp_path / "daemon.log"
+    s = settings_for(project, "s3://b/arch")
+    s.endpoint = "http://127.0.0.1:9"  # nothing listens: the daemon keeps retrying until stopped
+    daemon = start_daemon(s, str(Path(project.pipeline_file).parent), Path("rel/archiver"), log)
+    try:
+        deadline = time.monotonic() + 120
+        while daemon.poll() is None and "KinesisClientLibConfigurator" not in log.read_text() \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        text = log.read_text()
+        assert "Unable to find property file" not in text, text[-2000:]
+        assert "streamName" in text, text[-2000:]  # the properties were read
+    finally:
+        if daemon.poll() is None:
+            os.killpg(daemon.pid, signal.SIGTERM)
+            daemon.wait(30)

@@ -36,3 +36,51 @@ def test_quarantine_per_rule_in_command_summaries():
 
     assert by_rule({}) == "0"
     assert by_rule({"no_ordering": 2, "missing_primary_key": 5}) == "7 (missing_primary_key 5, no_ordering 2)"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_stack_that_is_not_running_is_one_line_before_spark_starts(tmp_path):
+    """The first thing a new user gets wrong: a job started before `cdcflow local up`. Each command
+    names the endpoint it couldn't reach, never the warehouse password, and starts no Spark (Spark's
+    start-up lines would be more lines on stderr)."""
+    import os
+
+    port = _closed_port()
+    env = {**os.environ, "CDCFLOW_AWS_ENDPOINT": f"http://127.0.0.1:{port}",
+           "CDCFLOW_WAREHOUSE_URL": f"postgresql://cdcflow:s3cret@127.0.0.1:{port}/cdcflow",
+           "CDCFLOW_LAKE_ROOT": str(tmp_path / "lake"), "CDCFLOW_CHECKPOINT_ROOT": str(tmp_path / "ck")}
+    env.pop("CDCFLOW_RAW_URI", None)  # the sample's s3:// raw prefix
+
+    def run(*args: str) -> str:
+        return one_line(subprocess.run([sys.executable, "-m", "cdcflow.cli", *args], capture_output=True,
+                                       text=True, cwd=REPO, env=env))
+
+    aws = f"cannot reach the AWS endpoint http://127.0.0.1:{port} (aws.endpoint_url); is the local stack running?"
+    assert aws in run("stream", "--until-caught-up")
+    assert aws in run("full-load")
+    assert aws in run("archive", "--workdir", str(tmp_path / "archiver"))
+    warehouse = run("warehouse-merge")
+    assert f"port {port} failed" in warehouse and "`cdcflow local up`" in warehouse and "s3cret" not in warehouse
+
+
+def test_a_kinesis_stream_that_does_not_exist_is_one_line(stack, tmp_path):
+    import os
+
+    env = {**os.environ, "CDCFLOW_AWS_ENDPOINT": stack.aws_endpoint, "CDCFLOW_STREAM": "no-such-stream",
+           "CDCFLOW_CHECKPOINT_ROOT": str(tmp_path / "ck"), "CDCFLOW_LAKE_ROOT": str(tmp_path / "lake")}
+    r = subprocess.run([sys.executable, "-m", "cdcflow.cli", "stream"], capture_output=True, text=True, cwd=REPO,
+                       env=env)
+    assert "Kinesis stream no-such-stream not found at" in one_line(r)
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "sim"
+    assert one_line(run_cli("simulate", "--out", str(out))) == f"error Not a directory: {out}"

@@ -72,10 +72,12 @@ def read_staging(path: str):
 
 
 def _from_lake(args: argparse.Namespace, project, url: str) -> int:
+    from batch.warehouse.connection import connect
     from batch.warehouse_job import merge_from_lake, summary_rows
     from cdcflow.cli import console, print_table
     from cdcflow.runtime import get_spark
 
+    connect(project, url).close()  # before Spark starts: an unreachable warehouse is one line
     spark = get_spark("cdcflow-warehouse-merge", shuffle_partitions=project.pipeline.spark.shuffle_partitions)
     run = merge_from_lake(spark, project, url, tables=args.table, schema=args.schema)
     print_table(f"data quality, run {run.run_id}", ["table", "stage", "rows", "failures (rule, severity, rows)",

@@ -106,6 +106,7 @@ def daemon_env(s: ArchiverSettings, config_dir: str) -> dict[str, str]:
 
 def start_daemon(s: ArchiverSettings, config_dir: str, workdir: Path, log_path: Path | None = None) -> subprocess.Popen:
     """Start the MultiLangDaemon in its own session (so it and its processors stop together)."""
+    workdir = workdir.resolve()  # the daemon runs in it: a relative properties path would miss
     workdir.mkdir(parents=True, exist_ok=True)
     props = workdir / "archiver.properties"
     props.write_text(properties(s))
@@ -155,12 +156,15 @@ def run_archive_command(args: argparse.Namespace) -> int:
     s.dynamodb_endpoint = args.dynamodb_endpoint
     if not s.archive_uri.startswith("s3://"):
         raise UserError(f"the archive root must be an s3:// URI, got {s.archive_uri}")
-    workdir = Path(args.workdir)
+    workdir = Path(args.workdir).resolve()
     if args.print_command:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "archiver.properties").write_text(properties(s))
         print(" ".join(daemon_command(workdir / "archiver.properties")))
         return 0
+    from cdcflow.aws import require_stream
+
+    require_stream(project)  # the KCL would retry a missing stream or stack forever, quietly
     proxy = None
     if args.h2c_proxy:
         if not s.endpoint:
