@@ -42,8 +42,12 @@ CHANGE_SEQ = "$AR_H_CHANGE_SEQ"
 MAX_GROUP_FILES = 200  # CDC files per Spark read and apply (DMS writes one a minute per table)
 # The manifest: one row per applied raw file. delta-rs reads and appends it (a few ms, no Spark job;
 # through Spark each group's append cost about 0.65 s), with the lake's commit protocol (cdcflow.storage).
+# `etag`: the file's content identity (S3's ETag, a local file's MD5), so a file written again under an
+# applied name (DMS reloading a table writes LOAD00000001.parquet again) is told from one applied
+# before a crash; manifests from before it have none.
 MANIFEST_SCHEMA = pa.schema([("table", pa.string()), ("file", pa.string()), ("kind", pa.string()),
-                             ("rows", pa.int64()), ("applied_at", pa.timestamp("us", tz="UTC"))])
+                             ("rows", pa.int64()), ("applied_at", pa.timestamp("us", tz="UTC")),
+                             ("etag", pa.string())])
 
 
 @dataclass
@@ -61,6 +65,7 @@ class LoadResult:
     skipped: int = 0
     per_table: dict[str, int] = field(default_factory=dict)
     quarantined_by_rule: dict[str, dict[str, int]] = field(default_factory=dict)  # table -> rule -> rows
+    rewritten: dict[str, list[str]] = field(default_factory=dict)  # table -> applied files written again
 
     COLUMNS = ("table", "rows", "quarantined")
 
@@ -82,6 +87,7 @@ class RawStore:
         self.uri = project.pipeline.dms.raw_uri
         self.is_s3 = self.uri.startswith(("s3://", "s3a://"))
         self._staging: Path | None = None
+        self._etags: dict[str, str] = {}  # rel -> S3 ETag, from the listing
 
     def require(self) -> None:
         """Fail with one line when the raw location does not exist (a wrong --raw would otherwise load
@@ -114,8 +120,19 @@ class RawStore:
         s3 = project_client(self.project, "s3")
         keys: list[str] = []
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{base.rstrip('/')}/{prefix}"):
-            keys += [o["Key"][len(base.rstrip("/")) + 1:] for o in page.get("Contents", [])]
+            for o in page.get("Contents", []):
+                keys.append(o["Key"][len(base.rstrip("/")) + 1:])
+                self._etags[keys[-1]] = o["ETag"].strip('"')
         return sorted(k for k in keys if k.endswith(".parquet"))
+
+    def etag(self, rel: str) -> str:
+        """The file's content identity: S3's ETag (from the listing), a local file's MD5."""
+        if self.is_s3:
+            return self._etags[rel]
+        import hashlib
+
+        with open(Path(self.uri) / rel, "rb") as f:
+            return hashlib.file_digest(f, "md5").hexdigest()
 
     def local_path(self, rel: str) -> str:
         if not self.is_s3:
@@ -227,13 +244,15 @@ def normalize_parquet(df: DataFrame, table: Table, ref: FileRef, ts_column: str)
     )
 
 
-def _manifest(path: str) -> set[tuple[str, str]]:
-    """(table, file) of every applied raw file."""
+def _manifest(path: str) -> dict[tuple[str, str], str | None]:
+    """(table, file) -> etag (None if recorded without one) of every applied raw file."""
     table = apply.rs_table_or_none(path)
     if table is None:
-        return set()
-    held = table.to_pyarrow_table(columns=["table", "file"])
-    return set(zip(held["table"].to_pylist(), held["file"].to_pylist(), strict=True))
+        return {}
+    columns = ["table", "file", *(["etag"] if "etag" in table.schema().to_arrow().names else [])]
+    held = table.to_pyarrow_table(columns=columns)
+    etags = held["etag"].to_pylist() if "etag" in columns else [None] * held.num_rows
+    return dict(zip(zip(held["table"].to_pylist(), held["file"].to_pylist(), strict=True), etags, strict=True))
 
 
 def run_full_load(spark: SparkSession, project: Project, tables: list[str] | None = None,
@@ -267,6 +286,16 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
             path = project.path(table.delta_path)
             if DeltaTable.isDeltaTable(spark, path):
                 apply.sync_properties(spark, path, table)
+            etags = {ref.rel: store.etag(ref.rel) for ref in files}
+            rewritten = [ref.rel for ref in files if done.get((name, ref.rel)) not in (None, etags[ref.rel])]
+            if rewritten:
+                # DMS reloaded the table (or a file changed after it was applied): applying the new
+                # snapshot under a LOAD sequence would lose to every change silver holds, and its CDC
+                # files without it would be wrong too. Leave the table's files in place, say so.
+                result.rewritten[name] = rewritten
+                bars.advance(len(files))
+                bars.finish()
+                continue
             todo = [ref for ref in files if (name, ref.rel) not in done]
             result.skipped += len(files) - len(todo)
             bars.advance(len(files) - len(todo))
@@ -298,7 +327,7 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
                 if catalogued.get(name) != columns:
                     sync_silver_table(project, name, columns, catalog_alerts)
                     catalogued[name] = columns
-                _record(project, manifest_path, name, group, counts, bad_rows)
+                _record(project, manifest_path, name, group, counts, bad_rows, [etags[ref.rel] for ref in group])
                 result.files += len(group)
                 result.rows += sum(counts)
                 result.quarantined += len(bad_rows)
@@ -363,12 +392,14 @@ def _parquet_rows(local_path: str) -> int:
 
 
 def _record(project: Project, manifest_path: str, name: str, group: list[FileRef],
-            counts: list[int], bad_rows: list) -> None:
+            counts: list[int], bad_rows: list, etags: list[str]) -> None:
     """Quarantine the group's bad rows, then record its files in the manifest."""
     now = datetime.now(UTC)
     q = [(name, r["_rule"], r["_reason"], r["_source_position"], r["_payload"], r["_record_hash"], -1, now)
          for r in bad_rows]
     append_quarantine(project.path("quarantine"), q)
-    rows = [{"table": name, "file": ref.rel, "kind": ref.kind, "rows": n, "applied_at": now}
-            for ref, n in zip(group, counts, strict=True)]
-    apply.rs_append(manifest_path, pa.Table.from_pylist(rows, MANIFEST_SCHEMA), new_table_options("manifest"))
+    rows = [{"table": name, "file": ref.rel, "kind": ref.kind, "rows": n, "applied_at": now, "etag": etag}
+            for ref, n, etag in zip(group, counts, etags, strict=True)]
+    # schema_mode merge: a manifest written before `etag` existed gains the column
+    apply.rs_append(manifest_path, pa.Table.from_pylist(rows, MANIFEST_SCHEMA), new_table_options("manifest"),
+                    schema_mode="merge")

@@ -152,6 +152,30 @@ def test_full_load_and_cdc_files_match_oracle_and_rerun_is_a_noop(spark, tmp_pat
                                   .drop("_ingested_at").collect())) for n, t in project.tables.items()}
     assert silver_after == silver_before
 
+    # A table's LOAD file written again under its applied name, other content (DMS reloading the table
+    # writes LOAD00000001.parquet again): not skipped as applied, not applied, not archived: reported.
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    reloaded = next(p for p in archived if p.name.startswith("LOAD") and "customers" in p.parts)
+    put_back = []
+    for p in archived:
+        rel = p.relative_to(raw / "archive")
+        if rel.parts[2:4] == reloaded.relative_to(raw / "archive").parts[2:4]:  # the table's files
+            put_back.append(raw / "/".join(rel.parts[2:]))
+            put_back[-1].parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, put_back[-1])
+    load_file = raw / "/".join(reloaded.relative_to(raw / "archive").parts[2:])
+    snapshot = pq.read_table(load_file)
+    pq.write_table(snapshot.set_column(snapshot.schema.get_field_index("country"), "country",
+                                       pc.if_else(pc.is_valid(snapshot["country"]), "ZZ", None)), load_file)
+    reload = run_full_load(spark, project)
+    assert reload.rewritten == {"shop.customers": [str(load_file.relative_to(raw))]} and reload.files == 0
+    assert all(p.exists() for p in put_back)  # left in the raw prefix
+    silver_reload = {n: sorted(map(str, spark.read.format("delta").load(project.path(t.delta_path))
+                                   .drop("_ingested_at").collect())) for n, t in project.tables.items()}
+    assert silver_reload == silver_before
+
 
 @pytest.mark.glue_compat
 def test_cdc_files_are_grouped_by_schema_in_time_order(tmp_path):
@@ -240,6 +264,21 @@ def test_full_load_from_s3_stages_one_table_at_a_time_and_archives_in_the_bucket
     assert sorted(k.split("/", 4)[-1] for k in keys if k.startswith("dms/archive/")) == files
     assert all(k.startswith("dms/archive/year=") for k in keys)
 
+    # An applied file uploaded again unchanged (a crash before archiving) is skipped; written again with
+    # other content (a DMS reload) its ETag differs: the table is reported, its files left in the bucket.
+    load = next(f for f in files if "/LOAD" in f)
+    s3.upload_file(str(sim / "s3" / load), bucket, f"dms/{load}")
+    assert run_full_load(spark, project).skipped == 1
+    s3.put_object(Bucket=bucket, Key=f"dms/{load}", Body=(sim / "s3" / load).read_bytes() + b"\0")
+    again = run_full_load(spark, project)
+    assert again.rewritten == {project_table(project, load): [load]} and again.files == 0
+    assert s3.head_object(Bucket=bucket, Key=f"dms/{load}")["ContentLength"] > 0  # still there
+
+
+def project_table(project, rel: str) -> str:
+    schema, table = rel.split("/")[:2]
+    return f"{schema}.{table}"
+
 
 @pytest.mark.glue_compat
 def test_full_load_follows_columns_added_widened_renamed_and_dropped_in_the_parquet_files(spark, tmp_path,
@@ -299,3 +338,26 @@ def test_full_load_follows_columns_added_widened_renamed_and_dropped_in_the_parq
     assert sd["InputFormat"].endswith("SymlinkTextInputFormat")
     assert {c["Name"]: c["Type"] for c in sd["Columns"]} == cols[-1]
     assert {c: t for c, t in cols[-1].items() if c in types} == {c: types[c] for c in cols[-1] if c in types}
+
+
+def test_a_manifest_from_before_file_identities_gains_them(tmp_path):
+    """Manifests written before the `etag` column: their files count as applied whatever their
+    content (None), new appends add the column (no Spark)."""
+    from datetime import UTC, datetime
+
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from batch.full_load import MANIFEST_SCHEMA, _manifest
+    from cdcflow.cdc.apply import rs_append
+
+    path = str(tmp_path / "manifest")
+    now = datetime.now(UTC)
+    old = pa.schema([f for f in MANIFEST_SCHEMA if f.name != "etag"])
+    write_deltalake(path, pa.Table.from_pylist([{"table": "s.t", "file": "s/t/LOAD1.parquet", "kind": "load",
+                                                 "rows": 3, "applied_at": now}], old))
+    assert _manifest(path) == {("s.t", "s/t/LOAD1.parquet"): None}
+    rs_append(path, pa.Table.from_pylist([{"table": "s.t", "file": "s/t/2.parquet", "kind": "cdc", "rows": 1,
+                                           "applied_at": now, "etag": "abc"}], MANIFEST_SCHEMA), {},
+              schema_mode="merge")
+    assert _manifest(path) == {("s.t", "s/t/LOAD1.parquet"): None, ("s.t", "s/t/2.parquet"): "abc"}

@@ -327,7 +327,7 @@ def rs_table_or_none(path: str):
 
 
 def rs_append(path: str, data: pa.Table, configuration: dict[str, str], partition_by: list[str] | None = None,
-              txn: tuple[str, int] | None = None) -> None:
+              txn: tuple[str, int] | None = None, schema_mode: str | None = None) -> None:
     """Append `data` by delta-rs (`configuration`: properties a new table is created with). `txn` =
     (app id, version) makes it idempotent: skipped when the table already holds that version of the
     app, as Delta's txnAppId / txnVersion writer options do in Spark (the same `txn` log action, so
@@ -343,7 +343,7 @@ def rs_append(path: str, data: pa.Table, configuration: dict[str, str], partitio
             return
     commit = CommitProperties(app_transactions=[Transaction(txn[0], txn[1])]) if txn is not None else None
     write_deltalake(table if table is not None else rs_uri(path), data, mode="append", partition_by=partition_by, configuration=configuration,
-                    storage_options=rs_options(path), commit_properties=commit)
+                    storage_options=rs_options(path), commit_properties=commit, schema_mode=schema_mode)
 
 
 def _collect_with_rejected(rows: DataFrame, rejected: DataFrame | None) -> tuple[pa.Table, list]:
