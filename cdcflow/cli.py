@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("CDCFLOW_CONFIG", "configs"),
         help="config folder holding pipeline.yaml and tables/ (default: configs, or $CDCFLOW_CONFIG)",
     )
+    parser.add_argument("--version", action="version", version=f"cdcflow {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("validate", help="load every config and report every problem (file, key path, reason)")
@@ -152,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_status(sub, _COMMANDS)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cdcflow")
+    except PackageNotFoundError:  # run from a source tree that isn't installed
+        return "unknown"
 
 
 def _extensions() -> list[Callable]:

@@ -84,3 +84,10 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
     (tmp_path / "a-file").write_text("")
     out = tmp_path / "a-file" / "sim"
     assert one_line(run_cli("simulate", "--out", str(out))) == f"error Not a directory: {out}"
+
+
+def test_version():
+    from importlib.metadata import version
+
+    r = subprocess.run([sys.executable, "-m", "cdcflow.cli", "--version"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and r.stdout.strip() == f"cdcflow {version('cdcflow')}"
