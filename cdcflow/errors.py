@@ -46,6 +46,9 @@ def environment_problem(exc: BaseException) -> str | None:
             return f"cannot reach the AWS endpoint {endpoint} (aws.endpoint_url){_stack_hint(url.hostname)}"
         if isinstance(exc, botocore.NoCredentialsError):
             return "no AWS credentials (set AWS_PROFILE or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or run with a role)"
+        if isinstance(exc, botocore.ClientError) and exc.response.get("Error", {}).get("Code") in _AWS_SETUP_CODES:
+            error = exc.response["Error"]
+            return f"AWS {exc.operation_name}: {error['Code']}: {error.get('Message') or 'refused'}"
     psycopg, redshift = sys.modules.get("psycopg"), sys.modules.get("redshift_connector")
     if (psycopg is not None and isinstance(exc, psycopg.OperationalError)) or (
             redshift is not None and isinstance(exc, redshift.InterfaceError)):
@@ -55,6 +58,13 @@ def environment_problem(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         return f"{exc.strerror}: {exc.filename}"
     return None
+
+
+# AWS refusals that mean a resource the config names is missing or the credentials can't use it (the
+# user's to fix); any other ClientError keeps its traceback.
+_AWS_SETUP_CODES = {"NoSuchBucket", "AccessDenied", "AccessDeniedException", "ResourceNotFoundException",
+                    "ExpiredToken", "ExpiredTokenException", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                    "UnrecognizedClientException", "InvalidClientTokenId"}
 
 
 def _stack_hint(host: str | None) -> str:

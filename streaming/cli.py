@@ -31,21 +31,22 @@ def run_stream_command(args: argparse.Namespace) -> int:
     from streaming.sources import kinesis_stream, replay_stream
 
     project = load_project(args.config)
-    if args.replay and not args.replay.startswith(("s3://", "s3a://")) and not Path(args.replay).exists():
+    # Before Spark starts, so a missing path, bucket, stream or stack is one line
+    local = args.replay
+    if args.replay and args.replay.startswith(("s3://", "s3a://")):
+        from cdcflow.archive.replay import stage_s3_replay
+
+        local = str(stage_s3_replay(project, args.replay))
+    elif args.replay and not Path(args.replay).exists():
         raise UserError(f"replay path {args.replay} does not exist")
-    if not args.replay:
+    elif not args.replay:
         from cdcflow.aws import require_stream
 
-        require_stream(project)  # before Spark starts: a missing stream or stack is one line
+        require_stream(project)
     spark = get_spark("cdcflow-stream", shuffle_partitions=project.pipeline.spark.shuffle_partitions,
                       driver_memory=project.pipeline.spark.driver_memory)
     metrics = MetricsSink(project.pipeline.name, path=args.metrics_file)
     if args.replay:
-        local = args.replay
-        if args.replay.startswith(("s3://", "s3a://")):
-            from cdcflow.archive.replay import stage_s3_replay
-
-            local = str(stage_s3_replay(project, args.replay))
         source = replay_stream(spark, str(Path(local).resolve()), args.files_per_batch)
         ck = checkpoint_location(project, "replay")
     else:

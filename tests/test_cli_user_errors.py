@@ -78,6 +78,9 @@ def test_a_kinesis_stream_that_does_not_exist_is_one_line(stack, tmp_path):
     r = subprocess.run([sys.executable, "-m", "cdcflow.cli", "stream"], capture_output=True, text=True, cwd=REPO,
                        env=env)
     assert "Kinesis stream no-such-stream not found at" in one_line(r)
+    r = subprocess.run([sys.executable, "-m", "cdcflow.cli", "stream", "--replay", "s3://no-such-bucket/x"],
+                       capture_output=True, text=True, cwd=REPO, env=env)
+    assert one_line(r).startswith("error AWS ListObjectsV2: NoSuchBucket:")
 
 
 def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
