@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from batch.full_load import RawStore, run_full_load
+    from cdcflow.aws import require_lake
     from cdcflow.cli import console, print_table
     from cdcflow.config import load_project
     from cdcflow.errors import UserError
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"unknown table(s): {', '.join(unknown)}")
     RawStore(project).require()  # before Spark starts: a wrong --raw is one line, not 0 files "ok"
+    require_lake(project)
     spark = get_spark("cdcflow-full-load", batch=True)
     with Progress(console=console) as progress:
         result = run_full_load(spark, project, args.table, args.timestamp_column, not args.no_archive, progress)
@@ -75,6 +77,7 @@ def run_compact(args: argparse.Namespace) -> int:
     import time
 
     from batch.compaction import Stop, check_retention
+    from cdcflow.aws import require_lake
     from cdcflow.cli import console
     from cdcflow.config import load_project
     from cdcflow.errors import UserError
@@ -87,6 +90,7 @@ def run_compact(args: argparse.Namespace) -> int:
         raise UserError(f"unknown table(s): {', '.join(unknown)}")
     hours = project.pipeline.defaults.vacuum_min_retention_hours if args.vacuum_hours is None else args.vacuum_hours
     check_retention(project, hours, args.allow_short_retention)  # before Spark starts: one clear line
+    require_lake(project)
     every = _seconds(args.every) if args.every else None
 
     def stop(signum, _frame) -> None:

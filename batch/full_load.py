@@ -98,16 +98,9 @@ class RawStore:
             if not Path(self.uri).is_dir():
                 raise UserError(f"raw path {self.uri} does not exist (dms.raw_uri or --raw)")
             return
-        from botocore.exceptions import ClientError
+        from cdcflow.aws import require_bucket
 
-        from cdcflow.aws import project_client, split_s3
-
-        bucket, _ = split_s3(self.uri)
-        try:
-            project_client(self.project, "s3", check=True).head_bucket(Bucket=bucket)
-        except ClientError as e:
-            raise UserError(f"raw location {self.uri}: bucket {bucket} not reachable "
-                            f"({e.response.get('Error', {}).get('Code', e)})") from None
+        require_bucket(self.project, self.uri, "dms.raw_uri")
 
     def list(self, table: Table) -> list[str]:
         prefix = f"{table.schema}/{table.table}/"

@@ -39,6 +39,29 @@ def split_s3(uri: str) -> tuple[str, str]:
     return p.netloc, p.path.lstrip("/")
 
 
+def require_bucket(project: Project, uri: str, key: str) -> None:
+    """Fail with one line when the bucket of an s3:// location the config names (`key`, e.g. lake.root)
+    doesn't exist or can't be used; a local path passes."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return
+    from botocore.exceptions import ClientError
+
+    bucket, _ = split_s3(uri)
+    try:
+        project_client(project, "s3", check=True).head_bucket(Bucket=bucket)
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        why = "does not exist" if code in ("404", "NoSuchBucket") else f"is not usable ({code or e})"
+        raise UserError(f"{key} {uri}: bucket {bucket} {why}; `cdcflow local up` creates the buckets the "
+                        "config names on the embedded stack, infra/ on AWS") from None
+
+
+def require_lake(project: Project) -> None:
+    """The lake's and the checkpoints' buckets, before a command starts Spark or reads a Delta log."""
+    require_bucket(project, project.pipeline.lake.root, "lake.root")
+    require_bucket(project, project.pipeline.checkpoints.root, "checkpoints.root")
+
+
 def require_stream(project: Project) -> None:
     """Fail with one line when the configured Kinesis stream isn't there (before a job starts Spark:
     otherwise the first micro-batch fails inside Spark with the query plan printed)."""

@@ -479,6 +479,9 @@ def run_status(args: argparse.Namespace) -> int:
     unknown = [t for t in args.table or [] if t not in project.tables]
     if unknown:
         raise UserError(f"unknown table(s): {', '.join(unknown)}")
+    from cdcflow.aws import require_lake
+
+    require_lake(project)
     status = collect_status(project, args.metrics_file, args.table)
     if args.json:
         print(json.dumps(status.as_dict(), indent=2, default=str))

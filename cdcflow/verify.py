@@ -287,6 +287,9 @@ def register_verify(sub: Any, commands: dict[str, Callable]) -> None:
         if not (Path(args.history) / "history.jsonl").exists():
             raise UserError(f"{args.history}/history.jsonl not found; run `cdcflow simulate --out {args.history}`")
         project = load_project(args.config)
+        from cdcflow.aws import require_lake
+
+        require_lake(project)
         history = load_history(args.history)
         oracle = build_oracle(project, history, resolve_salt(project), args.target)
         try:

@@ -32,6 +32,9 @@ def run_stream_command(args: argparse.Namespace) -> int:
 
     project = load_project(args.config)
     # Before Spark starts, so a missing path, bucket, stream or stack is one line
+    from cdcflow.aws import require_lake
+
+    require_lake(project)
     local = args.replay
     if args.replay and args.replay.startswith(("s3://", "s3a://")):
         from cdcflow.archive.replay import stage_s3_replay

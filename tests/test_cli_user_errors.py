@@ -70,7 +70,7 @@ def test_a_stack_that_is_not_running_is_one_line_before_spark_starts(tmp_path):
     assert f"port {port} failed" in warehouse and "`cdcflow local up`" in warehouse and "s3cret" not in warehouse
 
 
-def test_a_kinesis_stream_that_does_not_exist_is_one_line(stack, tmp_path):
+def test_a_kinesis_stream_bucket_or_lake_that_does_not_exist_is_one_line(stack, tmp_path):
     import os
 
     env = {**os.environ, "CDCFLOW_AWS_ENDPOINT": stack.aws_endpoint, "CDCFLOW_STREAM": "no-such-stream",
@@ -81,6 +81,11 @@ def test_a_kinesis_stream_that_does_not_exist_is_one_line(stack, tmp_path):
     r = subprocess.run([sys.executable, "-m", "cdcflow.cli", "stream", "--replay", "s3://no-such-bucket/x"],
                        capture_output=True, text=True, cwd=REPO, env=env)
     assert one_line(r).startswith("error AWS ListObjectsV2: NoSuchBucket:")
+    for command in (["status"], ["compact"], ["verify", "--history", str(tmp_path)]):
+        (tmp_path / "history.jsonl").write_text("")
+        r = subprocess.run([sys.executable, "-m", "cdcflow.cli", *command], capture_output=True, text=True,
+                           cwd=REPO, env={**env, "CDCFLOW_LAKE_ROOT": "s3://no-such-lake/lake"})
+        assert "lake.root s3://no-such-lake/lake: bucket no-such-lake does not exist" in one_line(r), command
 
 
 def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):

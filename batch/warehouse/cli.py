@@ -74,9 +74,11 @@ def read_staging(path: str):
 def _from_lake(args: argparse.Namespace, project, url: str) -> int:
     from batch.warehouse.connection import connect
     from batch.warehouse_job import merge_from_lake, summary_rows
+    from cdcflow.aws import require_lake
     from cdcflow.cli import console, print_table
     from cdcflow.runtime import get_spark
 
+    require_lake(project)
     connect(project, url).close()  # before Spark starts: an unreachable warehouse is one line
     spark = get_spark("cdcflow-warehouse-merge", shuffle_partitions=project.pipeline.spark.shuffle_partitions)
     run = merge_from_lake(spark, project, url, tables=args.table, schema=args.schema)
