@@ -39,7 +39,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         project = load_project(args.config)
     except ConfigError as e:
         for p in e.problems:
-            err_console.print(f"[red]error[/red] {p}", soft_wrap=True)
+            err_console.print(f"[red]error[/red] {escape(str(p))}", soft_wrap=True)
         err_console.print(f"{len(e.problems)} problem(s) found")
         return 1
     took = time.perf_counter() - start
@@ -53,7 +53,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
             problems = check_transforms(get_spark("cdcflow-validate"), project)
             for p in problems:
-                err_console.print(f"[red]error[/red] {p}", soft_wrap=True)
+                err_console.print(f"[red]error[/red] {escape(str(p))}", soft_wrap=True)
             if problems:
                 err_console.print(f"{len(problems)} problem(s) found")
                 return 1
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args) or 0
     except ConfigError as e:
-        err_console.print(f"[red]config error[/red] {e}", soft_wrap=True)
+        err_console.print(f"[red]config error[/red] {escape(str(e))}", soft_wrap=True)
         return 1
     except UserError as e:
         err_console.print(f"[red]error[/red] {escape(str(e))}", soft_wrap=True)

@@ -408,6 +408,7 @@ FEED_LABELS = {"full_load": "load"}
 
 
 def render(status: Status, console: Any) -> None:
+    from rich.markup import escape
     from rich.table import Table as RichTable
 
     now = status.generated_at
@@ -443,7 +444,7 @@ def render(status: Status, console: Any) -> None:
     console.print(line, soft_wrap=True)
     for st in status.tables:
         if st.error:
-            console.print(f"[red]{st.table}[/red]: {st.error}", soft_wrap=True)
+            console.print(f"[red]{st.table}[/red]: {escape(str(st.error))}", soft_wrap=True)
     if status.dq is not None:
         d = status.dq
         failures = [f"{t['table']} {r['rule']} ({r['severity']}) {r['failed']} of {t['checked']}"

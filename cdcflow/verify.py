@@ -250,6 +250,7 @@ def verify(project: Project, oracle: Oracle, actual: Actual) -> list[Diff]:
 
 def print_summary(diffs: list[Diff], console: Any | None = None, examples: int = 3) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table as RichTable
 
     console = console or Console(highlight=False)
@@ -263,7 +264,7 @@ def print_summary(diffs: list[Diff], console: Any | None = None, examples: int =
     for d in diffs:
         for label, rows in (("missing", d.missing), ("extra", d.extra), ("different", d.different)):
             for r in rows[:examples]:
-                console.print(f"  {d.table} {d.kind} {label}: {r}", soft_wrap=True)
+                console.print(escape(f"  {d.table} {d.kind} {label}: {r}"), soft_wrap=True)
 
 
 # ---------------------------------------------------------------- CLI

@@ -22,6 +22,8 @@ def register_stream(sub, commands: dict[str, Callable]) -> None:
 def run_stream_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from rich.markup import escape
+
     from cdcflow.cdc.quarantine import by_rule
     from cdcflow.cli import console, print_table
     from cdcflow.config import load_project
@@ -79,5 +81,5 @@ def run_stream_command(args: argparse.Namespace) -> int:
         console.print(f"DQ report: {path}")
     for t in sorted(summary.tables.values(), key=lambda t: t.table):
         for w in t.schema_warnings:
-            console.print(f"[yellow]{t.table}: schema change read with a warning: {w}[/yellow]")
+            console.print(f"[yellow]{t.table}: schema change read with a warning: {escape(str(w))}[/yellow]")
     return 0

@@ -99,3 +99,8 @@ def test_version():
 
     r = subprocess.run([sys.executable, "-m", "cdcflow.cli", "--version"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and r.stdout.strip() == f"cdcflow {version('cdcflow')}"
+
+
+def test_brackets_in_an_error_are_printed_as_they_are():
+    """The console reads `[word]` as style markup: a path or value in brackets vanished from the line."""
+    assert "raw path /does/[not]/exist does not exist" in one_line(run_cli("full-load", "--raw", "/does/[not]/exist"))
