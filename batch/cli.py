@@ -41,11 +41,9 @@ def run(args: argparse.Namespace) -> int:
     print_table("full load", list(result.COLUMNS), result.summary_rows())
     console.print(f"{result.files} files applied, {result.skipped} already applied, {result.rows} rows, "
                   f"{result.quarantined} quarantined")
-    if result.rewritten:
-        raise UserError("; ".join(
-            f"{table}: {len(rels)} applied file(s) written again since ({rels[0]}; a DMS table reload?), "
-            "the table not loaded, its files left in place" for table, rels in sorted(result.rewritten.items()))
-            + " (README: known limits)")
+    problem = result.rewritten_problem()
+    if problem:
+        raise UserError(problem)
     return 0
 
 

@@ -75,6 +75,16 @@ class LoadResult:
 
         return [[t, n, by_rule(self.quarantined_by_rule.get(t, {}))] for t, n in sorted(self.per_table.items())]
 
+    def rewritten_problem(self) -> str | None:
+        """One line naming the tables left unloaded because an applied file was written again (the CLI
+        prints it and exits 1; the Glue job fails with it), or None."""
+        if not self.rewritten:
+            return None
+        return "; ".join(
+            f"{table}: {len(rels)} applied file(s) written again since ({rels[0]}; a DMS table reload?), "
+            "the table not loaded, its files left in place" for table, rels in sorted(self.rewritten.items())
+        ) + " (README: known limits)"
+
 
 class RawStore:
     """The DMS raw prefix: a local folder, or s3:// (files are staged locally to read with Spark).

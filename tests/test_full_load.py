@@ -272,6 +272,8 @@ def test_full_load_from_s3_stages_one_table_at_a_time_and_archives_in_the_bucket
     s3.put_object(Bucket=bucket, Key=f"dms/{load}", Body=(sim / "s3" / load).read_bytes() + b"\0")
     again = run_full_load(spark, project)
     assert again.rewritten == {project_table(project, load): [load]} and again.files == 0
+    assert again.rewritten_problem().startswith(f"{project_table(project, load)}: 1 applied file(s) written "
+                                                 f"again since ({load}; a DMS table reload?)")
     assert s3.head_object(Bucket=bucket, Key=f"dms/{load}")["ContentLength"] > 0  # still there
 
 

@@ -277,13 +277,14 @@ def _check_glue_setup(fake, argv) -> None:
 
 
 def test_full_load_main_runs_the_cli_function(fake_glue, capsys):
-    calls = []
+    calls, problem = [], None
 
     def run_full_load(spark, project, *args, **kwargs):
         calls.append((spark, project, args, kwargs))
         return SimpleNamespace(files=3, skipped=1, rows=42, quarantined=2, COLUMNS=("table", "rows", "quarantined"),
                                summary_rows=lambda: [["shop.customers", 2, "0"],
-                                                     ["shop.orders", 40, "2 (missing_primary_key 2)"]])
+                                                     ["shop.orders", 40, "2 (missing_primary_key 2)"]],
+                               rewritten_problem=lambda: problem)
 
     fake_glue.module("batch.full_load", run_full_load=run_full_load)
     from batch.glue_full_load import main
@@ -295,6 +296,11 @@ def test_full_load_main_runs_the_cli_function(fake_glue, capsys):
     out = capsys.readouterr().out
     assert "shop.customers | 2 | 0\nshop.orders | 40 | 2 (missing_primary_key 2)" in out
     assert "3 files applied, 1 already applied, 42 rows, 2 quarantined" in out
+    # a table left unloaded (an applied file written again) fails the run, after the summary
+    problem = "shop.customers: 1 applied file(s) written again since (...)"
+    with pytest.raises(RuntimeError, match="written again"):
+        main(["glue_full_load.py", "--JOB_NAME", "j"])
+    assert "3 files applied" in capsys.readouterr().out
 
 
 def test_compaction_main_runs_the_cli_function(fake_glue):
