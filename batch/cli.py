@@ -12,6 +12,9 @@ def register_full_load(sub, commands: dict[str, Callable]) -> None:
     p.add_argument("--raw", help="override dms.raw_uri (a local folder or s3:// URI)")
     p.add_argument("--timestamp-column", default="dms_commit_ts", help="the DMS TimestampColumnName (commit time)")
     p.add_argument("--no-archive", action="store_true", help="leave applied files in place")
+    p.add_argument("--reload", action="append", default=[], metavar="TABLE",
+                   help="the table's LOAD files are a DMS reload's complete snapshot (run once DMS reports the "
+                        "reload complete): applied after everything silver holds, keys it lacks deleted; repeatable")
     commands["full-load"] = run
 
 
@@ -30,17 +33,22 @@ def run(args: argparse.Namespace) -> int:
     if args.raw:
         os.environ["CDCFLOW_RAW_URI"] = args.raw
     project = load_project(args.config)
-    unknown = [t for t in args.table or [] if t not in project.tables]
+    unknown = [t for t in [*(args.table or []), *args.reload] if t not in project.tables]
     if unknown:
         raise UserError(f"unknown table(s): {', '.join(unknown)}")
+    if args.table and set(args.reload) - set(args.table):
+        raise UserError(f"--reload {', '.join(sorted(set(args.reload) - set(args.table)))}: not among --table")
     RawStore(project).require()  # before Spark starts: a wrong --raw is one line, not 0 files "ok"
     require_lake(project)
     spark = get_spark("cdcflow-full-load", batch=True)
     with Progress(console=console) as progress:
-        result = run_full_load(spark, project, args.table, args.timestamp_column, not args.no_archive, progress)
+        result = run_full_load(spark, project, args.table, args.timestamp_column, not args.no_archive, progress,
+                               reload=args.reload)
     print_table("full load", list(result.COLUMNS), result.summary_rows())
     console.print(f"{result.files} files applied, {result.skipped} already applied, {result.rows} rows, "
                   f"{result.quarantined} quarantined")
+    for line in result.reload_lines():
+        console.print(line)
     problem = result.rewritten_problem()
     if problem:
         raise UserError(problem)

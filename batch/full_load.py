@@ -27,7 +27,7 @@ from pyspark.sql import functions as F
 from cdcflow.catalog import sync_silver_table
 from cdcflow.cdc import apply, schema
 from cdcflow.cdc.bronze import append_bronze, bronze_rows, next_full_load_batch
-from cdcflow.cdc.changes import VALUES, TableShape, typed_changes
+from cdcflow.cdc.changes import SNAPSHOT_SEQ, VALUES, TableShape, typed_changes
 from cdcflow.cdc.masking import pii_salt
 from cdcflow.cdc.quarantine import append_quarantine
 from cdcflow.cdc.sequence import S3_ORDERING
@@ -66,6 +66,7 @@ class LoadResult:
     per_table: dict[str, int] = field(default_factory=dict)
     quarantined_by_rule: dict[str, dict[str, int]] = field(default_factory=dict)  # table -> rule -> rows
     rewritten: dict[str, list[str]] = field(default_factory=dict)  # table -> applied files written again
+    reloaded: dict[str, int] = field(default_factory=dict)  # table -> keys deleted as absent from the reload
 
     COLUMNS = ("table", "rows", "quarantined")
 
@@ -75,6 +76,10 @@ class LoadResult:
 
         return [[t, n, by_rule(self.quarantined_by_rule.get(t, {}))] for t, n in sorted(self.per_table.items())]
 
+    def reload_lines(self) -> list[str]:
+        return [f"{t}: reload applied after every change silver held, {n} key(s) not in its snapshot deleted"
+                for t, n in sorted(self.reloaded.items())]
+
     def rewritten_problem(self) -> str | None:
         """One line naming the tables left unloaded because an applied file was written again (the CLI
         prints it and exits 1; the Glue job fails with it), or None."""
@@ -83,7 +88,7 @@ class LoadResult:
         return "; ".join(
             f"{table}: {len(rels)} applied file(s) written again since ({rels[0]}; a DMS table reload?), "
             "the table not loaded, its files left in place" for table, rels in sorted(self.rewritten.items())
-        ) + " (README: known limits)"
+        ) + "; once DMS reports the table's reload complete, run the full load with --reload TABLE"
 
 
 class RawStore:
@@ -98,6 +103,7 @@ class RawStore:
         self.is_s3 = self.uri.startswith(("s3://", "s3a://"))
         self._staging: Path | None = None
         self._etags: dict[str, str] = {}  # rel -> S3 ETag, from the listing
+        self._modified: dict[str, datetime] = {}  # rel -> last written (S3 LastModified), from the listing
 
     def require(self) -> None:
         """Fail with one line when the raw location does not exist (a wrong --raw would otherwise load
@@ -126,7 +132,14 @@ class RawStore:
             for o in page.get("Contents", []):
                 keys.append(o["Key"][len(base.rstrip("/")) + 1:])
                 self._etags[keys[-1]] = o["ETag"].strip('"')
+                self._modified[keys[-1]] = o["LastModified"]
         return sorted(k for k in keys if k.endswith(".parquet"))
+
+    def modified(self, rel: str) -> datetime:
+        """When the file was last written (S3's LastModified, a local file's mtime), UTC."""
+        if self.is_s3:
+            return self._modified[rel]
+        return datetime.fromtimestamp((Path(self.uri) / rel).stat().st_mtime, UTC)
 
     def etag(self, rel: str) -> str:
         """The file's content identity: S3's ETag (from the listing), a local file's MD5."""
@@ -248,26 +261,34 @@ def normalize_parquet(df: DataFrame, table: Table, ref: FileRef, ts_column: str)
 
 
 def _manifest(path: str) -> dict[tuple[str, str], str | None]:
-    """(table, file) -> etag (None if recorded without one) of every applied raw file."""
+    """(table, file) -> etag (None if recorded without one) of every applied raw file; a file applied
+    more than once (a reload's LOAD files) -> its newest."""
     table = apply.rs_table_or_none(path)
     if table is None:
         return {}
-    columns = ["table", "file", *(["etag"] if "etag" in table.schema().to_arrow().names else [])]
-    held = table.to_pyarrow_table(columns=columns)
+    columns = ["table", "file", "applied_at", *(["etag"] if "etag" in table.schema().to_arrow().names else [])]
+    held = table.to_pyarrow_table(columns=columns).sort_by("applied_at")
     etags = held["etag"].to_pylist() if "etag" in columns else [None] * held.num_rows
     return dict(zip(zip(held["table"].to_pylist(), held["file"].to_pylist(), strict=True), etags, strict=True))
 
 
 def run_full_load(spark: SparkSession, project: Project, tables: list[str] | None = None,
-                  ts_column: str = "dms_commit_ts", archive: bool = True, progress=None) -> LoadResult:
+                  ts_column: str = "dms_commit_ts", archive: bool = True, progress=None,
+                  reload: tuple[str, ...] | list[str] = ()) -> LoadResult:
     """Apply every not-yet-applied raw file: a table's LOAD files in one Spark read and one apply (they
     are one snapshot, all at sequence 0), then its CDC files in name (time) order, consecutive files
     of one schema in one read and apply (`cdc_groups`). The manifest records every file with its row
-    count.
+    count and content identity; a table whose applied file was written again is left alone and named
+    in `LoadResult.rewritten` (a DMS table reload, which only the user can tell complete).
+
+    `reload`: tables whose LOAD files in the raw prefix are a DMS reload's complete snapshot (`_reload`):
+    applied after every change silver holds, keys the snapshot lacks deleted, then the CDC files after it.
 
     Each file group's records also go to bronze (feed `full_load`, masked), so `warehouse-merge`
     sees the table's changes. A group re-applied after a crash gets a new bronze batch id: the
     warehouse merge drops changes it already holds (same key and `_seq`)."""
+    from cdcflow.errors import UserError
+
     store = RawStore(project)
     store.require()
     names = tables or sorted(project.tables)
@@ -279,6 +300,9 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
     next_batch = next_full_load_batch(read_delta(spark, bronze_path), names)
     result = LoadResult()
     work = [(name, classify(project.table(name), store.list(project.table(name)))) for name in names]
+    for name, files in work:
+        if name in reload and not any(ref.kind == "load" for ref in files):
+            raise UserError(f"--reload {name}: no LOAD files under {store.uri}/{name.replace('.', '/', 1)}/")
     bars = _Bars(progress, sum(len(f) for _, f in work))
     catalogued: dict[str, dict[str, str]] = {}  # silver columns last synced to the Glue catalog, per table
     catalog_alerts = MetricsSink(project.pipeline.name)  # CatalogSyncFailed, as the stream reports it
@@ -291,7 +315,7 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
                 apply.sync_properties(spark, path, table)
             etags = {ref.rel: store.etag(ref.rel) for ref in files}
             rewritten = [ref.rel for ref in files if done.get((name, ref.rel)) not in (None, etags[ref.rel])]
-            if rewritten:
+            if rewritten and name not in reload:
                 # DMS reloaded the table (or a file changed after it was applied): applying the new
                 # snapshot under a LOAD sequence would lose to every change silver holds, and its CDC
                 # files without it would be wrong too. Leave the table's files in place, say so.
@@ -299,13 +323,22 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
                 bars.advance(len(files))
                 bars.finish()
                 continue
-            todo = [ref for ref in files if (name, ref.rel) not in done]
+            reloading = name in reload
+            todo = [ref for ref in files if (reloading and ref.kind == "load")
+                    or done.get((name, ref.rel), "") not in (None, etags[ref.rel])]
             result.skipped += len(files) - len(todo)
             bars.advance(len(files) - len(todo))
             loads = [ref for ref in todo if ref.kind == "load"]
             local = {ref.rel: store.local_path(ref.rel) for ref in todo}
             cdc = [ref for ref in todo if ref.kind == "cdc"]
-            groups = ([loads] if loads else []) + cdc_groups(cdc, local)
+            before: list[FileRef] = []
+            if reloading:
+                # CDC files DMS wrote before the reload began (a target preparation that kept the folder)
+                # go first: the snapshot already holds their changes, so it must come after them
+                began = min(store.modified(ref.rel) for ref in loads)
+                before = [ref for ref in cdc if _file_time(ref.rel) < began]
+                cdc = [ref for ref in cdc if ref not in before]
+            groups = cdc_groups(before, local) + ([loads] if loads else []) + cdc_groups(cdc, local)
             for group in groups:
                 local_paths = [local[ref.rel] for ref in group]
                 df = spark.read.parquet(*local_paths)
@@ -316,6 +349,8 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
                               or (ty != table.columns[c] and schema.is_widening(table.columns[c], ty)))
                 shape = TableShape(table, extra)
                 norm = normalize_parquet(df, table, group[0], ts_column)
+                if reloading and group[0].kind == "load":
+                    norm, result.reloaded[name] = _reload(spark, norm, table, path)
                 good, bad = typed_changes(norm, shape, salt, absent_order(df, ts_column))
                 batch_id = next_batch.get(name, 0)
                 bronze = bronze_rows(norm, project, salt, feed="full_load", table=table)
@@ -346,6 +381,54 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
         finally:
             store.drop_staged()  # this table's files, staged from S3
     return result
+
+
+def _reload(spark: SparkSession, norm: DataFrame, table: Table, path: str) -> tuple[DataFrame, int]:
+    """A DMS reload's snapshot (`norm`, its LOAD rows) as changes after everything silver holds: every
+    row, and a delete for each live key the snapshot lacks, carries `_snapshot_seq` = one above the
+    table's largest `_seq` (DMS holds a reloading table's changes until its load completes, so every
+    change not yet applied sorts above it). Returns them and the number of deletes. A table without
+    silver yet takes the snapshot as its first load."""
+    from cdcflow.errors import UserError
+
+    silver = read_delta(spark, path)
+    newest = silver.agg(F.max("_seq")).first()[0] if silver is not None else None
+    if newest is None:
+        return norm, 0
+    hashed = [k for k in table.primary_key if k in table.pii]
+    if hashed:  # silver holds the key hashed: a delete built from it would be hashed again
+        raise UserError(f"--reload {table.name}: its key column(s) {', '.join(hashed)} are masked (pii), so the "
+                        "keys the snapshot lacks can't be told; reload needs a key stored as the source sends it")
+    snapshot_seq = str(int(newest) + 1).zfill(len(newest))
+    key = table.primary_key
+    values = norm.schema[VALUES].dataType
+    snapshot_keys = norm.select(*[F.col(VALUES)[k].cast(table.columns[k]).alias(k) for k in key])
+    absent = silver.filter(~F.col("_is_deleted")).select(*key).join(snapshot_keys, key, "left_anti")
+    now = F.current_timestamp()
+    given = {
+        "_table": F.lit(table.name),
+        "_record_type": F.lit("data"),
+        "_op": F.lit("delete"),
+        VALUES: F.struct(*[(F.col(f.name) if f.name in key else F.lit(None)).cast(f.dataType).alias(f.name)
+                           for f in values.fields]),
+        "_commit_ts": now,  # when the reload told it; DMS never sent this delete
+        "_source_position": F.lit(f"{table.schema}/{table.table}/(reload: not in the snapshot)"),
+        "_arrival_ts": now,
+        "_record_hash": F.xxhash64(*[F.col(k) for k in key], F.lit(snapshot_seq)).cast("string"),
+    }
+    deletes = absent.select(*[given.get(f.name, F.lit(None)).cast(f.dataType).alias(f.name) for f in norm.schema.fields])
+    n = deletes.count()
+    # the snapshot's rows were read now: their time, where DMS's file has none
+    rows = norm.withColumn("_commit_ts", F.coalesce("_commit_ts", now))
+    both = rows.unionByName(deletes) if n else rows
+    return both.withColumn(SNAPSHOT_SEQ, F.lit(snapshot_seq)), n
+
+
+def _file_time(rel: str) -> datetime:
+    """A DMS CDC file's time from its name (`yyyyMMdd-HHmmssSSSS[S]`, UTC)."""
+    stem = Path(rel).name.split(".")[0]
+    day, clock = stem.split("-")
+    return datetime.strptime(day + clock[:6], "%Y%m%d%H%M%S").replace(tzinfo=UTC)
 
 
 class _Bars:

@@ -41,7 +41,7 @@ from batch.warehouse.connection import Warehouse, connect
 from batch.warehouse.ddl import model, q
 from batch.warehouse.loader import MergeResult, merge_table
 from cdcflow.cdc.bronze import FEEDS
-from cdcflow.cdc.changes import TableShape, typed_changes
+from cdcflow.cdc.changes import SNAPSHOT_SEQ, TableShape, typed_changes
 from cdcflow.cdc.sequence import S3_ORDERING
 from cdcflow.config import Project, Table
 from cdcflow.config.models import Column, Quality
@@ -133,6 +133,7 @@ def staged_changes(spark: SparkSession, project: Project, table: Table,
         F.col("stream_position").alias("_stream_pos"), F.col("change_seq").alias("_change_seq"),
         F.col("source_position").alias("_source_position"), F.col("problem").alias("_problem"),
         F.col("record_hash").alias("_record_hash"), F.col("feed"),
+        *([F.col("snapshot_seq").alias(SNAPSHOT_SEQ)] if "snapshot_seq" in rows.columns else []),
     )  # fmt: skip
     # Each feed's changes are ordered as that feed orders them (the streaming job: the table's
     # ordering; full-load: DMS S3's commit time, change_seq and file position), with the shared typing

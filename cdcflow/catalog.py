@@ -59,6 +59,7 @@ BRONZE_COLUMNS = {
     "commit_ts": "timestamp", "transaction_id": "string", "transaction_record_id": "string",
     "stream_position": "string", "change_seq": "string", "control": "string", "source_position": "string",
     "arrival_ts": "timestamp", "problem": "string", "record_hash": "string", "feed": "string", "batch_id": "bigint",
+    "snapshot_seq": "string",  # from a table's first DMS reload (batch.full_load); null before and elsewhere
 }  # fmt: skip
 BRONZE_PARTITIONS = {"table": "string", "date": "date"}
 QUARANTINE_COLUMNS = {

@@ -363,3 +363,140 @@ def test_a_manifest_from_before_file_identities_gains_them(tmp_path):
                                            "applied_at": now, "etag": "abc"}], MANIFEST_SCHEMA), {},
               schema_mode="merge")
     assert _manifest(path) == {("s.t", "s/t/LOAD1.parquet"): None, ("s.t", "s/t/2.parquet"): "abc"}
+
+
+def test_a_dms_reload_resyncs_tables_that_lost_changes(spark, stack, tmp_path):
+    """DMS reloads two tables after part of their capture was lost: the run first leaves them alone
+    (their LOAD file was written again), then `reload=` applies the snapshot after everything silver
+    held, deletes the keys it lacks and applies the CDC files after it: silver equals the oracle's
+    (the source's true history, lost changes included), and so do the warehouse's facts and current
+    dimension rows after a merge (bronze carries the reload's sequence to it). The SCD2 history
+    keeps what the warehouse saw: the lost versions are not invented."""
+    import json
+    import os
+    import uuid
+    from dataclasses import replace
+    from datetime import UTC, datetime
+
+    import pyarrow.parquet as pq
+
+    from batch.full_load import CHANGE_SEQ
+    from batch.warehouse_job import merge_from_lake
+    from cdcflow.oracle import build_oracle, fact_tables, load_history, resolve_salt, scd2_tables
+    from cdcflow.sim.s3 import _table_bytes
+    from cdcflow.verify import compare_current, compare_scd2, read_actual, verify
+    from tests.test_warehouse_job import config_with_schema
+
+    raw, sim = tmp_path / "raw", tmp_path / "sim"
+    schema = f"wh_{uuid.uuid4().hex[:8]}"
+    project = project_in(tmp_path, config_with_schema(tmp_path, schema), CDCFLOW_WAREHOUSE_URL=stack.pg_url,
+                         CDCFLOW_RAW_URI=str(raw))
+    simulate_to(project, sim, events=400)
+    reloaded = ["shop.customers", "shop.orders"]  # soft deletes, PII and transforms; hard deletes
+    shutil.copytree(sim / "s3", raw)
+    history = [json.loads(line) for line in (sim / "history.jsonl").read_text().splitlines()]
+    held_back: dict[str, list] = {}
+    cut: dict[str, str] = {}
+    for name in reloaded:
+        folder = raw / name.replace(".", "/")
+        cdc = sorted(folder.glob("2*.parquet"))
+        k = len(cdc) * 2 // 3
+        # the snapshot is the source as of the last change in the first two thirds of the files
+        cut[name] = max(max(pq.read_table(f, columns=["dms_commit_ts"])["dms_commit_ts"].to_pylist())
+                        for f in cdc[:k])
+        held_back[name] = [f.read_bytes() for f in cdc[k:]], [f.name for f in cdc[k:]]
+        for f in cdc[k:]:
+            f.unlink()
+        for f in cdc[1:k:2]:  # lost capture: every other file of the applied part
+            f.unlink()
+    first = run_full_load(spark, project)
+    assert first.files > 0
+    oracle = build_oracle(project, load_history(sim), resolve_salt(project), "s3")
+    diverged = {d.table for d in verify(project, oracle, read_actual(project, spark)) if not d.ok}
+    assert set(reloaded) <= diverged  # the lost files show
+
+    snapshot_rows = {}
+    for name in reloaded:
+        t = project.table(name)
+        state = _source_state(history, t, cut[name])
+        snapshot_rows[name] = len(state)
+        folder = raw / name.replace(".", "/")
+        load = folder / "LOAD00000001.parquet"
+        original = pq.read_schema(next((raw / "archive").rglob(f"{t.table}/LOAD00000001.parquet")))
+        head = [c for c in original.names if c not in t.columns and c != CHANGE_SEQ]
+        tail = (CHANGE_SEQ,) if CHANGE_SEQ in original.names else ()
+        rows = [{**r, "Op": "I", "dms_commit_ts": cut[name]} for r in state.values()]
+        load.write_bytes(_table_bytes(rows, list(t.columns.items()), head, tail))
+        began = datetime.strptime(cut[name][:19], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC).timestamp()
+        os.utime(load, (began, began))  # DMS wrote it once the reload began
+        for data, file_name in zip(*held_back[name], strict=True):
+            (folder / file_name).write_bytes(data)
+            assert file_name[:15] >= datetime.fromtimestamp(began, UTC).strftime("%Y%m%d-%H%M%S")
+
+    refused = run_full_load(spark, project)
+    assert set(refused.rewritten) == set(reloaded) and refused.files == 0
+
+    result = run_full_load(spark, project, reload=reloaded)
+    assert result.files == sum(1 + len(held_back[n][0]) for n in reloaded) and not result.rewritten
+    assert result.reloaded["shop.customers"] > 0 and result.reloaded["shop.orders"] > 0  # keys deleted meanwhile
+    bad = [d for d in verify(project, oracle, read_actual(project, spark)) if not d.ok]
+    assert not bad, [(d.table, d.kind, d.missing[:3], d.extra[:3], d.different[:3]) for d in bad]
+    bronze = spark.read.format("delta").load(project.path("bronze")).filter("snapshot_seq IS NOT NULL")
+    counts = {r["table"]: r["count"] for r in bronze.groupBy("table").count().collect()}
+    assert counts == {n: snapshot_rows[n] + result.reloaded[n] for n in reloaded}
+
+    assert merge_from_lake(spark, project, stack.pg_url).error is None
+    actual = read_actual(project, spark, warehouse=True)
+    # live facts: a tombstone the oracle keeps for a key whose stages dropped its later changes needs
+    # the history the lost files held (order 15: deleted and inserted again inside the lost files)
+    for t in fact_tables(project):
+        diff = compare_current({k: r for k, r in oracle.facts[t.name].items() if not r["_is_deleted"]},
+                               [r for r in actual.facts[t.name] if not r["_is_deleted"]], t)
+        assert diff.ok, (t.name, diff.missing[:3], diff.extra[:3], diff.different[:3])
+    for t in scd2_tables(project):  # current versions: the source's rows (valid_from is when we learnt them)
+        def current(rows):
+            return [{**r, "valid_from": None} for r in rows if r.get("valid_to") is None]
+        diff = compare_scd2(current(oracle.scd2[t.name]), current(actual.scd2[t.name]), replace(t))
+        assert diff.ok, (t.name, diff.missing[:3], diff.extra[:3], diff.different[:3])
+
+
+def _source_state(history: list[dict], table, until: str) -> dict:
+    """The source table's rows once every change committed at or before `until` (DMS's
+    `yyyy-MM-dd HH:mm:ss.SSSSSS`) was made: what a reload's snapshot holds."""
+    rows: dict = {}
+    for ch in sorted(history, key=lambda c: c["source_seq"]):
+        commit = (ch["commit_ts"] or "").replace("T", " ").rstrip("Z")
+        if ch["table"] != table.name or ch["op"] not in ("load", "insert", "update", "delete") or commit > until:
+            continue
+        data = ch["data"] or {}
+        key = tuple(data.get(k) for k in table.primary_key)
+        before = ch.get("before") or {}
+        old = tuple(before.get(k, data.get(k)) for k in table.primary_key)
+        if ch["op"] == "update" and before and old != key:
+            rows.pop(old, None)
+        if ch["op"] == "delete":
+            rows.pop(key, None)
+        else:
+            rows[key] = {**rows.get(key, {}), **data}
+    return rows
+
+
+@pytest.mark.glue_compat
+def test_bronze_gains_snapshot_seq_from_either_writer_and_takes_rows_without_it(spark, tmp_path):
+    """A reload's bronze rows add `snapshot_seq` to bronze; every other append (the stream's, the full
+    load's) goes on without it, through delta-rs or Spark."""
+    from pyspark.sql import functions as F
+
+    from cdcflow.cdc.bronze import append_bronze
+
+    path = str(tmp_path / "bronze")
+    rows = spark.range(3).select(F.lit("t").alias("table"), F.current_date().alias("date"),
+                                 F.col("id").cast("string").alias("op"))
+    driver, spark_append = 10, 10**9  # records: delta-rs below the bound, Spark above it
+    append_bronze(rows, path, 0, driver)
+    append_bronze(rows.withColumn("snapshot_seq", F.lit("9")), path, 1, spark_append)
+    append_bronze(rows, path, 2, spark_append)
+    append_bronze(rows, path, 3, driver)
+    append_bronze(rows.withColumn("snapshot_seq", F.lit("8")), path, 4, driver)
+    held = spark.read.format("delta").load(path).select("batch_id", "snapshot_seq").distinct().collect()
+    assert sorted((r.batch_id, r.snapshot_seq) for r in held) == [(0, None), (1, "9"), (2, None), (3, None), (4, "8")]

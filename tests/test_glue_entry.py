@@ -284,7 +284,7 @@ def test_full_load_main_runs_the_cli_function(fake_glue, capsys):
         return SimpleNamespace(files=3, skipped=1, rows=42, quarantined=2, COLUMNS=("table", "rows", "quarantined"),
                                summary_rows=lambda: [["shop.customers", 2, "0"],
                                                      ["shop.orders", 40, "2 (missing_primary_key 2)"]],
-                               rewritten_problem=lambda: problem)
+                               rewritten_problem=lambda: problem, reload_lines=lambda: [])
 
     fake_glue.module("batch.full_load", run_full_load=run_full_load)
     from batch.glue_full_load import main
@@ -301,6 +301,12 @@ def test_full_load_main_runs_the_cli_function(fake_glue, capsys):
     with pytest.raises(RuntimeError, match="written again"):
         main(["glue_full_load.py", "--JOB_NAME", "j"])
     assert "3 files applied" in capsys.readouterr().out
+    # --reload: a DMS reload's tables, after DMS reported them complete
+    problem, calls[:] = None, []
+    main(["glue_full_load.py", "--JOB_NAME", "j", "--reload", "shop.customers,shop.orders"])
+    assert calls[-1][3] == {"progress": None, "reload": ["shop.customers", "shop.orders"]}
+    with pytest.raises(ValueError, match="unknown table"):
+        main(["glue_full_load.py", "--JOB_NAME", "j", "--reload", "shop.nope"])
 
 
 def test_compaction_main_runs_the_cli_function(fake_glue):

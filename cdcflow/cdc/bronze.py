@@ -14,7 +14,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from cdcflow.cdc.changes import VALUES
+from cdcflow.cdc.changes import SNAPSHOT_SEQ, VALUES
 from cdcflow.cdc.masking import PREHASHED, mask_column, masked_data_map, pii_methods
 from cdcflow.config import Project, Table
 from cdcflow.runtime import new_table_options, sql_in, to_arrow
@@ -67,6 +67,8 @@ def bronze_rows(norm: DataFrame, project: Project, salt: str, feed: str, table: 
         F.col("_problem").alias("problem"),
         F.col("_record_hash").alias("record_hash"),
         F.lit(feed).alias("feed"),
+        # a reload's sequence (cdcflow.cdc.changes.SNAPSHOT_SEQ): the column joins bronze with the first one
+        *([F.col(SNAPSHOT_SEQ).alias("snapshot_seq")] if SNAPSHOT_SEQ in norm.columns else []),
     )
 
 
@@ -112,10 +114,14 @@ def append_bronze(rows: DataFrame, path: str, batch_id: int, records: int | None
         data = to_arrow(rows)
         data = data.append_column("batch_id", pa.array([batch_id] * data.num_rows, pa.int64()))
         data = data.cast(pa.schema([f.with_nullable(True) for f in data.schema]))
-        rs_append(path, data, new_table_options("bronze"), partition_by=["table", "date"], txn=txn)
+        # merge: rows without `snapshot_seq` into a bronze that has it (after a reload), or the reverse
+        rs_append(path, data, new_table_options("bronze"), partition_by=["table", "date"], txn=txn,
+                  schema_mode="merge")
         return
     rows = rows.withColumn("batch_id", F.lit(batch_id).cast("bigint"))
     w = rows.write.format("delta").mode("append").partitionBy("table", "date").options(**new_table_options("bronze"))
+    if "snapshot_seq" in rows.columns:
+        w = w.option("mergeSchema", "true")
     if txn is not None:
         w = w.option("txnAppId", txn[0]).option("txnVersion", txn[1])
     w.save(path)

@@ -24,6 +24,9 @@ log = logging.getLogger("cdcflow.dq")
 META = ["_op", "_seq", "_commit_ts", "_source_position"]
 # A typed source (DMS Parquet) gives its values in this struct column instead of the `_data` text map.
 VALUES = "_values"
+# A DMS table reload's rows (and the deletes of keys its snapshot lacks) carry their whole `_seq` here:
+# after every change applied before the reload (batch.full_load). Bronze keeps it as `snapshot_seq`.
+SNAPSHOT_SEQ = "_snapshot_seq"
 
 
 @dataclass(frozen=True)
@@ -70,10 +73,12 @@ class TypedChanges:
     """
 
     def __init__(self, shape: TableShape, salt: str, value_fields: list[str] | None = None,
-                 absent_order: tuple[str, ...] = (), spare: bool = False):
+                 absent_order: tuple[str, ...] = (), spare: bool = False, snapshot_seq: bool = False):
         """`value_fields`: the fields of a typed source's `_values` struct; None for `_data` text.
         `absent_order`: ordering components the source doesn't carry (zeros: `sequence`'s `absent`).
-        `spare`: the source carries `_prehashed` (the stream's), whose columns `hash` keeps as they are."""
+        `spare`: the source carries `_prehashed` (the stream's), whose columns `hash` keeps as they are.
+        `snapshot_seq`: the source carries `_snapshot_seq`, a whole `_seq` given to a reload's rows
+        (`batch.full_load`), which wins over the one computed from the components."""
         t = shape.table
         cols = shape.columns
         self.shape = shape
@@ -94,6 +99,8 @@ class TypedChanges:
             },
             absent_order,
         )
+        if snapshot_seq:
+            seq = F.coalesce(F.col(SNAPSHOT_SEQ), seq)
         missing_key = F.lit(False)
         for k in t.primary_key:
             missing_key = missing_key | typed[k].isNull()
@@ -183,7 +190,8 @@ def typed_changes(norm: DataFrame, shape: TableShape, salt: str,
     """(good, bad) rows of `norm` (one table's normalized changes): see TypedChanges. A table with warn /
     fail raw->staging rules is counted first (one aggregate): warn failures are logged, and a fail rule
     over its threshold raises quality.DataQualityFailure before anything is applied (the full load)."""
-    typed = TypedChanges(shape, salt, value_fields(norm), absent_order, PREHASHED in norm.columns)
+    typed = TypedChanges(shape, salt, value_fields(norm), absent_order, PREHASHED in norm.columns,
+                         SNAPSHOT_SEQ in norm.columns)
     if typed.counts_failures:
         rep = typed.failures(norm)
         for (rule, severity), n in sorted(rep.failures.items()):
