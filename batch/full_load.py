@@ -425,10 +425,10 @@ def _reload(spark: SparkSession, norm: DataFrame, table: Table, path: str) -> tu
 
 
 def _file_time(rel: str) -> datetime:
-    """A DMS CDC file's time from its name (`yyyyMMdd-HHmmssSSSS[S]`, UTC)."""
-    stem = Path(rel).name.split(".")[0]
-    day, clock = stem.split("-")
-    return datetime.strptime(day + clock[:6], "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+    """A DMS CDC file's time from its name (`yyyyMMdd-HHmmssSSSS`, UTC; nine digits read as a leading
+    zero dropped, as `cdcflow.cdc.sequence` orders them)."""
+    day, clock = Path(rel).name.split(".")[0].split("-")
+    return datetime.strptime(day + clock.zfill(10)[:6], "%Y%m%d%H%M%S").replace(tzinfo=UTC)
 
 
 class _Bars:

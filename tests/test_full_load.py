@@ -500,3 +500,13 @@ def test_bronze_gains_snapshot_seq_from_either_writer_and_takes_rows_without_it(
     append_bronze(rows.withColumn("snapshot_seq", F.lit("8")), path, 4, driver)
     held = spark.read.format("delta").load(path).select("batch_id", "snapshot_seq").distinct().collect()
     assert sorted((r.batch_id, r.snapshot_seq) for r in held) == [(0, None), (1, "9"), (2, None), (3, None), (4, "8")]
+
+
+def test_cdc_file_times_from_dms_names():
+    """What a reload compares with its first LOAD file's write time (no Spark)."""
+    from datetime import UTC, datetime
+
+    from batch.full_load import _file_time
+
+    assert _file_time("shop/orders/20261125-1000550320.parquet") == datetime(2026, 11, 25, 10, 0, 55, tzinfo=UTC)
+    assert _file_time("shop/orders/20261125-900550320.parquet") == datetime(2026, 11, 25, 9, 0, 55, tzinfo=UTC)
