@@ -427,6 +427,7 @@ class BatchProcessor:
 
     def _finish(self, name: str, bad_rows: list, o: TableOutcome) -> TableOutcome:
         """Count what was applied; the rows that could not be go to quarantine."""
+        _test_kill_point(name)
         o.quarantine_rows = [
             (name, r["_rule"], r["_reason"], r["_source_position"], r["_payload"], r["_record_hash"]) for r in bad_rows
         ]
@@ -536,3 +537,22 @@ class BatchProcessor:
             units={"BatchDuration": "Seconds"},
             properties={"batch_id": batch_id},
         )  # fmt: skip
+
+
+def _test_kill_point(table: str) -> None:
+    """Tests only: with CDCFLOW_STREAM_TEST_KILL_FILE set, the first process to get here (a table's silver
+    commit, before the batch's other tables, bronze, quarantine and checkpoint are done) kills itself
+    with SIGKILL, as `kill -9` would (once: the file, holding the table's name, marks that it happened).
+    A kill from outside has to win a race against the rest of the batch."""
+    marker = os.environ.get("CDCFLOW_STREAM_TEST_KILL_FILE")
+    if not marker:
+        return
+    import signal
+
+    try:  # created by one thread only: the tables commit in parallel
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, table.encode())
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
