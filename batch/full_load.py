@@ -301,8 +301,14 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
     result = LoadResult()
     work = [(name, classify(project.table(name), store.list(project.table(name)))) for name in names]
     for name, files in work:
-        if name in reload and not any(ref.kind == "load" for ref in files):
+        loads = [ref for ref in files if ref.kind == "load"]
+        if name in reload and not loads:
             raise UserError(f"--reload {name}: no LOAD files under {store.uri}/{name.replace('.', '/', 1)}/")
+        if name in reload and all(done.get((name, ref.rel)) == store.etag(ref.rel) for ref in loads):
+            # the load already applied (left in place): taken as a snapshot now, it would delete every
+            # key inserted since
+            raise UserError(f"--reload {name}: its LOAD files were applied before and are unchanged; "
+                            "no reload to apply")
     bars = _Bars(progress, sum(len(f) for _, f in work))
     catalogued: dict[str, dict[str, str]] = {}  # silver columns last synced to the Glue catalog, per table
     catalog_alerts = MetricsSink(project.pipeline.name)  # CatalogSyncFailed, as the stream reports it

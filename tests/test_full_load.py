@@ -146,6 +146,10 @@ def test_full_load_and_cdc_files_match_oracle_and_rerun_is_a_noop(spark, tmp_pat
         dest = raw / "/".join(rel.parts[2:])
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(p, dest)
+    from cdcflow.errors import UserError
+
+    with pytest.raises(UserError, match="applied before and are unchanged"):  # no reload happened
+        run_full_load(spark, project, reload=["shop.customers"])
     again = run_full_load(spark, project)
     assert again.files == 0 and again.skipped == len(files)
     silver_after = {n: sorted(map(str, spark.read.format("delta").load(project.path(t.delta_path))
