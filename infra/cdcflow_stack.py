@@ -450,6 +450,13 @@ class CdcflowStack(Stack):
                         "micro-batch went to quarantine under the rule.",
         )
         self._insights_alarm(
+            "LoadAfterChanges",
+            f"SELECT MAX(LoadAfterChanges) FROM {per_table}",
+            threshold=1,
+            description="Full-load records arrived for a table whose silver holds changes (a DMS table reload "
+                        "through Kinesis): they reach only keys silver doesn't hold (README, known limits).",
+        )
+        self._insights_alarm(
             "RowsQuarantined",
             f"SELECT SUM(RowsQuarantined) FROM {per_table}",
             threshold=cfg.rows_quarantined_threshold,

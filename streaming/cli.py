@@ -80,6 +80,8 @@ def run_stream_command(args: argparse.Namespace) -> int:
     for path in summary.dq_reports:
         console.print(f"DQ report: {path}")
     for t in sorted(summary.tables.values(), key=lambda t: t.table):
+        if t.reload_warning:
+            console.print(f"[yellow]{t.table}: {escape(t.reload_warning)}[/yellow]")
         for w in t.schema_warnings:
             console.print(f"[yellow]{t.table}: schema change read with a warning: {escape(str(w))}[/yellow]")
     return 0

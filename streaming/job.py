@@ -86,6 +86,7 @@ def run_stream(
             agg.shared_plan = o.shared_plan if first else agg.shared_plan and o.shared_plan  # in every batch
             agg.writer = o.writer or agg.writer
             agg.schema_warnings += o.schema_warnings
+            agg.reload_warning = o.reload_warning or agg.reload_warning
             rules = by_rule.setdefault(o.table, {})
             for q in o.quarantine_rows:  # (table, rule, ...)
                 rules[q[1]] = rules.get(q[1], 0) + 1

@@ -50,6 +50,8 @@ class TableOutcome:
     duplicates: int = 0
     isolated: bool = False
     schema_warnings: list[str] = field(default_factory=list)  # control records read with unknown types
+    loads: int = 0  # full-load records (DMS `load`) in the batch
+    reload_warning: str | None = None  # `load` records after the table's changes: a DMS reload (see _loads_after_changes)
     writer: str | None = None  # who committed the batch's changes to silver: "delta-rs" or "spark"
     shared_plan: bool = False  # typed, checked and collapsed in the batch's many-table plan (multi_table)
     visible_at: float | None = None  # wall clock (time.time()) when the batch's changes were committed to silver
@@ -191,6 +193,7 @@ class BatchProcessor:
                 F.sum(late.cast("int")).alias("late"),
                 F.max("_commit_ts").alias("max_ts"),
                 F.sum("_payload_bytes").alias("bytes"),
+                F.sum((F.col("_op") == "load").cast("int")).alias("loads"),
             )
             .collect()
         )
@@ -214,9 +217,15 @@ class BatchProcessor:
             o.read += r["n"]
             o.duplicates += r["n"] - r["distinct"]
             o.late += r["late"] or 0
+            o.loads += r["loads"] or 0
             if r["max_ts"] is not None and (o.newest_commit is None or r["max_ts"] > o.newest_commit):
                 o.newest_commit = r["max_ts"]
         self.spread_next = tables_worth([o.read for o in outcomes.values()]) < SPREAD_BELOW_TABLES
+        for name, o in outcomes.items():
+            if o.loads and name in self.project.tables and self._holds_changes(name):
+                o.reload_warning = (f"{o.loads} full-load records after the table's changes (a DMS reload?): "
+                                    "applied only to keys silver doesn't hold")
+                self.metrics.alert("LoadAfterChanges", name, o.reload_warning)
         changes = self._schema_changes(controls)
         for name, table_changes in changes.items():
             # A source drop never erases the lake: silver keeps its rows; operators get an alert.
@@ -411,6 +420,19 @@ class BatchProcessor:
         if changes:
             self._sync_catalog(name, shape)
         return self._finish(name, bad_rows, o)
+
+    def _holds_changes(self, name: str) -> bool:
+        """Whether silver holds a CDC change of the table (a `_seq` of a change starts with 1, of a load
+        with 0), from the files' statistics in the Delta log: no data read, so a batch of the initial
+        load (through Kinesis every batch has `load` records) costs a log read. A table without `_seq`
+        statistics (over 32 columns, written by Spark) reads as holding none."""
+        table = apply.rs_table_or_none(self.project.path(self.project.table(name).delta_path))
+        if table is None:
+            return False
+        adds = pa.table(table.get_add_actions(flatten=True))
+        if "max._seq" not in adds.column_names:
+            return False
+        return any(v is not None and v.startswith("1") for v in adds["max._seq"].to_pylist())
 
     def _retrying(self) -> Retrying:
         return Retrying(stop=stop_after_attempt(self.retries + 1), wait=wait_exponential(multiplier=0.5, max=10),

@@ -236,14 +236,14 @@ def test_alarms_on_the_pipeline_metrics(template):
     def metric_text(a: dict) -> str:
         return a.get("MetricName", "") + " ".join(m.get("Expression", "") for m in a.get("Metrics", []))
 
-    for name in ("TableIsolated", "SchemaChangeUnsafe", "DataQualityFailed", "RowsQuarantined", "MillisBehindLatest",
-                 "BatchDuration"):
+    for name in ("TableIsolated", "SchemaChangeUnsafe", "DataQualityFailed", "LoadAfterChanges", "RowsQuarantined",
+                 "MillisBehindLatest", "BatchDuration"):
         matching = [a for a in alarms if name in metric_text(a) and a.get("Statistic") != "SampleCount"]
         assert len(matching) == 1, name
         (a,) = matching
         assert a["AlarmActions"], f"{name} notifies the SNS topic"
         assert a.get("Namespace", "cdcflow") == "cdcflow"
-        if name in ("TableIsolated", "SchemaChangeUnsafe", "DataQualityFailed"):
+        if name in ("TableIsolated", "SchemaChangeUnsafe", "DataQualityFailed", "LoadAfterChanges"):
             assert a["Threshold"] == 1 and a["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
     template.resource_count_is("AWS::SNS::Topic", 1)
 
