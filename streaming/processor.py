@@ -51,7 +51,7 @@ class TableOutcome:
     isolated: bool = False
     schema_warnings: list[str] = field(default_factory=list)  # control records read with unknown types
     loads: int = 0  # full-load records (DMS `load`) in the batch
-    reload_warning: str | None = None  # `load` records after the table's changes: a DMS reload (see _loads_after_changes)
+    reload_warning: str | None = None  # `load` records after the table's changes: a DMS reload (`_holds_changes`)
     writer: str | None = None  # who committed the batch's changes to silver: "delta-rs" or "spark"
     shared_plan: bool = False  # typed, checked and collapsed in the batch's many-table plan (multi_table)
     visible_at: float | None = None  # wall clock (time.time()) when the batch's changes were committed to silver
