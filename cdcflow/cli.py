@@ -172,11 +172,15 @@ def _extensions() -> list[Callable]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cdcflow.runtime import CLI_SPARK_LOG, SPARK_LOG_ENV
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
+    # Spark's and the JVM's lines go to a file unless the user says where (`-`: the console)
+    os.environ.setdefault(SPARK_LOG_ENV, os.path.abspath(CLI_SPARK_LOG))
     try:
         return _COMMANDS[args.command](args) or 0
     except ConfigError as e:
@@ -193,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         # the traceback); anything else is a bug and keeps its traceback
         problem = environment_problem(e)
         if problem is None or os.environ.get("CDCFLOW_DEBUG"):
+            log = os.environ.get(SPARK_LOG_ENV, "-")
+            if log != "-" and os.path.exists(log):
+                err_console.print(f"Spark / JVM log: {escape(log)}", soft_wrap=True)
             raise
         err_console.print(f"[red]error[/red] {escape(problem)}", soft_wrap=True)
         return 1

@@ -267,9 +267,11 @@ def new_table_options(name: str) -> dict[str, str]:
     return {"delta.checkpointInterval": str(interval)}
 
 
-# Where the JVM's output goes when set (a file path): log4j2 lines and anything the launcher or the JVM
-# writes to stdout/stderr. `cdcflow demo` sets it so the console shows cdcflow's own output only.
+# Where the JVM's output goes when set (a file path; `-`: the console): log4j2 lines and anything the
+# launcher or the JVM writes to stdout/stderr. The `cdcflow` command defaults it to CLI_SPARK_LOG (the
+# demo to its workdir's spark.log), so the console shows cdcflow's own output only.
 SPARK_LOG_ENV = "CDCFLOW_SPARK_LOG"
+CLI_SPARK_LOG = ".cdcflow/logs/spark.log"  # relative to the working directory
 
 LOG4J2_TEMPLATE = """# Written by cdcflow (runtime.spark_log_conf): every Spark / JVM log line goes to one file.
 rootLogger.level = warn
@@ -291,8 +293,9 @@ logger.rdd.level = error
 
 
 def spark_log_file() -> Path | None:
+    """The file `SPARK_LOG_ENV` names; None (the console) when unset or `-`."""
     value = os.environ.get(SPARK_LOG_ENV)
-    return Path(value).resolve() if value else None
+    return Path(value).resolve() if value and value != "-" else None
 
 
 def spark_log_conf(log_file: Path, driver_java_options: str) -> dict[str, str]:

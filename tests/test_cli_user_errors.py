@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -104,3 +106,18 @@ def test_version():
 def test_brackets_in_an_error_are_printed_as_they_are():
     """The console reads `[word]` as style markup: a path or value in brackets vanished from the line."""
     assert "raw path /does/[not]/exist does not exist" in one_line(run_cli("full-load", "--raw", "/does/[not]/exist"))
+
+
+@pytest.mark.spark
+def test_spark_lines_go_to_a_log_file_by_default(tmp_path):
+    """A command that starts Spark (validate runs the transforms on a sample frame) prints cdcflow's
+    lines only; Spark's and the JVM's go to .cdcflow/logs/spark.log under the working directory."""
+    import os
+
+    env = {**os.environ, "CDCFLOW_CONFIG": str(REPO / "configs")}
+    env.pop("CDCFLOW_SPARK_LOG", None)
+    r = subprocess.run([sys.executable, "-m", "cdcflow.cli", "validate"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr[-2000:]
+    assert "sample frame" in r.stdout  # the transforms ran in Spark
+    assert (tmp_path / ".cdcflow" / "logs" / "spark.log").stat().st_size > 0
