@@ -300,11 +300,12 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
     next_batch = next_full_load_batch(read_delta(spark, bronze_path), names)
     result = LoadResult()
     work = [(name, classify(project.table(name), store.list(project.table(name)))) for name in names]
+    etags = {(name, ref.rel): store.etag(ref.rel) for name, files in work for ref in files}  # once: MD5 locally
     for name, files in work:
         loads = [ref for ref in files if ref.kind == "load"]
         if name in reload and not loads:
             raise UserError(f"--reload {name}: no LOAD files under {store.uri}/{name.replace('.', '/', 1)}/")
-        if name in reload and all(done.get((name, ref.rel)) == store.etag(ref.rel) for ref in loads):
+        if name in reload and all(done.get((name, ref.rel)) == etags[name, ref.rel] for ref in loads):
             # the load already applied (left in place): taken as a snapshot now, it would delete every
             # key inserted since
             raise UserError(f"--reload {name}: its LOAD files were applied before and are unchanged; "
@@ -319,8 +320,10 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
             path = project.path(table.delta_path)
             if DeltaTable.isDeltaTable(spark, path):
                 apply.sync_properties(spark, path, table)
-            etags = {ref.rel: store.etag(ref.rel) for ref in files}
-            rewritten = [ref.rel for ref in files if done.get((name, ref.rel)) not in (None, etags[ref.rel])]
+            # applied before: done holds its identity (None: recorded before identities were kept)
+            changed = {ref.rel for ref in files if done.get((name, ref.rel)) not in (None, etags[name, ref.rel])}
+            pending = changed | {ref.rel for ref in files if (name, ref.rel) not in done}
+            rewritten = [ref.rel for ref in files if ref.rel in changed]
             if rewritten and name not in reload:
                 # DMS reloaded the table (or a file changed after it was applied): applying the new
                 # snapshot under a LOAD sequence would lose to every change silver holds, and its CDC
@@ -330,8 +333,7 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
                 bars.finish()
                 continue
             reloading = name in reload
-            todo = [ref for ref in files if (reloading and ref.kind == "load")
-                    or done.get((name, ref.rel), "") not in (None, etags[ref.rel])]
+            todo = [ref for ref in files if (reloading and ref.kind == "load") or ref.rel in pending]
             result.skipped += len(files) - len(todo)
             bars.advance(len(files) - len(todo))
             loads = [ref for ref in todo if ref.kind == "load"]
@@ -371,7 +373,7 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
                 if catalogued.get(name) != columns:
                     sync_silver_table(project, name, columns, catalog_alerts)
                     catalogued[name] = columns
-                _record(project, manifest_path, name, group, counts, bad_rows, [etags[ref.rel] for ref in group])
+                _record(project, manifest_path, name, group, counts, bad_rows, [etags[name, ref.rel] for ref in group])
                 result.files += len(group)
                 result.rows += sum(counts)
                 result.quarantined += len(bad_rows)
