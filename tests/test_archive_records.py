@@ -193,10 +193,14 @@ def test_the_daemon_reads_its_properties_from_a_relative_workdir(project, tmp_pa
     s.endpoint = "http://127.0.0.1:9"  # nothing listens: the daemon keeps retrying until stopped
     daemon = start_daemon(s, str(Path(project.pipeline_file).parent), Path("rel/archiver"), log)
     try:
+        # The configurator logs one line per property as it reads them: wait for the stream's own
+        # line (or the failure), not the first line (CI read the log between the two once).
         deadline = time.monotonic() + 120
-        while daemon.poll() is None and "KinesisClientLibConfigurator" not in log.read_text() \
-                and time.monotonic() < deadline:
+        text = ""
+        while daemon.poll() is None and time.monotonic() < deadline \
+                and "streamName" not in text and "Unable to find property file" not in text:
             time.sleep(0.2)
+            text = log.read_text()
         text = log.read_text()
         assert "Unable to find property file" not in text, text[-2000:]
         assert "streamName" in text, text[-2000:]  # the properties were read
