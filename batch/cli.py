@@ -4,6 +4,22 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from datetime import UTC, datetime
+
+
+def reload_time(text: str) -> datetime:
+    """`--as-of`: an ISO 8601 time (DMS's FullLoadStartTime as `aws dms describe-table-statistics`
+    prints it); without a zone, UTC."""
+    from cdcflow.errors import UserError
+
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UserError(f"--as-of {text!r}: not an ISO 8601 time (e.g. 2026-12-06T10:15:00Z)") from None
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    if when > datetime.now(UTC):  # above every change to come until then, not where the snapshot is
+        raise UserError(f"--as-of {text}: after now; give when DMS began the reload")
+    return when
 
 
 def register_full_load(sub, commands: dict[str, Callable]) -> None:
@@ -15,6 +31,10 @@ def register_full_load(sub, commands: dict[str, Callable]) -> None:
     p.add_argument("--reload", action="append", default=[], metavar="TABLE",
                    help="the table's LOAD files are a DMS reload's complete snapshot (run once DMS reports the "
                         "reload complete): applied after everything silver holds, keys it lacks deleted; repeatable")
+    p.add_argument("--as-of", metavar="TIME",
+                   help="with --reload: when DMS began the reload (its FullLoadStartTime, ISO 8601; UTC if no "
+                        "zone). Needed when the table's changes come through Kinesis: the snapshot then sorts at "
+                        "that commit time, below every change committed after it")
     commands["full-load"] = run
 
 
@@ -38,12 +58,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"unknown table(s): {', '.join(unknown)}")
     if args.table and set(args.reload) - set(args.table):
         raise UserError(f"--reload {', '.join(sorted(set(args.reload) - set(args.table)))}: not among --table")
+    if args.as_of and not args.reload:
+        raise UserError("--as-of: only with --reload TABLE")
+    as_of = reload_time(args.as_of) if args.as_of else None
     RawStore(project).require()  # before Spark starts: a wrong --raw is one line, not 0 files "ok"
     require_lake(project)
     spark = get_spark("cdcflow-full-load", batch=True)
     with Progress(console=console) as progress:
         result = run_full_load(spark, project, args.table, args.timestamp_column, not args.no_archive, progress,
-                               reload=args.reload)
+                               reload=args.reload, reload_as_of=as_of)
     print_table("full load", list(result.COLUMNS), result.summary_rows())
     console.print(f"{result.files} files applied, {result.skipped} already applied, {result.rows} rows, "
                   f"{result.quarantined} quarantined")

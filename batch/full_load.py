@@ -30,7 +30,7 @@ from cdcflow.cdc.bronze import append_bronze, bronze_rows, next_full_load_batch
 from cdcflow.cdc.changes import SNAPSHOT_SEQ, VALUES, TableShape, typed_changes
 from cdcflow.cdc.masking import pii_salt
 from cdcflow.cdc.quarantine import append_quarantine
-from cdcflow.cdc.sequence import S3_ORDERING
+from cdcflow.cdc.sequence import S3_ORDERING, at_commit_time
 from cdcflow.config import Project, Table
 from cdcflow.metrics import MetricsSink
 from cdcflow.runtime import new_table_options, read_delta
@@ -67,6 +67,7 @@ class LoadResult:
     quarantined_by_rule: dict[str, dict[str, int]] = field(default_factory=dict)  # table -> rule -> rows
     rewritten: dict[str, list[str]] = field(default_factory=dict)  # table -> applied files written again
     reloaded: dict[str, int] = field(default_factory=dict)  # table -> keys deleted as absent from the reload
+    reload_as_of: datetime | None = None
 
     COLUMNS = ("table", "rows", "quarantined")
 
@@ -77,7 +78,8 @@ class LoadResult:
         return [[t, n, by_rule(self.quarantined_by_rule.get(t, {}))] for t, n in sorted(self.per_table.items())]
 
     def reload_lines(self) -> list[str]:
-        return [f"{t}: reload applied after every change silver held, {n} key(s) not in its snapshot deleted"
+        place = f"as of {self.reload_as_of.isoformat()}" if self.reload_as_of else "after every change silver held"
+        return [f"{t}: reload applied {place}, {n} key(s) not in its snapshot deleted"
                 for t, n in sorted(self.reloaded.items())]
 
     def rewritten_problem(self) -> str | None:
@@ -274,7 +276,7 @@ def _manifest(path: str) -> dict[tuple[str, str], str | None]:
 
 def run_full_load(spark: SparkSession, project: Project, tables: list[str] | None = None,
                   ts_column: str = "dms_commit_ts", archive: bool = True, progress=None,
-                  reload: tuple[str, ...] | list[str] = ()) -> LoadResult:
+                  reload: tuple[str, ...] | list[str] = (), reload_as_of: datetime | None = None) -> LoadResult:
     """Apply every not-yet-applied raw file: a table's LOAD files in one Spark read and one apply (they
     are one snapshot, all at sequence 0), then its CDC files in name (time) order, consecutive files
     of one schema in one read and apply (`cdc_groups`). The manifest records every file with its row
@@ -283,6 +285,9 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
 
     `reload`: tables whose LOAD files in the raw prefix are a DMS reload's complete snapshot (`_reload`):
     applied after every change silver holds, keys the snapshot lacks deleted, then the CDC files after it.
+    `reload_as_of` (aware): when the reload began (DMS's FullLoadStartTime for the table); the snapshot
+    then sorts at that commit time instead, for a table whose changes arrive through another task
+    (Kinesis): changes committed after it, applied already or not, stay above the snapshot.
 
     Each file group's records also go to bronze (feed `full_load`, masked), so `warehouse-merge`
     sees the table's changes. A group re-applied after a crash gets a new bronze batch id: the
@@ -298,9 +303,12 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
     bronze_path = project.path("bronze")
     done = _manifest(manifest_path)
     next_batch = next_full_load_batch(read_delta(spark, bronze_path), names)
-    result = LoadResult()
+    result = LoadResult(reload_as_of=reload_as_of)
     work = [(name, classify(project.table(name), store.list(project.table(name)))) for name in names]
     etags = {(name, ref.rel): store.etag(ref.rel) for name, files in work for ref in files}  # once: MD5 locally
+    untimed = [n for n in reload if reload_as_of and project.table(n).ordering[0] != "commit_timestamp"]
+    if untimed:  # their silver `_seq` doesn't start with the commit time: no place for the snapshot
+        raise UserError(f"--as-of: {', '.join(untimed)} not ordered by commit_timestamp first")
     for name, files in work:
         loads = [ref for ref in files if ref.kind == "load"]
         if name in reload and not loads:
@@ -358,7 +366,7 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
                 shape = TableShape(table, extra)
                 norm = normalize_parquet(df, table, group[0], ts_column)
                 if reloading and group[0].kind == "load":
-                    norm, result.reloaded[name] = _reload(spark, norm, table, path)
+                    norm, result.reloaded[name] = _reload(spark, norm, table, path, reload_as_of)
                 good, bad = typed_changes(norm, shape, salt, absent_order(df, ts_column))
                 batch_id = next_batch.get(name, 0)
                 bronze = bronze_rows(norm, project, salt, feed="full_load", table=table)
@@ -391,12 +399,15 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
     return result
 
 
-def _reload(spark: SparkSession, norm: DataFrame, table: Table, path: str) -> tuple[DataFrame, int]:
-    """A DMS reload's snapshot (`norm`, its LOAD rows) as changes after everything silver holds: every
-    row, and a delete for each live key the snapshot lacks, carries `_snapshot_seq` = one above the
-    table's largest `_seq` (DMS holds a reloading table's changes until its load completes, so every
-    change not yet applied sorts above it). Returns them and the number of deletes. A table without
-    silver yet takes the snapshot as its first load."""
+def _reload(spark: SparkSession, norm: DataFrame, table: Table, path: str,
+            as_of: datetime | None = None) -> tuple[DataFrame, int]:
+    """A DMS reload's snapshot (`norm`, its LOAD rows) as changes: every row, and a delete for each live
+    key the snapshot lacks, carries one `_snapshot_seq`. Without `as_of` it is one above the table's
+    largest `_seq`: right when the table's changes come through the reloading task (DMS holds them
+    until its load completes, so every change not yet applied sorts above it). With `as_of` (when the
+    reload began) it is that commit time's lowest sequence: right whichever task carries the changes,
+    as those committed after it sort above the snapshot, applied already or not. Returns them and the
+    number of deletes. A table without silver yet takes the snapshot as its first load."""
     from cdcflow.errors import UserError
 
     silver = read_delta(spark, path)
@@ -407,12 +418,17 @@ def _reload(spark: SparkSession, norm: DataFrame, table: Table, path: str) -> tu
     if hashed:  # silver holds the key hashed: a delete built from it would be hashed again
         raise UserError(f"--reload {table.name}: its key column(s) {', '.join(hashed)} are masked (pii), so the "
                         "keys the snapshot lacks can't be told; reload needs a key stored as the source sends it")
-    snapshot_seq = str(int(newest) + 1).zfill(len(newest))
+    if as_of is None:
+        snapshot_seq = str(int(newest) + 1).zfill(len(newest))
+    else:
+        snapshot_seq = at_commit_time(as_of, len(newest))
     key = table.primary_key
     values = norm.schema[VALUES].dataType
     snapshot_keys = norm.select(*[F.col(VALUES)[k].cast(table.columns[k]).alias(k) for k in key])
-    absent = silver.filter(~F.col("_is_deleted")).select(*key).join(snapshot_keys, key, "left_anti")
-    now = F.current_timestamp()
+    # a key whose newest change sorts above the snapshot (inserted after the reload began) stays
+    absent = (silver.filter(~F.col("_is_deleted") & (F.col("_seq") < snapshot_seq)).select(*key)
+              .join(snapshot_keys, key, "left_anti"))
+    now = F.lit(as_of).cast("timestamp") if as_of is not None else F.current_timestamp()
     given = {
         "_table": F.lit(table.name),
         "_record_type": F.lit("data"),
@@ -426,7 +442,7 @@ def _reload(spark: SparkSession, norm: DataFrame, table: Table, path: str) -> tu
     }
     deletes = absent.select(*[given.get(f.name, F.lit(None)).cast(f.dataType).alias(f.name) for f in norm.schema.fields])
     n = deletes.count()
-    # the snapshot's rows were read now: their time, where DMS's file has none
+    # the snapshot's rows were read then (or now): their time, where DMS's file has none
     rows = norm.withColumn("_commit_ts", F.coalesce("_commit_ts", now))
     both = rows.unionByName(deletes) if n else rows
     return both.withColumn(SNAPSHOT_SEQ, F.lit(snapshot_seq)), n

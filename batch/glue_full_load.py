@@ -4,7 +4,8 @@ Uploaded as s3://<artifacts>/scripts/glue_full_load.py (infra/README.md). Applie
 under dms.raw_uri (LOAD files, then CDC files in time order) to silver with `batch.full_load.run_full_load`,
 the function the CLI calls, with the CLI's defaults (every table, archive applied files). Any error
 propagates, so Glue marks the run FAILED. A run started with `--reload schema.table[,schema.table...]`
-applies those tables' LOAD files as a DMS reload's complete snapshot (`cdcflow full-load --reload`).
+applies those tables' LOAD files as a DMS reload's complete snapshot (`cdcflow full-load --reload`);
+`--as_of TIME` places it at the reload's start (`--as-of`, for tables whose changes come through Kinesis).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     from awsglue.context import GlueContext
     from pyspark.context import SparkContext
 
+    from batch.cli import reload_time
     from batch.full_load import run_full_load
     from cdcflow.glue import glue_project, print_rows, resolve_options
     from cdcflow.runtime import get_spark
@@ -27,8 +29,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [t for t in reload if t not in project.tables]
     if unknown:
         raise ValueError(f"--reload: unknown table(s) {', '.join(unknown)}")
+    as_of = reload_time(resolve_options(argv, ["as_of"])["as_of"]) if "--as_of" in argv else None
+    if as_of and not reload:
+        raise ValueError("--as_of: only with --reload")
     result = run_full_load(get_spark(mode="glue"), project, progress=None,
-                           **({"reload": reload} if reload else {}))
+                           **({"reload": reload, "reload_as_of": as_of} if reload else {}))
     print_rows("full load", list(result.COLUMNS), result.summary_rows())
     print(f"{result.files} files applied, {result.skipped} already applied, {result.rows} rows, "
           f"{result.quarantined} quarantined")

@@ -6,8 +6,8 @@ What is here:
   public access blocked, TLS enforced, SSE-KMS and a policy that refuses principals of other accounts;
 - the Kinesis stream DMS writes to (on-demand, or provisioned with `shards` from context);
 - DMS: a replication instance (or DMS Serverless), its subnet group, the PostgreSQL source endpoint
-  (credentials from Secrets Manager), the Kinesis and S3 target endpoints and one full-load-and-cdc
-  task per target whose table mappings and settings come from configs/ (`dms_tasks.py`);
+  (credentials from Secrets Manager), the Kinesis and S3 target endpoints and one task per target (CDC
+  to Kinesis, full loads to S3) whose table mappings and settings come from configs/ (`dms_tasks.py`);
 - the Glue 5.1 streaming job and three Glue batch jobs (full load, warehouse merge, compaction), each
   with its own role and the stack's security configuration;
 - a Step Functions state machine (full load -> warehouse merge -> compaction, .sync, retries, Catch ->
@@ -65,7 +65,7 @@ from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk import aws_stepfunctions_tasks as tasks
 from aws_cdk import custom_resources as cr
 from constructs import Construct
-from dms_tasks import KINESIS, S3, TIMESTAMP_COLUMN, table_mappings, task_settings
+from dms_tasks import KINESIS, MIGRATION_TYPES, S3, TIMESTAMP_COLUMN, table_mappings, task_settings
 
 from cdcflow.catalog import (
     BRONZE_COLUMNS,
@@ -735,7 +735,7 @@ class CdcflowStack(Stack):
                 task: Any = dms.CfnReplicationConfig(
                     self, f"DmsReplication{_camel(target)}",
                     replication_config_identifier=ident,
-                    replication_type="full-load-and-cdc",
+                    replication_type=MIGRATION_TYPES[target],
                     source_endpoint_arn=self.dms_source.ref,
                     target_endpoint_arn=endpoint.ref,
                     table_mappings=mappings,
@@ -752,7 +752,7 @@ class CdcflowStack(Stack):
                 task = dms.CfnReplicationTask(
                     self, f"DmsTask{_camel(target)}",
                     replication_task_identifier=ident,
-                    migration_type="full-load-and-cdc",
+                    migration_type=MIGRATION_TYPES[target],
                     replication_instance_arn=self.dms_instance.ref,
                     source_endpoint_arn=self.dms_source.ref,
                     target_endpoint_arn=endpoint.ref,
@@ -1064,9 +1064,9 @@ class CdcflowStack(Stack):
             self.alarms[name] = a
             return a
 
-        # DMS replication lag (seconds), per task.
+        # DMS replication lag (seconds), per task that carries changes (the S3 task only loads).
         self.dms_metrics: dict[str, list[cw.Metric]] = {}
-        for target in self.dms_tasks:
+        for target in (t for t in self.dms_tasks if "cdc" in MIGRATION_TYPES[t]):
             dims = ({"ReplicationConfigIdentifier": f"{cfg.pipeline}-{target}"} if cfg.dms_serverless else
                     {"ReplicationInstanceIdentifier": f"{cfg.pipeline}-dms",
                      "ReplicationTaskIdentifier": f"{cfg.pipeline}-{target}"})

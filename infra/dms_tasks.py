@@ -1,11 +1,16 @@
 """DMS table mappings and task settings generated from configs/ (pure functions: no CDK, no AWS).
 
-One replication task per target, both full-load-and-cdc:
-- Kinesis: a selection rule per configured table; the task's BeforeImageSettings put the primary key
-  before-image under `dms.before_image_field` (what the parser reads to detect primary-key changes).
-- S3: the same selection rules plus, per table, a transformation rule adding the `$AR_H_CHANGE_SEQ`
-  column (`batch.full_load.CHANGE_SEQ`) the full load orders CDC rows by (DMS's S3 target has no
-  transaction details). BeforeImageSettings apply to JSON targets only, so the S3 task has none.
+One replication task per target (`MIGRATION_TYPES`): each change reaches silver through one of them.
+- Kinesis, `cdc`: every change after the task starts; a selection rule per configured table; the task's
+  BeforeImageSettings put the primary key before-image under `dms.before_image_field` (what the parser
+  reads to detect primary-key changes).
+- S3, `full-load`: the tables' snapshots as LOAD files (the first load, and reloads) for the full-load
+  job; the same selection rules plus, per table, a transformation rule adding the `$AR_H_CHANGE_SEQ`
+  column (`batch.full_load.CHANGE_SEQ`) the full load orders CDC rows by, should a task of this target
+  carry CDC (DMS's S3 target has no transaction details). BeforeImageSettings apply to JSON targets only,
+  so the S3 task has none.
+Started in that order (the CDC task first), no change falls between the two: one committed before a
+table's snapshot is read is in the snapshot, and full-load rows sort below every change.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from cdcflow.sim.s3 import CHANGE_SEQ_COLUMN, DEFAULT_TIMESTAMP_COLUMN
 TIMESTAMP_COLUMN = DEFAULT_TIMESTAMP_COLUMN  # S3 TimestampColumnName = batch.full_load ts_column default
 CONTROL_SCHEMA = "awsdms_control"
 KINESIS, S3 = "kinesis", "s3"
+# Both tasks full-load-and-cdc had the stream and the full-load job apply every change once each (two
+# `_seq` encodings that agree on commit time only; bronze held each change twice).
+MIGRATION_TYPES = {KINESIS: "cdc", S3: "full-load"}
 
 
 def _tables(project: Project) -> list[tuple[str, str]]:

@@ -24,6 +24,14 @@ def test_full_load_from_a_missing_raw_path_fails_naming_it():
     assert "raw path /does/not/exist does not exist" in one_line(run_cli("full-load", "--raw", "/does/not/exist"))
 
 
+def test_full_load_as_of_is_a_past_time_with_reload():
+    assert "--as-of: only with --reload TABLE" in one_line(run_cli("full-load", "--as-of", "2026-12-06T10:15:00Z"))
+    bad = one_line(run_cli("full-load", "--reload", "shop.orders", "--as-of", "yesterday"))
+    assert "--as-of 'yesterday': not an ISO 8601 time" in bad
+    future = one_line(run_cli("full-load", "--reload", "shop.orders", "--as-of", "2999-01-01 00:00:00"))
+    assert "--as-of 2999-01-01 00:00:00: after now" in future
+
+
 def test_warehouse_merge_of_a_missing_or_broken_staging_file(tmp_path):
     missing = one_line(run_cli("warehouse-merge", "--staging", "missing.parquet", "--table", "shop.customers"))
     assert "--staging missing.parquet: no such file or folder" in missing

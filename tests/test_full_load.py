@@ -369,13 +369,19 @@ def test_a_manifest_from_before_file_identities_gains_them(tmp_path):
     assert _manifest(path) == {("s.t", "s/t/LOAD1.parquet"): None, ("s.t", "s/t/2.parquet"): "abc"}
 
 
-def test_a_dms_reload_resyncs_tables_that_lost_changes(spark, stack, tmp_path):
+@pytest.mark.parametrize("kinesis", [False, True], ids=["changes-through-s3", "changes-through-kinesis"])
+def test_a_dms_reload_resyncs_tables_that_lost_changes(spark, stack, tmp_path, kinesis):
     """DMS reloads two tables after part of their capture was lost: the run first leaves them alone
     (their LOAD file was written again), then `reload=` applies the snapshot after everything silver
     held, deletes the keys it lacks and applies the CDC files after it: silver equals the oracle's
     (the source's true history, lost changes included), and so do the warehouse's facts and current
     dimension rows after a merge (bronze carries the reload's sequence to it). The SCD2 history
-    keeps what the warehouse saw: the lost versions are not invented."""
+    keeps what the warehouse saw: the lost versions are not invented.
+
+    `kinesis`: the changes committed after the reload began come through another task (the stack's
+    Kinesis CDC task), so silver holds them before the reload is applied; `reload_as_of` (when the
+    reload began) keeps them above the snapshot, and keys inserted after it live. Without it the
+    snapshot would overwrite them with older rows and delete those keys."""
     import json
     import os
     import uuid
@@ -419,6 +425,11 @@ def test_a_dms_reload_resyncs_tables_that_lost_changes(spark, stack, tmp_path):
     diverged = {d.table for d in verify(project, oracle, read_actual(project, spark)) if not d.ok}
     assert set(reloaded) <= diverged  # the lost files show
 
+    if kinesis:  # the changes committed after the reloads began reach silver first (the stream's)
+        for name in reloaded:
+            for data, file_name in zip(*held_back[name], strict=True):
+                (raw / name.replace(".", "/") / file_name).write_bytes(data)
+        assert run_full_load(spark, project).files == sum(len(held_back[n][0]) for n in reloaded)
     snapshot_rows = {}
     for name in reloaded:
         t = project.table(name)
@@ -434,20 +445,35 @@ def test_a_dms_reload_resyncs_tables_that_lost_changes(spark, stack, tmp_path):
         began = datetime.strptime(cut[name][:19], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC).timestamp()
         os.utime(load, (began, began))  # DMS wrote it once the reload began
         for data, file_name in zip(*held_back[name], strict=True):
-            (folder / file_name).write_bytes(data)
             assert file_name[:15] >= datetime.fromtimestamp(began, UTC).strftime("%Y%m%d-%H%M%S")
+            if not kinesis:
+                (folder / file_name).write_bytes(data)
 
     refused = run_full_load(spark, project)
     assert set(refused.rewritten) == set(reloaded) and refused.files == 0
 
-    result = run_full_load(spark, project, reload=reloaded)
-    assert result.files == sum(1 + len(held_back[n][0]) for n in reloaded) and not result.rewritten
-    assert result.reloaded["shop.customers"] > 0 and result.reloaded["shop.orders"] > 0  # keys deleted meanwhile
+    if kinesis:  # each table's snapshot as of its reload's start (DMS's FullLoadStartTime for it)
+        runs = [run_full_load(spark, project, tables=[n], reload=[n],
+                              reload_as_of=datetime.fromisoformat(cut[n]).replace(tzinfo=UTC)) for n in reloaded]
+        assert [r.files for r in runs] == [1, 1] and not any(r.rewritten for r in runs)
+        deleted = {n: k for r in runs for n, k in r.reloaded.items()}
+    else:
+        result = run_full_load(spark, project, reload=reloaded)
+        assert result.files == sum(1 + len(held_back[n][0]) for n in reloaded) and not result.rewritten
+        deleted = result.reloaded
+    assert deleted["shop.customers"] > 0 and deleted["shop.orders"] > 0  # keys deleted meanwhile
     bad = [d for d in verify(project, oracle, read_actual(project, spark)) if not d.ok]
     assert not bad, [(d.table, d.kind, d.missing[:3], d.extra[:3], d.different[:3]) for d in bad]
     bronze = spark.read.format("delta").load(project.path("bronze")).filter("snapshot_seq IS NOT NULL")
     counts = {r["table"]: r["count"] for r in bronze.groupBy("table").count().collect()}
-    assert counts == {n: snapshot_rows[n] + result.reloaded[n] for n in reloaded}
+    assert counts == {n: snapshot_rows[n] + deleted[n] for n in reloaded}
+    for n in reloaded:  # a reload deletes keys gone from the source only, none that silver keeps live
+        t = project.table(n)
+        gone = {tuple(r["data"][k] for k in t.primary_key)
+                for r in bronze.filter(f"`table` = '{n}' AND op = 'delete'").collect()}
+        live = {tuple(str(r[k]) for k in t.primary_key)
+                for r in spark.read.format("delta").load(project.path(t.delta_path)).filter("NOT _is_deleted").collect()}
+        assert gone and not gone & live, (n, sorted(gone & live)[:3])
 
     assert merge_from_lake(spark, project, stack.pg_url).error is None
     actual = read_actual(project, spark, warehouse=True)

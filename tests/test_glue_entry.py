@@ -10,6 +10,7 @@ import importlib
 import json
 import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from urllib.parse import quote, unquote, urlsplit
@@ -255,12 +256,12 @@ def fake_glue(monkeypatch):
         monkeypatch.setitem(sys.modules, name, m)
         return m
 
+    project = load_project(CONFIGS, env={})  # with the real cdcflow.runtime (storage.use reads it)
     module("awsglue")
     module("awsglue.context", GlueContext=lambda sc: calls["glue_context"].append(sc))
     module("pyspark")  # a fake parent too: the real pyspark's __init__ would bind the fake SparkContext
     module("pyspark.context", SparkContext=SimpleNamespace(getOrCreate=lambda: "spark-context"))
     module("cdcflow.runtime", get_spark=lambda *a, **k: calls["get_spark"].append(k) or spark)
-    project = load_project(CONFIGS, env={})
 
     def glue_project(argv, extra_options=()):
         calls["glue_project"].append(argv)
@@ -304,7 +305,12 @@ def test_full_load_main_runs_the_cli_function(fake_glue, capsys):
     # --reload: a DMS reload's tables, after DMS reported them complete
     problem, calls[:] = None, []
     main(["glue_full_load.py", "--JOB_NAME", "j", "--reload", "shop.customers,shop.orders"])
-    assert calls[-1][3] == {"progress": None, "reload": ["shop.customers", "shop.orders"]}
+    assert calls[-1][3] == {"progress": None, "reload": ["shop.customers", "shop.orders"], "reload_as_of": None}
+    # --as_of: when DMS began the reload (tables whose changes come through Kinesis)
+    main(["glue_full_load.py", "--JOB_NAME", "j", "--reload", "shop.orders", "--as_of", "2026-12-06T10:15:00Z"])
+    assert calls[-1][3]["reload_as_of"] == datetime(2026, 12, 6, 10, 15, tzinfo=UTC)
+    with pytest.raises(ValueError, match="only with --reload"):
+        main(["glue_full_load.py", "--JOB_NAME", "j", "--as_of", "2026-12-06 10:15:00"])
     with pytest.raises(ValueError, match="unknown table"):
         main(["glue_full_load.py", "--JOB_NAME", "j", "--reload", "shop.nope"])
 

@@ -369,8 +369,9 @@ def test_dms_tasks_per_target_with_mappings_and_settings_from_configs(template):
     project = load_project(REPO / "configs", env={})
     tasks = _dms_tasks(template)
     assert set(tasks) == {"kinesis", "s3"}
+    # each change through one task: CDC to Kinesis (the stream), snapshots to S3 (the full-load job)
+    assert {t: task["MigrationType"] for t, task in tasks.items()} == {"kinesis": "cdc", "s3": "full-load"}
     for target, task in tasks.items():
-        assert task["MigrationType"] == "full-load-and-cdc"
         assert task["TableMappings"] == table_mappings(project, target)
         selected = {(r["object-locator"]["schema-name"], r["object-locator"]["table-name"])
                     for r in task["TableMappings"]["rules"] if r["rule-type"] == "selection"}  # fmt: skip
@@ -708,13 +709,13 @@ def test_dms_kinesis_freshness_quarantine_heartbeat_alarms(template):
     alarms = {a["Properties"]["AlarmName"]: a["Properties"] for a in _resources(template, "AWS::CloudWatch::Alarm").values()}
     for alarm in alarms.values():
         assert alarm["AlarmActions"], alarm["AlarmName"]
-    for target in ("Kinesis", "S3"):
-        for m in ("CDCLatencySource", "CDCLatencyTarget"):
-            a = alarms[f"cdcflow-shop-{m}{target}"]
-            assert a["Namespace"] == "AWS/DMS" and a["MetricName"] == m
-            dims = {d["Name"]: d["Value"] for d in a["Dimensions"]}
-            assert dims == {"ReplicationInstanceIdentifier": "cdcflow-shop-dms",
-                            "ReplicationTaskIdentifier": f"cdcflow-shop-{target.lower()}"}  # fmt: skip
+    for m in ("CDCLatencySource", "CDCLatencyTarget"):  # the CDC task's; the S3 task only loads
+        a = alarms[f"cdcflow-shop-{m}Kinesis"]
+        assert a["Namespace"] == "AWS/DMS" and a["MetricName"] == m
+        dims = {d["Name"]: d["Value"] for d in a["Dimensions"]}
+        assert dims == {"ReplicationInstanceIdentifier": "cdcflow-shop-dms",
+                        "ReplicationTaskIdentifier": "cdcflow-shop-kinesis"}
+        assert f"cdcflow-shop-{m}S3" not in alarms
     assert alarms["cdcflow-shop-KinesisIteratorAge"]["MetricName"] == "GetRecords.IteratorAgeMilliseconds"
     assert alarms["cdcflow-shop-KinesisWriteThrottled"]["MetricName"] == "WriteProvisionedThroughputExceeded"
     fresh = alarms["cdcflow-shop-FreshnessSeconds"]
@@ -874,8 +875,9 @@ def test_dms_serverless_and_existing_cluster_by_context(variant):
     configs = {c["Properties"]["ReplicationConfigIdentifier"]: c["Properties"]
                for c in _resources(variant, "AWS::DMS::ReplicationConfig").values()}  # fmt: skip
     assert set(configs) == {"cdcflow-shop-kinesis", "cdcflow-shop-s3"}
+    assert {i: c["ReplicationType"] for i, c in configs.items()} == {"cdcflow-shop-kinesis": "cdc",
+                                                                       "cdcflow-shop-s3": "full-load"}
     for ident, c in configs.items():
-        assert c["ReplicationType"] == "full-load-and-cdc"
         assert c["TableMappings"] == table_mappings(project, ident.rsplit("-", 1)[1])
         assert c["ComputeConfig"]["VpcSecurityGroupIds"] == [SECURITY_GROUP]
         assert c["ComputeConfig"]["KmsKeyId"]
@@ -901,7 +903,7 @@ def test_dms_serverless_and_existing_cluster_by_context(variant):
     assert conn["PhysicalConnectionRequirements"]["AvailabilityZone"] == "us-east-1a"
     alarms = [a["Properties"] for a in _resources(variant, "AWS::CloudWatch::Alarm").values()
               if a["Properties"].get("Namespace") == "AWS/DMS"]  # fmt: skip
-    assert len(alarms) == 4
+    assert len(alarms) == 2  # the CDC (Kinesis) replication config's latency
     assert all(a["Dimensions"][0]["Name"] == "ReplicationConfigIdentifier" for a in alarms)
     # an existing cluster: the Spectrum role is an output to associate; the external schema is made by hand
     assert "RedshiftSpectrumRoleArn" in variant.to_json()["Outputs"]

@@ -6,6 +6,8 @@ in Postgres/Redshift SQL and in Python.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from pyspark.sql import Column
 from pyspark.sql import functions as F
 
@@ -96,3 +98,12 @@ def sequence(ordering: tuple[str, ...] | list[str], is_load: Column, c: dict[str
              for o in ordering]
     cdc_seq = F.concat(F.lit("1"), *parts)
     return F.when(is_load, load_seq).otherwise(cdc_seq)
+
+
+def at_commit_time(ts: datetime, seq_width: int) -> str:
+    """The lowest CDC `_seq` of `seq_width` digits at commit time `ts` (aware): every change committed at
+    or after `ts` sorts above it, every one before below, in any ordering that starts with
+    commit_timestamp (`cdcflow full-load --reload --as-of`)."""
+    micros = (ts - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    head = "1" + str(micros).zfill(WIDTHS["commit_timestamp"])
+    return head + "0" * (seq_width - len(head))
