@@ -7,15 +7,20 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 
-def reload_time(text: str) -> datetime:
-    """`--as-of`: an ISO 8601 time (DMS's FullLoadStartTime as `aws dms describe-table-statistics`
-    prints it); without a zone, UTC."""
+def reload_time(text: str, project) -> datetime:
+    """`--as-of`: `dms` (when the stack's S3 task began its last, finished, full load: asks DMS) or an
+    ISO 8601 time (DMS's FullLoadStartTime as `aws dms describe-table-statistics` prints it); without a
+    zone, UTC."""
     from cdcflow.errors import UserError
 
+    if text.strip() == "dms":
+        from cdcflow.aws import dms_full_load_start
+
+        return dms_full_load_start(project)
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise UserError(f"--as-of {text!r}: not an ISO 8601 time (e.g. 2026-12-06T10:15:00Z)") from None
+        raise UserError(f"--as-of {text!r}: not an ISO 8601 time (e.g. 2026-12-06T10:15:00Z) or dms") from None
     when = when if when.tzinfo else when.replace(tzinfo=UTC)
     if when > datetime.now(UTC):  # above every change to come until then, not where the snapshot is
         raise UserError(f"--as-of {text}: after now; give when DMS began the reload")
@@ -32,9 +37,10 @@ def register_full_load(sub, commands: dict[str, Callable]) -> None:
                    help="the table's LOAD files are a DMS reload's complete snapshot (run once DMS reports the "
                         "reload complete): applied after everything silver holds, keys it lacks deleted; repeatable")
     p.add_argument("--as-of", metavar="TIME",
-                   help="with --reload: when DMS began the reload (its FullLoadStartTime, ISO 8601; UTC if no "
-                        "zone). Needed when the table's changes come through Kinesis: the snapshot then sorts at "
-                        "that commit time, below every change committed after it")
+                   help="with --reload: when DMS began the reload, ISO 8601 (UTC if no zone), or `dms`: ask DMS "
+                        "when the stack's S3 task began its last finished full load. Needed when the table's "
+                        "changes come through Kinesis: the snapshot then sorts at that commit time, below every "
+                        "change committed after it")
     commands["full-load"] = run
 
 
@@ -60,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--reload {', '.join(sorted(set(args.reload) - set(args.table)))}: not among --table")
     if args.as_of and not args.reload:
         raise UserError("--as-of: only with --reload TABLE")
-    as_of = reload_time(args.as_of) if args.as_of else None
+    as_of = reload_time(args.as_of, project) if args.as_of else None
     RawStore(project).require()  # before Spark starts: a wrong --raw is one line, not 0 files "ok"
     require_lake(project)
     spark = get_spark("cdcflow-full-load", batch=True)

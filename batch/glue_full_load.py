@@ -5,7 +5,8 @@ under dms.raw_uri (LOAD files, then CDC files in time order) to silver with `bat
 the function the CLI calls, with the CLI's defaults (every table, archive applied files). Any error
 propagates, so Glue marks the run FAILED. A run started with `--reload schema.table[,schema.table...]`
 applies those tables' LOAD files as a DMS reload's complete snapshot (`cdcflow full-load --reload`);
-`--as_of TIME` places it at the reload's start (`--as-of`, for tables whose changes come through Kinesis).
+`--as_of TIME|dms` places it at the reload's start (`--as-of`, for tables whose changes come through Kinesis;
+`dms`: when the stack's S3 task began its last finished full load).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [t for t in reload if t not in project.tables]
     if unknown:
         raise ValueError(f"--reload: unknown table(s) {', '.join(unknown)}")
-    as_of = reload_time(resolve_options(argv, ["as_of"])["as_of"]) if "--as_of" in argv else None
+    as_of = reload_time(resolve_options(argv, ["as_of"])["as_of"], project) if "--as_of" in argv else None
     if as_of and not reload:
         raise ValueError("--as_of: only with --reload")
     result = run_full_load(get_spark(mode="glue"), project, progress=None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import UTC, datetime
 from urllib.parse import urlparse
 
 import boto3
@@ -106,3 +107,41 @@ def bootstrap(project: Project) -> list[str]:
             ensure_bucket(s3, bucket)
             created.append(f"s3:{bucket}")
     return created
+
+
+def dms_task_id(pipeline: str, target: str) -> str:
+    """The identifier the stack gives a DMS task (or DMS Serverless replication config): `<pipeline>-<target>`,
+    target `kinesis` or `s3`."""
+    return f"{pipeline}-{target}"
+
+
+def dms_full_load_start(project: Project, target: str = "s3") -> datetime:
+    """When the stack's DMS `target` task (or replication config) began its last full load, which must
+    be finished: the `--as-of dms` of a reload (`cdcflow full-load --reload`). One line if it isn't."""
+    from botocore.exceptions import ClientError
+
+    def described(call, key: str, **filters) -> list:
+        try:
+            return call(Filters=[{"Name": n.replace("_", "-"), "Values": [v]} for n, v in filters.items()])[key]
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "ResourceNotFoundFault":  # DMS: nothing matched
+                return []
+            raise
+
+    ident = dms_task_id(project.pipeline.name, target)
+    dms = project_client(project, "dms", check=True)
+    tasks = described(dms.describe_replication_tasks, "ReplicationTasks", replication_task_id=ident)
+    if tasks:
+        stats = tasks[0].get("ReplicationTaskStats") or {}
+    else:  # DMS Serverless (the stack's -c dms_serverless=1)
+        found = described(dms.describe_replications, "Replications", replication_config_id=ident)
+        if not found:
+            raise UserError(f"--as-of dms: no DMS task or replication {ident}; give the reload's start time instead")
+        stats = found[0].get("ReplicationStats") or {}
+    began, ended = stats.get("FullLoadStartDate"), stats.get("FullLoadFinishDate")
+    if began is None:
+        raise UserError(f"--as-of dms: DMS {ident} has not run a full load")
+    if ended is None or ended < began:
+        raise UserError(f"--as-of dms: DMS {ident}'s full load that began {began.isoformat()} has not finished; "
+                        "run the reload once DMS reports it complete")
+    return began if began.tzinfo else began.replace(tzinfo=UTC)

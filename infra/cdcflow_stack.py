@@ -67,6 +67,7 @@ from aws_cdk import custom_resources as cr
 from constructs import Construct
 from dms_tasks import KINESIS, MIGRATION_TYPES, S3, TIMESTAMP_COLUMN, table_mappings, task_settings
 
+from cdcflow.aws import dms_task_id
 from cdcflow.catalog import (
     BRONZE_COLUMNS,
     BRONZE_PARTITIONS,
@@ -397,6 +398,10 @@ class CdcflowStack(Stack):
         full_load_role = self._job_role("full-load", raw=True, lake_write=True)
         self._allow_catalog_update(full_load_role)
         self.pii_salt.grant_read(full_load_role)
+        # `--reload ... --as_of dms` reads when the S3 task's load began (read-only; DMS's Describe
+        # actions take no resource ARN)
+        self._allow(full_load_role, "DescribeDmsLoads", ["dms:DescribeReplicationTasks", "dms:DescribeReplications"],
+                    ["*"])
         self._job("full-load", full_load_role, command="glueetl", script="scripts/glue_full_load.py",
                   workers=cfg.batch_workers, env=env, args={"--pii-salt-secret-id": self.pii_salt.secret_arn})
 
@@ -730,7 +735,7 @@ class CdcflowStack(Stack):
         for target, endpoint in ((KINESIS, self.dms_kinesis), (S3, self.dms_s3)):
             mappings = table_mappings(p, target)
             settings = task_settings(p, target)
-            ident = f"{cfg.pipeline}-{target}"
+            ident = dms_task_id(cfg.pipeline, target)
             if cfg.dms_serverless:
                 task: Any = dms.CfnReplicationConfig(
                     self, f"DmsReplication{_camel(target)}",
@@ -1067,9 +1072,9 @@ class CdcflowStack(Stack):
         # DMS replication lag (seconds), per task that carries changes (the S3 task only loads).
         self.dms_metrics: dict[str, list[cw.Metric]] = {}
         for target in (t for t in self.dms_tasks if "cdc" in MIGRATION_TYPES[t]):
-            dims = ({"ReplicationConfigIdentifier": f"{cfg.pipeline}-{target}"} if cfg.dms_serverless else
+            dims = ({"ReplicationConfigIdentifier": dms_task_id(cfg.pipeline, target)} if cfg.dms_serverless else
                     {"ReplicationInstanceIdentifier": f"{cfg.pipeline}-dms",
-                     "ReplicationTaskIdentifier": f"{cfg.pipeline}-{target}"})
+                     "ReplicationTaskIdentifier": dms_task_id(cfg.pipeline, target)})
             for m in ("CDCLatencySource", "CDCLatencyTarget"):
                 metric = cw.Metric(namespace="AWS/DMS", metric_name=m, dimensions_map=dims, statistic="Maximum",
                                    period=five)

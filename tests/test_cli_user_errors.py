@@ -129,3 +129,48 @@ def test_spark_lines_go_to_a_log_file_by_default(tmp_path):
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr[-2000:]
     assert "sample frame" in r.stdout  # the transforms ran in Spark
     assert (tmp_path / ".cdcflow" / "logs" / "spark.log").stat().st_size > 0
+
+
+def test_as_of_dms_is_when_the_s3_task_began_its_finished_load(stack, tmp_path, monkeypatch):
+    """`--as-of dms` asks DMS when the stack's S3 task began its last full load: refused while the load
+    runs, its start once it has finished (a task on the moto server); DMS Serverless's replication
+    (moto has none: botocore's Stubber with the API's response shape) the same way."""
+    from datetime import UTC, datetime
+
+    from botocore.stub import Stubber
+
+    from cdcflow import aws
+    from cdcflow.errors import UserError
+    from tests.streaming_helpers import project_in
+
+    project = project_in(tmp_path, CDCFLOW_AWS_ENDPOINT=stack.aws_endpoint)
+    dms = aws.project_client(project, "dms")
+    task = dms.create_replication_task(
+        ReplicationTaskIdentifier=aws.dms_task_id(project.pipeline.name, "s3"), MigrationType="full-load",
+        SourceEndpointArn="arn:aws:dms:us-east-1:123456789012:endpoint:src",
+        TargetEndpointArn="arn:aws:dms:us-east-1:123456789012:endpoint:s3",
+        ReplicationInstanceArn="arn:aws:dms:us-east-1:123456789012:rep:i", TableMappings='{"rules": []}',
+    )["ReplicationTask"]["ReplicationTaskArn"]
+    with pytest.raises(UserError, match="has not run a full load"):
+        aws.dms_full_load_start(project)
+    before = datetime.now(UTC).replace(microsecond=0)
+    dms.start_replication_task(ReplicationTaskArn=task, StartReplicationTaskType="reload-target")
+    with pytest.raises(UserError, match="full load that began .* has not finished"):
+        aws.dms_full_load_start(project)
+    dms.stop_replication_task(ReplicationTaskArn=task)
+    began = aws.dms_full_load_start(project)
+    assert before <= began <= datetime.now(UTC) and began.tzinfo
+
+    serverless = aws.project_client(project, "dms")
+    with Stubber(serverless) as stub:
+        name = aws.dms_task_id(project.pipeline.name, "s3")
+        start, end = datetime(2026, 12, 6, 10, 15, tzinfo=UTC), datetime(2026, 12, 6, 11, 0, tzinfo=UTC)
+        for replications in ([{"ReplicationConfigIdentifier": name,
+                               "ReplicationStats": {"FullLoadStartDate": start, "FullLoadFinishDate": end}}], []):
+            stub.add_client_error("describe_replication_tasks", "ResourceNotFoundFault")
+            stub.add_response("describe_replications", {"Replications": replications},
+                              {"Filters": [{"Name": "replication-config-id", "Values": [name]}]})
+        monkeypatch.setattr(aws, "project_client", lambda *a, **k: serverless)
+        assert aws.dms_full_load_start(project) == start
+        with pytest.raises(UserError, match=f"no DMS task or replication {name}"):
+            aws.dms_full_load_start(project)

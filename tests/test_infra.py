@@ -206,6 +206,8 @@ def test_no_wildcard_iam_actions(template):
                 pass  # the archiver image pull; this action has no resource ARN
             elif s.get("Sid") == "GlueVpcDescribe":  # the merge's VPC connection: EC2 Describe* calls
                 assert all(a.startswith("ec2:Describe") for a in actions), s
+            elif s.get("Sid") == "DescribeDmsLoads":  # the full load's `--as_of dms`: read-only DMS Describe calls
+                assert set(actions) == {"dms:DescribeReplicationTasks", "dms:DescribeReplications"}
             elif s.get("Sid") == "StatementResults":  # the Redshift user custom resource awaits its statements
                 assert set(actions) == {"redshift-data:DescribeStatement", "redshift-data:GetStatementResult"}
             else:
