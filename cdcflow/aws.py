@@ -144,4 +144,8 @@ def dms_full_load_start(project: Project, target: str = "s3") -> datetime:
     if ended is None or ended < began:
         raise UserError(f"--as-of dms: DMS {ident}'s full load that began {began.isoformat()} has not finished; "
                         "run the reload once DMS reports it complete")
+    if stats.get("TablesErrored"):  # a table's snapshot may be partial: its absent keys would be deleted
+        raise UserError(f"--as-of dms: DMS {ident}'s full load that began {began.isoformat()} has "
+                        f"{stats['TablesErrored']} table(s) in error; reload them again, or give the time by hand "
+                        "for tables whose load completed")
     return began if began.tzinfo else began.replace(tzinfo=UTC)

@@ -165,12 +165,16 @@ def test_as_of_dms_is_when_the_s3_task_began_its_finished_load(stack, tmp_path, 
     with Stubber(serverless) as stub:
         name = aws.dms_task_id(project.pipeline.name, "s3")
         start, end = datetime(2026, 12, 6, 10, 15, tzinfo=UTC), datetime(2026, 12, 6, 11, 0, tzinfo=UTC)
-        for replications in ([{"ReplicationConfigIdentifier": name,
-                               "ReplicationStats": {"FullLoadStartDate": start, "FullLoadFinishDate": end}}], []):
+        stats = {"FullLoadStartDate": start, "FullLoadFinishDate": end, "TablesErrored": 0}
+        for replications in ([{"ReplicationConfigIdentifier": name, "ReplicationStats": stats}],
+                             [{"ReplicationConfigIdentifier": name, "ReplicationStats": {**stats, "TablesErrored": 1}}],
+                             []):
             stub.add_client_error("describe_replication_tasks", "ResourceNotFoundFault")
             stub.add_response("describe_replications", {"Replications": replications},
                               {"Filters": [{"Name": "replication-config-id", "Values": [name]}]})
         monkeypatch.setattr(aws, "project_client", lambda *a, **k: serverless)
         assert aws.dms_full_load_start(project) == start
+        with pytest.raises(UserError, match="1 table\\(s\\) in error"):  # its snapshot may be partial
+            aws.dms_full_load_start(project)
         with pytest.raises(UserError, match=f"no DMS task or replication {name}"):
             aws.dms_full_load_start(project)
