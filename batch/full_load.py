@@ -411,7 +411,7 @@ def _reload(spark: SparkSession, norm: DataFrame, table: Table, path: str,
     from cdcflow.errors import UserError
 
     silver = read_delta(spark, path)
-    newest = silver.agg(F.max("_seq")).first()[0] if silver is not None else None
+    newest, latest = silver.agg(F.max("_seq"), F.max("_commit_ts")).first() if silver is not None else (None, None)
     if newest is None:
         return norm, 0
     hashed = [k for k in table.primary_key if k in table.pii]
@@ -428,22 +428,26 @@ def _reload(spark: SparkSession, norm: DataFrame, table: Table, path: str,
     # a key whose newest change sorts above the snapshot (inserted after the reload began) stays
     absent = (silver.filter(~F.col("_is_deleted") & (F.col("_seq") < snapshot_seq)).select(*key)
               .join(snapshot_keys, key, "left_anti"))
-    now = F.lit(as_of).cast("timestamp") if as_of is not None else F.current_timestamp()
+    # The snapshot's time, for the warehouse's versions: its place in the order. With `as_of`, that
+    # time; after every change silver holds, the newest of their times (each was committed before the
+    # reload began, each change DMS held after it). Not DMS's transfer time on the LOAD rows, nor now:
+    # both can be later than changes that sort above the snapshot (versions ending before they begin).
+    place = as_of if as_of is not None else latest
+    when = F.lit(place).cast("timestamp") if place is not None else F.current_timestamp()
     given = {
         "_table": F.lit(table.name),
         "_record_type": F.lit("data"),
         "_op": F.lit("delete"),
         VALUES: F.struct(*[(F.col(f.name) if f.name in key else F.lit(None)).cast(f.dataType).alias(f.name)
                            for f in values.fields]),
-        "_commit_ts": now,  # when the reload told it; DMS never sent this delete
+        "_commit_ts": when,
         "_source_position": F.lit(f"{table.schema}/{table.table}/(reload: not in the snapshot)"),
-        "_arrival_ts": now,
+        "_arrival_ts": F.current_timestamp(),
         "_record_hash": F.xxhash64(*[F.col(k) for k in key], F.lit(snapshot_seq)).cast("string"),
     }
     deletes = absent.select(*[given.get(f.name, F.lit(None)).cast(f.dataType).alias(f.name) for f in norm.schema.fields])
     n = deletes.count()
-    # the snapshot's rows were read then (or now): their time, where DMS's file has none
-    rows = norm.withColumn("_commit_ts", F.coalesce("_commit_ts", now))
+    rows = norm.withColumn("_commit_ts", when)
     both = rows.unionByName(deletes) if n else rows
     return both.withColumn(SNAPSHOT_SEQ, F.lit(snapshot_seq)), n
 

@@ -388,6 +388,7 @@ def test_a_dms_reload_resyncs_tables_that_lost_changes(spark, stack, tmp_path, k
     from dataclasses import replace
     from datetime import UTC, datetime
 
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from batch.full_load import CHANGE_SEQ
@@ -440,7 +441,11 @@ def test_a_dms_reload_resyncs_tables_that_lost_changes(spark, stack, tmp_path, k
         original = pq.read_schema(next((raw / "archive").rglob(f"{t.table}/LOAD00000001.parquet")))
         head = [c for c in original.names if c not in t.columns and c != CHANGE_SEQ]
         tail = (CHANGE_SEQ,) if CHANGE_SEQ in original.names else ()
-        rows = [{**r, "Op": "I", "dms_commit_ts": cut[name]} for r in state.values()]
+        # DMS stamps LOAD rows with when it transferred them: during the load, after changes that
+        # sort above the snapshot when those come through Kinesis (the first later file's last one)
+        transferred = (max(pq.read_table(pa.BufferReader(held_back[name][0][0]))["dms_commit_ts"].to_pylist())
+                       if kinesis else cut[name])
+        rows = [{**r, "Op": "I", "dms_commit_ts": transferred} for r in state.values()]
         load.write_bytes(_table_bytes(rows, list(t.columns.items()), head, tail))
         began = datetime.strptime(cut[name][:19], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC).timestamp()
         os.utime(load, (began, began))  # DMS wrote it once the reload began
@@ -484,6 +489,10 @@ def test_a_dms_reload_resyncs_tables_that_lost_changes(spark, stack, tmp_path, k
                                [r for r in actual.facts[t.name] if not r["_is_deleted"]], t)
         assert diff.ok, (t.name, diff.missing[:3], diff.extra[:3], diff.different[:3])
     for t in scd2_tables(project):  # current versions: the source's rows (valid_from is when we learnt them)
+        inverted = [r for r in actual.scd2[t.name]
+                    if None not in (r.get("valid_to"), r.get("valid_from")) and r["valid_to"] < r["valid_from"]]
+        assert not inverted, (t.name, inverted[:2])  # the snapshot's versions sit at its place in time
+
         def current(rows):
             return [{**r, "valid_from": None} for r in rows if r.get("valid_to") is None]
         diff = compare_scd2(current(oracle.scd2[t.name]), current(actual.scd2[t.name]), replace(t))
