@@ -430,8 +430,8 @@ def _reload(spark: SparkSession, norm: DataFrame, table: Table, path: str,
               .join(snapshot_keys, key, "left_anti"))
     # The snapshot's time, for the warehouse's versions: its place in the order. With `as_of`, that
     # time; after every change silver holds, the newest of their times (each was committed before the
-    # reload began, each change DMS held after it). Not DMS's transfer time on the LOAD rows, nor now:
-    # both can be later than changes that sort above the snapshot (versions ending before they begin).
+    # reload began, each change DMS held after it). Not now: changes that sort above the snapshot were
+    # committed before the run (versions would end before they begin).
     place = as_of if as_of is not None else latest
     when = F.lit(place).cast("timestamp") if place is not None else F.current_timestamp()
     given = {

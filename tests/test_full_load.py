@@ -441,8 +441,8 @@ def test_a_dms_reload_resyncs_tables_that_lost_changes(spark, stack, tmp_path, k
         original = pq.read_schema(next((raw / "archive").rglob(f"{t.table}/LOAD00000001.parquet")))
         head = [c for c in original.names if c not in t.columns and c != CHANGE_SEQ]
         tail = (CHANGE_SEQ,) if CHANGE_SEQ in original.names else ()
-        # DMS stamps LOAD rows with when it transferred them: during the load, after changes that
-        # sort above the snapshot when those come through Kinesis (the first later file's last one)
+        # DMS stamps LOAD rows with when it transferred them (during the load, after changes that sort
+        # above the snapshot when those come through Kinesis); the full load doesn't take it as a time
         transferred = (max(pq.read_table(pa.BufferReader(held_back[name][0][0]))["dms_commit_ts"].to_pylist())
                        if kinesis else cut[name])
         rows = [{**r, "Op": "I", "dms_commit_ts": transferred} for r in state.values()]
