@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cdcflow.config import Project
 
 
-def reload_time(text: str, project) -> datetime:
+def reload_time(text: str, project: Project) -> datetime:
     """`--as-of`: `dms` (when the stack's S3 task began its last, finished, full load: asks DMS) or an
     ISO 8601 time (DMS's FullLoadStartTime as `aws dms describe-table-statistics` prints it); without a
     zone, UTC."""
