@@ -369,6 +369,7 @@ def test_a_manifest_from_before_file_identities_gains_them(tmp_path):
     assert _manifest(path) == {("s.t", "s/t/LOAD1.parquet"): None, ("s.t", "s/t/2.parquet"): "abc"}
 
 
+@pytest.mark.glue_compat  # a reload runs in the Glue full-load job
 @pytest.mark.parametrize("kinesis", [False, True], ids=["changes-through-s3", "changes-through-kinesis"])
 def test_a_dms_reload_resyncs_tables_that_lost_changes(spark, stack, tmp_path, kinesis):
     """DMS reloads two tables after part of their capture was lost: the run first leaves them alone
