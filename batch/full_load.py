@@ -90,7 +90,8 @@ class LoadResult:
         return "; ".join(
             f"{table}: {len(rels)} applied file(s) written again since ({rels[0]}; a DMS table reload?), "
             "the table not loaded, its files left in place" for table, rels in sorted(self.rewritten.items())
-        ) + "; once DMS reports the table's reload complete, run the full load with --reload TABLE"
+        ) + ("; once DMS reports the table's reload complete, run the full load with --reload TABLE "
+             "(and --as-of dms, or the reload's start time, when its changes come through Kinesis)")
 
 
 class RawStore:
