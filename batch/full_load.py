@@ -307,8 +307,9 @@ def run_full_load(spark: SparkSession, project: Project, tables: list[str] | Non
     result = LoadResult(reload_as_of=reload_as_of)
     work = [(name, classify(project.table(name), store.list(project.table(name)))) for name in names]
     etags = {(name, ref.rel): store.etag(ref.rel) for name, files in work for ref in files}  # once: MD5 locally
-    untimed = [n for n in reload if reload_as_of and project.table(n).ordering[0] != "commit_timestamp"]
-    if untimed:  # their silver `_seq` doesn't start with the commit time: no place for the snapshot
+    # a table whose silver `_seq` doesn't start with the commit time has no place for a timed snapshot
+    untimed = [n for n in reload if project.table(n).ordering[0] != "commit_timestamp"]
+    if reload_as_of is not None and untimed:
         raise UserError(f"--as-of: {', '.join(untimed)} not ordered by commit_timestamp first")
     for name, files in work:
         loads = [ref for ref in files if ref.kind == "load"]

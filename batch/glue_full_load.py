@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [t for t in reload if t not in project.tables]
     if unknown:
         raise ValueError(f"--reload: unknown table(s) {', '.join(unknown)}")
-    as_of = reload_time(resolve_options(argv, ["as_of"])["as_of"], project) if "--as_of" in argv else None
-    if as_of and not reload:
+    if "--as_of" in argv and not reload:
         raise ValueError("--as_of: only with --reload")
+    as_of = reload_time(resolve_options(argv, ["as_of"])["as_of"], project) if "--as_of" in argv else None
     result = run_full_load(get_spark(mode="glue"), project, progress=None,
                            **({"reload": reload, "reload_as_of": as_of} if reload else {}))
     print_rows("full load", list(result.COLUMNS), result.summary_rows())

@@ -120,21 +120,22 @@ def dms_full_load_start(project: Project, target: str = "s3") -> datetime:
     be finished: the `--as-of dms` of a reload (`cdcflow full-load --reload`). One line if it isn't."""
     from botocore.exceptions import ClientError
 
-    def described(call, key: str, **filters) -> list:
+    ident = dms_task_id(project.pipeline.name, target)
+    dms = project_client(project, "dms", check=True)
+
+    def described(call, key: str, filter_name: str) -> list:
         try:
-            return call(Filters=[{"Name": n.replace("_", "-"), "Values": [v]} for n, v in filters.items()])[key]
+            return call(Filters=[{"Name": filter_name, "Values": [ident]}])[key]
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") == "ResourceNotFoundFault":  # DMS: nothing matched
                 return []
             raise
 
-    ident = dms_task_id(project.pipeline.name, target)
-    dms = project_client(project, "dms", check=True)
-    tasks = described(dms.describe_replication_tasks, "ReplicationTasks", replication_task_id=ident)
+    tasks = described(dms.describe_replication_tasks, "ReplicationTasks", "replication-task-id")
     if tasks:
         stats = tasks[0].get("ReplicationTaskStats") or {}
     else:  # DMS Serverless (the stack's -c dms_serverless=1)
-        found = described(dms.describe_replications, "Replications", replication_config_id=ident)
+        found = described(dms.describe_replications, "Replications", "replication-config-id")
         if not found:
             raise UserError(f"--as-of dms: no DMS task or replication {ident}; give the reload's start time instead")
         stats = found[0].get("ReplicationStats") or {}

@@ -25,7 +25,7 @@ META = ["_op", "_seq", "_commit_ts", "_source_position"]
 # A typed source (DMS Parquet) gives its values in this struct column instead of the `_data` text map.
 VALUES = "_values"
 # A DMS table reload's rows (and the deletes of keys its snapshot lacks) carry their whole `_seq` here:
-# after every change applied before the reload (batch.full_load). Bronze keeps it as `snapshot_seq`.
+# the snapshot's place among the table's changes (batch.full_load._reload). Bronze keeps it as `snapshot_seq`.
 SNAPSHOT_SEQ = "_snapshot_seq"
 
 
